@@ -1,0 +1,60 @@
+"""The one place that chooses the device and the dtype.
+
+``auto`` picks CUDA, then Apple MPS, then the CPU. The compute dtype defaults to bf16 where the hardware
+does it well (CUDA with bf16 support, and the CPU, where bf16 matmuls run ~4x faster than fp32 on the
+AVX-512/AMX machines we target), fp16 on MPS.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import CineError
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class DeviceError(CineError):
+    exit_code = 4
+
+
+def choose_device(name: str | torch.device = "auto") -> torch.device:
+    """``auto|cpu|cuda|cuda:N|mps`` → a usable ``torch.device`` or a clear error."""
+    name = str(name)
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DeviceError(f"unknown device '{name}' (use auto, cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError("CUDA was asked for but no CUDA device is available (try --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"{name} does not exist: {torch.cuda.device_count()} CUDA device(s) present")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError("MPS was asked for but is not available on this machine (try --device cpu)")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise DeviceError(f"unsupported device '{name}' (use auto, cpu, cuda, cuda:N or mps)")
+    return device
+
+
+def choose_dtype(name: str | torch.dtype | None = "auto", device: torch.device | str = "cpu") -> torch.dtype:
+    """``auto|bf16|fp16|fp32`` (or a torch dtype) → the compute dtype for ``device``."""
+    if isinstance(name, torch.dtype):
+        return name
+    device = torch.device(device)
+    if name in (None, "auto"):
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "mps":
+            return torch.float16
+        return torch.bfloat16
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise DeviceError(f"unknown dtype '{name}' (use auto, bf16, fp16 or fp32)") from None

@@ -1,0 +1,53 @@
+"""The one attention function every model calls, with backends chosen at runtime.
+
+All callers pass ``[B, L, heads, head_dim]`` tensors (the layout the projections produce, and the one
+flash-attn wants), so switching backends never changes model code.
+
+Backends:
+  - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` — always available; picks flash /
+    memory-efficient / math kernels itself on CUDA and a fused kernel on CPU.
+  - ``flash``: the ``flash_attn`` package (FA2/FA3) — used automatically on CUDA in fp16/bf16 when installed.
+Set ``CINE_ATTENTION=sdpa`` to force the default, or call ``set_backend``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+import torch.nn.functional as F
+
+_BACKEND: str | None = os.environ.get("CINE_ATTENTION") or None
+_HAS_FLASH = importlib.util.find_spec("flash_attn") is not None
+
+
+def set_backend(name: str | None) -> None:
+    """``'sdpa'``, ``'flash'`` or ``None`` (automatic)."""
+    global _BACKEND
+    if name not in (None, "sdpa", "flash"):
+        raise ValueError(f"unknown attention backend {name!r}")
+    if name == "flash" and not _HAS_FLASH:
+        raise ValueError("attention backend 'flash' needs the flash_attn package")
+    _BACKEND = name
+
+
+def backend_for(q: torch.Tensor) -> str:
+    if _BACKEND is not None:
+        return _BACKEND
+    if _HAS_FLASH and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        return "flash"
+    return "sdpa"
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Softmax attention, scale 1/sqrt(head_dim), no mask.
+
+    q: [B, Lq, H, D]; k, v: [B, Lk, H, D] → [B, Lq, H, D]
+    """
+    if backend_for(q) == "flash":
+        from flash_attn import flash_attn_func  # imported lazily: optional, CUDA only
+
+        return flash_attn_func(q, k, v)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B, H, Lq, D]
+    return out.transpose(1, 2)

@@ -1,0 +1,99 @@
+"""``load_dit``: a Wan2.1 DiT from any layout in the wild, its config read or inferred from tensor shapes."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from ..devices import choose_device, choose_dtype
+from ..errors import WeightsError
+from ..weights import Source, iter_tensors, read_config, read_shapes
+from ..weights.keys import normalize_dit_keys
+from .load import assign_tensors, build_empty
+from .wan_dit import DIT_CONFIGS, DiTConfig, WanDiT, keeps_fp32
+
+# Which files of a folder hold the DiT: diffusers/official shards first, then any single file.
+DIT_PATTERNS = ("diffusion_pytorch_model*.safetensors", "*.safetensors", "*.pth", "*.pt", "*.bin")
+
+
+def _dit_folder(source: Source) -> Source:
+    """A diffusers pipeline root keeps the DiT in ``transformer/``."""
+    if isinstance(source, (str, Path)) and Path(source).is_dir() and (Path(source) / "transformer").is_dir():
+        return Path(source) / "transformer"
+    return source
+
+
+def infer_config(shapes: dict[str, tuple[int, ...]], config_json: dict | None = None) -> DiTConfig:
+    """A DiTConfig from canonical key shapes; ``num_heads`` from config.json when present, else dim/128."""
+    try:
+        dim, in_dim, *patch = shapes["patch_embedding.weight"]
+        layers = {int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))}
+        ffn_dim = shapes["blocks.0.ffn.0.weight"][0]
+        out_dim = shapes["head.head.weight"][0] // (patch[0] * patch[1] * patch[2])
+        text_dim = shapes["text_embedding.0.weight"][1]
+        freq_dim = shapes["time_embedding.0.weight"][1]
+    except (KeyError, ValueError) as exc:
+        raise WeightsError(f"not a Wan2.1 DiT checkpoint: missing or odd tensor {exc}") from None
+    if "img_emb.emb_pos" in shapes:
+        model_type = "flf2v"
+    elif "img_emb.proj.1.weight" in shapes or "blocks.0.cross_attn.k_img.weight" in shapes:
+        model_type = "i2v"
+    else:
+        model_type = "t2v"
+    cfg = config_json or {}
+    heads = cfg.get("num_heads") or cfg.get("num_attention_heads") or dim // 128  # every release uses head_dim 128
+    image_dim = shapes.get("img_emb.proj.1.weight", (0, 1280))[1]
+    return DiTConfig(
+        model_type=model_type, dim=dim, ffn_dim=ffn_dim, num_heads=heads, num_layers=max(layers) + 1 if layers else 0,
+        in_dim=in_dim, out_dim=out_dim, patch_size=tuple(patch), text_dim=text_dim, freq_dim=freq_dim,
+        image_dim=image_dim, eps=cfg.get("eps", 1e-6),
+    )
+
+
+def load_dit(
+    source: Source,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    config: DiTConfig | str | None = None,
+) -> WanDiT:
+    """Load a Wan2.1 DiT (t2v, i2v or flf2v, any width and depth) from a file, folder or state dict.
+
+    Accepts original Wan keys, diffusers folders/keys, ComfyUI prefixes (``model.diffusion_model.``,
+    ``diffusion_model.``), sharded ``*.safetensors.index.json`` and ``.pth`` (weights only). ``dtype`` is the
+    compute dtype (default: ``choose_dtype('auto')`` for the device); norms, modulation, time embedding and
+    head stay float32. Returns the model in eval mode; its forward maps
+    x [B,16,F,H,W], t [B], context [B,L≤512,4096], clip_fea [B,257|514,1280], y [B,20,F,H,W] → velocity fp32.
+    """
+    device = choose_device(device)
+    dtype = choose_dtype(dtype if dtype is not None else "auto", device)
+    source = _dit_folder(source)
+    shapes = read_shapes(source, DIT_PATTERNS)
+    try:
+        names = normalize_dit_keys(shapes)
+    except KeyError:
+        raise WeightsError(f"{_describe(source)} holds no Wan2.1 DiT (no patch_embedding.weight key)") from None
+    canonical_shapes = {names[k]: shapes[k] for k in names}
+    if isinstance(config, str):
+        config = DIT_CONFIGS[config]
+    cfg = config or infer_config(canonical_shapes, read_config(source))
+    model = build_empty(lambda: WanDiT(cfg))
+
+    def dtype_for(name: str, tensor: torch.Tensor) -> torch.dtype:
+        return torch.float32 if keeps_fp32(name) else dtype
+
+    tensors = ((names[k], v) for k, v in iter_tensors(source, DIT_PATTERNS) if k in names)
+    return assign_tensors(model, tensors, device=device, dtype_for=dtype_for, what=_describe(source))
+
+
+def set_compute_dtype(model: WanDiT, dtype: torch.dtype) -> WanDiT:
+    """Cast an in-memory DiT to a compute dtype under the same fp32 policy as ``load_dit``."""
+    for name, p in model.named_parameters():
+        p.data = p.data.to(torch.float32 if keeps_fp32(name) else dtype)
+    return model
+
+
+def _describe(source: Source) -> str:
+    return "state dict" if not isinstance(source, (str, Path)) else str(source)

@@ -1,0 +1,335 @@
+"""Wan2.1 diffusion transformer (t2v, i2v, flf2v), any size, with the reference numerics.
+
+Module and parameter names are the original Wan2.1 checkpoint names (``blocks.0.self_attn.q.weight``…), so
+original, ComfyUI and LoRA keys map onto it without renaming, and peft can target ``self_attn.q`` directly.
+
+Numerics follow the reference (wan2.1-reference.md §A, §K): the residual stream, modulation, gates, norms,
+time embedding and head are float32; matmuls and attention run in the compute dtype (bf16/fp16/fp32);
+RoPE tables are built in float64. Work that does not change between denoising steps — text and image
+embeddings, the cross-attention keys and values of every block, RoPE tables — is done once per video:
+``prepare_context`` returns a ``Context`` that ``forward`` fills on first use and reuses afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import attention
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    model_type: str = "i2v"  # "t2v" | "i2v" | "flf2v"
+    dim: int = 1536
+    ffn_dim: int = 8960
+    num_heads: int = 12
+    num_layers: int = 30
+    in_dim: int = 36  # 16 noise latent ‖ 4 mask ‖ 16 condition latent (i2v); 16 for t2v
+    out_dim: int = 16
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    text_len: int = 512
+    text_dim: int = 4096
+    freq_dim: int = 256
+    image_dim: int = 1280
+    eps: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def has_image_input(self) -> bool:
+        return self.model_type in ("i2v", "flf2v")
+
+
+DIT_CONFIGS: dict[str, DiTConfig] = {
+    "wan2.1-t2v-1.3b": DiTConfig(model_type="t2v", in_dim=16),
+    "wan2.1-fun-1.3b-inp": DiTConfig(),
+    "cinemobile-1.2b": DiTConfig(num_layers=27),  # the paper's depth-pruned student of Fun-1.3B-InP
+    "wan2.1-i2v-14b": DiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+    "wan2.1-flf2v-14b": DiTConfig(model_type="flf2v", dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+    # Tiny configs for tests and the self-test backbone: real head_dim 128, so RoPE splits 44/42/42 as in release.
+    "tiny-i2v": DiTConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=64, image_dim=32, freq_dim=64),
+}
+
+# Parameters kept in float32 whatever the compute dtype (reference §A.6): everything that feeds or forms the
+# fp32 residual stream. Substring match on the canonical key.
+FP32_PARAMS = ("norm", "modulation", "time_embedding", "time_projection", "head.head", "img_emb.proj.0", "img_emb.proj.4")
+
+
+def keeps_fp32(name: str) -> bool:
+    return any(part in name for part in FP32_PARAMS)
+
+
+# --- building blocks ----------------------------------------------------------------------------------------------
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """t: [B] raw timesteps in [0, 1000] → [B, dim] float32, cos first, computed in float64."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    args = t.to(torch.float64)[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1).float()
+
+
+def rope_tables(head_dim: int, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """3D RoPE for a (frames, rows, cols) token grid → (cos, sin), each [L, 1, head_dim/2] float32.
+
+    The head dim splits into frame / height / width parts of d-4(d//6), 2(d//6), 2(d//6) real dims (44/42/42
+    for 128), each axis with its own denominator; rotations apply to interleaved pairs (x[2i], x[2i+1]).
+    """
+    f, h, w = grid
+    dh = 2 * (head_dim // 6)
+    dims = (head_dim - 2 * dh, dh, dh)
+    angles = []
+    for d, n in zip(dims, grid):
+        inv = 1.0 / torch.pow(10000.0, torch.arange(0, d, 2, dtype=torch.float64, device=device) / d)  # [d/2]
+        angles.append(torch.arange(n, dtype=torch.float64, device=device)[:, None] * inv[None])  # [n, d/2]
+    a_f, a_h, a_w = angles
+    grid_angles = torch.cat([
+        a_f[:, None, None].expand(f, h, w, -1),
+        a_h[None, :, None].expand(f, h, w, -1),
+        a_w[None, None, :].expand(f, h, w, -1),
+    ], dim=-1).reshape(f * h * w, 1, head_dim // 2)  # token index = f·H·W + h·W + w
+    return torch.cos(grid_angles).float(), torch.sin(grid_angles).float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, L, H, D] float32; rotate pairs (x[2i], x[2i+1]) by the table angles."""
+    x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)  # [B, L, H, D/2] each
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
+
+
+class RMSNorm(nn.Module):
+    """x · rsqrt(mean(x²) + eps) · weight, in float32 (returns float32)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 (returns float32), affine or not."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)  # over the whole width, before heads
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: [B, L, dim] compute dtype → [B, L, dim]."""
+        dtype = x.dtype
+        q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)), cos, sin)  # [B, L, H, D] fp32
+        k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1)), cos, sin)
+        v = self.v(x).unflatten(-1, (self.num_heads, -1))
+        out = attention(q.to(dtype), k.to(dtype), v)  # [B, L, H, D]
+        return self.o(out.flatten(2))
+
+
+class CrossAttention(nn.Module):
+    """Text cross-attention; i2v adds an image branch whose output is summed before the one ``o``."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float, image: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
+        if image:
+            self.k_img, self.v_img = nn.Linear(dim, dim), nn.Linear(dim, dim)
+            self.norm_k_img = RMSNorm(dim, eps)
+
+    def key_values(self, text: torch.Tensor, image: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """text: [B, 512, dim], image: [B, 257|514, dim] → per-video keys/values, each [B, Lk, H, D]."""
+        dtype = text.dtype
+        split = lambda t: t.to(dtype).unflatten(-1, (self.num_heads, -1))  # noqa: E731
+        kv = (split(self.norm_k(self.k(text))), split(self.v(text)))
+        if image is not None:
+            kv += (split(self.norm_k_img(self.k_img(image))), split(self.v_img(image)))
+        return kv
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """x: [B, L, dim] compute dtype → [B, L, dim]."""
+        q = self.norm_q(self.q(x)).to(x.dtype).unflatten(-1, (self.num_heads, -1))  # [B, L, H, D]
+        out = attention(q, kv[0], kv[1])
+        if len(kv) == 4:
+            out = out + attention(q, kv[2], kv[3])
+        return self.o(out.flatten(2))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        dim = cfg.dim
+        self.norm1 = LayerNorm(dim, cfg.eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(dim, cfg.num_heads, cfg.eps)
+        self.norm3 = LayerNorm(dim, cfg.eps, elementwise_affine=True)  # the cross-attention pre-norm (affine)
+        self.cross_attn = CrossAttention(dim, cfg.num_heads, cfg.eps, image=cfg.has_image_input)
+        self.norm2 = LayerNorm(dim, cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(self, x: torch.Tensor, e0: torch.Tensor, kv: tuple[torch.Tensor, ...], rope: tuple, dtype: torch.dtype) -> torch.Tensor:
+        """x: [B, L, dim] float32 residual stream; e0: [B, 6, dim] float32 → [B, L, dim] float32."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).unsqueeze(2).unbind(1)  # [B,1,dim]
+        y = self.self_attn((self.norm1(x) * (1 + scale1) + shift1).to(dtype), *rope)
+        x = x + y * gate1
+        x = x + self.cross_attn(self.norm3(x).to(dtype), kv)
+        y = self.ffn((self.norm2(x) * (1 + scale2) + shift2).to(dtype))
+        return x + y * gate2
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.norm = LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """x: [B, L, dim] float32, e: [B, dim] float32 (time embedding, not the 6·dim projection) → [B, L, 64]."""
+        shift, scale = (self.modulation.float() + e.unsqueeze(1)).unsqueeze(2).unbind(1)  # [B, 1, dim]
+        h = self.norm(x) * (1 + scale) + shift
+        return self.head(h)  # head.head is kept in float32
+
+
+class ImageEmbedding(nn.Module):
+    """CLIP features [B, 257|514, 1280] → image tokens [B, 257|514, dim]; flf2v adds ``emb_pos`` first."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        d_in = cfg.image_dim
+        self.proj = nn.Sequential(LayerNorm(d_in, 1e-5), nn.Linear(d_in, d_in), nn.GELU(), nn.Linear(d_in, cfg.dim), LayerNorm(cfg.dim, 1e-5))
+        if cfg.model_type == "flf2v":
+            self.emb_pos = nn.Parameter(torch.zeros(1, 514, d_in))
+
+    def forward(self, clip_fea: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        x = clip_fea.float()
+        if hasattr(self, "emb_pos"):
+            x = x + self.emb_pos.float()
+        x = self.proj[3](self.proj[2](self.proj[1](self.proj[0](x).to(dtype))))  # LayerNorms are fp32, Linears compute dtype
+        return self.proj[4](x).to(dtype)
+
+
+# --- the model -----------------------------------------------------------------------------------------------------
+@dataclass
+class Context:
+    """Per-video conditioning, computed once and reused by every denoising step of that video.
+
+    Holds the embedded text [B, 512, dim] and image [B, 257|514, dim] tokens; the per-block cross-attention
+    keys/values are filled lazily on the first forward. Build a new one if the weights change (LoRA switch).
+    """
+
+    text: torch.Tensor
+    image: torch.Tensor | None
+    kv: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
+
+
+class WanDiT(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.config = cfg
+        dim = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+        if cfg.has_image_input:
+            self.img_emb = ImageEmbedding(cfg)
+        self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (the patch embedding is never quantized, so its dtype is the activations')."""
+        return self.patch_embedding.weight.dtype
+
+    def prepare_context(self, context: torch.Tensor, clip_fea: torch.Tensor | None = None) -> Context:
+        """Embed the conditioning once per video.
+
+        context: [B, L, text_dim] text-encoder states, L ≤ 512, unpadded (rows past a prompt's length must be 0)
+        clip_fea: [B, 257, 1280] (i2v) or [B, 514, 1280] (flf2v: first ‖ last frame) CLIP features, or None
+        """
+        cfg, dtype = self.config, self.dtype
+        b, n, _ = context.shape
+        if n > cfg.text_len:
+            raise ValueError(f"text context has {n} rows, at most {cfg.text_len} allowed")
+        # Zero-pad to 512 rows *before* the MLP, as the reference does: pad rows become MLP(0), not zeros.
+        padded = context.new_zeros(b, cfg.text_len, cfg.text_dim, dtype=dtype)
+        padded[:, :n] = context.to(dtype)
+        text = self.text_embedding(padded)  # [B, 512, dim]
+        image = None
+        if cfg.has_image_input:
+            if clip_fea is None:
+                raise ValueError(f"a {cfg.model_type} model needs CLIP image features (clip_fea)")
+            image = self.img_emb(clip_fea, dtype)
+        return Context(text=text.to(dtype), image=image)
+
+    def rope(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (grid, device)
+        if key not in self._rope_cache:
+            self._rope_cache[key] = rope_tables(self.config.head_dim, grid, device)
+        return self._rope_cache[key]
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor | Context,
+        clip_fea: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict the flow-matching velocity.
+
+        x: [B, 16, F, H, W] noisy latents; t: [B] timesteps in [0, 1000] (fractional allowed)
+        context: [B, L≤512, 4096] text states, or a ``Context`` from ``prepare_context`` (then clip_fea is unused)
+        clip_fea: [B, 257|514, 1280] or None; y: [B, 20, F, H, W] mask ‖ condition latents (i2v/flf2v) or None
+        → velocity [B, 16, F, H, W] float32
+        """
+        cfg, dtype = self.config, self.dtype
+        ctx = context if isinstance(context, Context) else self.prepare_context(context, clip_fea)
+        if y is not None:
+            x = torch.cat([x, y.to(x.dtype)], dim=1)  # [B, 36, F, H, W]: noise ‖ mask ‖ condition latent
+        if x.shape[1] != cfg.in_dim:
+            raise ValueError(f"model expects {cfg.in_dim} input channels, got {x.shape[1]} (is y missing?)")
+        b, _, f, h, w = x.shape
+        pt, ph, pw = cfg.patch_size
+        grid = (f // pt, h // ph, w // pw)
+
+        # Patchify as one matmul (same math as the strided Conv3d, faster on CPU): [B, L, C·pt·ph·pw] → [B, L, dim]
+        patches = x.to(dtype).unflatten(2, (grid[0], pt)).unflatten(4, (grid[1], ph)).unflatten(6, (grid[2], pw))
+        patches = patches.permute(0, 2, 4, 6, 1, 3, 5, 7).flatten(4).flatten(1, 3)  # [B, L, C·pt·ph·pw]
+        weight = self.patch_embedding.weight.flatten(1).to(dtype)
+        tokens = F.linear(patches, weight, self.patch_embedding.bias.to(dtype)).float()  # [B, L, dim] residual fp32
+
+        # Time: e [B, dim] for the head, e0 [B, 6, dim] for the blocks; float32 throughout.
+        t = t.reshape(-1).expand(b) if t.numel() == 1 else t
+        e = self.time_embedding(sinusoidal_embedding(t, cfg.freq_dim)).float()  # these layers are kept in fp32
+        e0 = self.time_projection(e).float().unflatten(1, (6, cfg.dim))
+
+        rope = self.rope(grid, x.device)
+        if not ctx.kv:
+            ctx.kv = [blk.cross_attn.key_values(ctx.text, ctx.image) for blk in self.blocks]
+        for blk, kv in zip(self.blocks, ctx.kv):
+            tokens = blk(tokens, e0, kv, rope, dtype)
+
+        out = self.head(tokens, e)  # [B, L, pt·ph·pw·16], channel fastest
+        out = out.view(b, *grid, pt, ph, pw, cfg.out_dim).permute(0, 7, 1, 4, 2, 5, 3, 6)  # [B, C, F, pt, H, ph, W, pw]
+        return out.reshape(b, cfg.out_dim, f, h, w).float()
+

@@ -1,0 +1,142 @@
+"""Find and read weight files in every on-disk layout we meet in the wild.
+
+A *source* is one of:
+  - a state dict (``Mapping[str, Tensor]``), used as is;
+  - a ``.safetensors`` file (read memory-mapped, one tensor at a time);
+  - a ``*.safetensors.index.json`` (sharded; the shards sit next to it);
+  - a ``.pth`` / ``.pt`` / ``.bin`` / ``.ckpt`` file (only through ``torch.load(weights_only=True)``:
+    a pickle that would run code is refused);
+  - a folder holding one of the above (a diffusers component folder, an original Wan repo, a ComfyUI
+    models folder). Which file of a folder belongs to which component is decided by the caller's
+    ``patterns`` (glob patterns tried in order).
+
+Reading is lazy: ``iter_tensors`` yields one tensor at a time, straight from the memory map, so a loader
+can cast and place each one before the next is touched and never holds a second full copy of the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..errors import WeightsError
+
+Source = str | os.PathLike | Mapping[str, torch.Tensor]
+
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+INDEX_SUFFIX = ".safetensors.index.json"
+
+
+def _is_index(path: Path) -> bool:
+    return path.name.endswith(INDEX_SUFFIX)
+
+
+def resolve_files(source: str | os.PathLike, patterns: Sequence[str] = ("*.safetensors", "*.pth")) -> list[Path]:
+    """Return the tensor files that make up ``source`` (several for a sharded checkpoint)."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise WeightsError(f"weights not found: {path}")
+    if path.is_dir():
+        # An index wins over the shards it names, for any pattern: that is how sharded checkpoints are read.
+        for pattern in patterns:
+            base = pattern.removesuffix("*.safetensors").removesuffix(".safetensors")
+            indexes = sorted(p for p in path.glob(base + "*" + INDEX_SUFFIX) if p.is_file())
+            if pattern.endswith(".safetensors") and len(indexes) == 1:
+                return resolve_files(indexes[0])
+            matches = sorted(p for p in path.glob(pattern) if p.is_file() and not _is_index(p))
+            if matches:
+                return matches
+        raise WeightsError(f"no weight file matching {' or '.join(patterns)} in folder {path}")
+    if _is_index(path):
+        try:
+            weight_map = json.loads(path.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise WeightsError(f"unreadable shard index {path}: {exc}") from None
+        shards = [path.parent / name for name in dict.fromkeys(weight_map.values())]
+        missing = [str(s) for s in shards if not s.is_file()]
+        if missing:
+            raise WeightsError(f"shard index {path.name} names missing files: {', '.join(missing)}")
+        return shards
+    return [path]
+
+
+def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WeightsError(
+            f"refusing to load {path.name}: it holds Python objects, not only tensors ({first}); "
+            "convert it to .safetensors from a trusted copy"
+        ) from None
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        try:  # legacy (non-zip) checkpoints cannot be memory-mapped; weights_only still applies
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise WeightsError(f"refusing to load {path.name}: it holds Python objects, not only tensors") from None
+        except Exception:
+            raise WeightsError(f"unreadable checkpoint {path}: {str(exc).splitlines()[0]}") from None
+    # Training checkpoints often nest the weights one level down.
+    for key in ("state_dict", "model", "module"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    if not isinstance(obj, dict):
+        raise WeightsError(f"{path.name} does not hold a state dict (found {type(obj).__name__})")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def iter_tensors(source: Source, patterns: Sequence[str] = ("*.safetensors", "*.pth")) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(key, tensor)`` pairs of a source, one at a time, on the CPU, in the stored dtype."""
+    if isinstance(source, Mapping):
+        yield from source.items()
+        return
+    for path in resolve_files(source, patterns):
+        if path.suffix == ".safetensors":
+            try:
+                with safe_open(str(path), framework="pt", device="cpu") as f:
+                    for key in f.keys():
+                        yield key, f.get_tensor(key)
+            except (SafetensorError, OSError) as exc:
+                raise WeightsError(f"unreadable safetensors file {path}: {exc}") from None
+        elif path.suffix in PICKLE_SUFFIXES:
+            yield from _load_pickle(path).items()
+        else:
+            raise WeightsError(f"unknown weight file type: {path} (expected .safetensors or .pth)")
+
+
+def read_shapes(source: Source, patterns: Sequence[str] = ("*.safetensors", "*.pth")) -> dict[str, tuple[int, ...]]:
+    """Keys and shapes of a source without reading tensor data (used to infer configs)."""
+    if isinstance(source, Mapping):
+        return {k: tuple(v.shape) for k, v in source.items()}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in resolve_files(source, patterns):
+        if path.suffix == ".safetensors":
+            try:
+                with safe_open(str(path), framework="pt", device="cpu") as f:
+                    for key in f.keys():
+                        shapes[key] = tuple(f.get_slice(key).get_shape())
+            except (SafetensorError, OSError) as exc:
+                raise WeightsError(f"unreadable safetensors file {path}: {exc}") from None
+        else:
+            shapes.update((k, tuple(v.shape)) for k, v in _load_pickle(path).items())
+    return shapes
+
+
+def read_config(source: Source, name: str = "config.json") -> dict | None:
+    """The JSON config stored next to (or inside) a source folder, if any."""
+    if isinstance(source, Mapping):
+        return None
+    path = Path(source).expanduser()
+    candidate = path / name if path.is_dir() else path.parent / name
+    if not candidate.is_file():
+        return None
+    try:
+        return json.loads(candidate.read_text())
+    except ValueError as exc:
+        raise WeightsError(f"unreadable config {candidate}: {exc}") from None

@@ -1,0 +1,92 @@
+"""The one key-normalizer: every checkpoint and LoRA key goes through here to reach our canonical names.
+
+Canonical names are the original Wan2.1 names (``blocks.0.self_attn.q.weight``, ``encoder.conv1.weight``, …),
+because that is what the official releases, ComfyUI, lightx2v and most LoRA trainers use.
+
+Two steps, both data-driven:
+  1. ``find_prefix``: a component is located inside a file by a *marker* key that it always has
+     (``patch_embedding.weight`` for the DiT). Whatever stands before the marker is the prefix
+     (``model.diffusion_model.``, ``diffusion_model.``, ``transformer.`` or nothing); keys without that
+     prefix belong to other components of an all-in-one file and are left out.
+  2. ``rename``: ordered regex rules map foreign module names (diffusers) back to canonical ones.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+
+Rules = Sequence[tuple[re.Pattern[str], str]]
+
+
+def compile_rules(pairs: Sequence[tuple[str, str]]) -> Rules:
+    """Rules as (regex, replacement); each regex is anchored at a dotted-name boundary on both ends."""
+    return [(re.compile(r"(?<![^.])" + pat + r"(?![^.])"), repl) for pat, repl in pairs]
+
+
+def find_prefix(keys: Iterable[str], markers: Sequence[str]) -> str | None:
+    """The prefix in front of the first marker key found, '' when unprefixed, None when no marker is present."""
+    found: list[str] = []
+    for key in keys:
+        for marker in markers:
+            if key == marker or key.endswith("." + marker):
+                found.append(key[: len(key) - len(marker)])
+    if not found:
+        return None
+    return min(found, key=len)  # the shortest: a nested copy (e.g. an EMA sub-model) never wins over the main one
+
+
+def rename(key: str, rules: Rules) -> str:
+    for pattern, repl in rules:
+        key = pattern.sub(repl, key)
+    return key
+
+
+def normalize_keys(keys: Iterable[str], markers: Sequence[str], rules: Rules = ()) -> dict[str, str]:
+    """Map each source key of one component to its canonical name: ``{source_key: canonical_key}``.
+
+    Keys outside the component (another prefix) are omitted. Raises ``KeyError`` when no marker is found.
+    """
+    keys = list(keys)
+    prefix = find_prefix(keys, markers)
+    if prefix is None:
+        raise KeyError(f"none of {', '.join(markers)} found")
+    return {k: rename(k[len(prefix):], rules) for k in keys if k.startswith(prefix)}
+
+
+# --- DiT -------------------------------------------------------------------------------------------------------
+# diffusers WanTransformer3DModel → original WanModel (wan2.1-reference.md §B). Order matters only where one
+# pattern could produce another's input; the norm2→norm3 swap is safe because diffusers' norm3 has no tensors.
+DIT_MARKERS = ("patch_embedding.weight",)
+DIT_DIFFUSERS_RULES: Rules = compile_rules([
+    (r"condition_embedder\.time_embedder\.linear_1", "time_embedding.0"),
+    (r"condition_embedder\.time_embedder\.linear_2", "time_embedding.2"),
+    (r"condition_embedder\.time_proj", "time_projection.1"),
+    (r"condition_embedder\.text_embedder\.linear_1", "text_embedding.0"),
+    (r"condition_embedder\.text_embedder\.linear_2", "text_embedding.2"),
+    (r"condition_embedder\.image_embedder\.norm1", "img_emb.proj.0"),
+    (r"condition_embedder\.image_embedder\.ff\.net\.0\.proj", "img_emb.proj.1"),
+    (r"condition_embedder\.image_embedder\.ff\.net\.2", "img_emb.proj.3"),
+    (r"condition_embedder\.image_embedder\.norm2", "img_emb.proj.4"),
+    (r"condition_embedder\.image_embedder\.pos_embed", "img_emb.emb_pos"),
+    (r"(blocks\.\d+)\.norm2", r"\1.norm3"),
+    (r"(blocks\.\d+)\.scale_shift_table", r"\1.modulation"),
+    (r"scale_shift_table", "head.modulation"),
+    (r"proj_out", "head.head"),
+    (r"attn1", "self_attn"),
+    (r"attn2", "cross_attn"),
+    (r"to_q", "q"),
+    (r"to_k", "k"),
+    (r"to_v", "v"),
+    (r"to_out\.0", "o"),
+    (r"add_k_proj", "k_img"),
+    (r"add_v_proj", "v_img"),
+    (r"norm_added_k", "norm_k_img"),
+    (r"ffn\.net\.0\.proj", "ffn.0"),
+    (r"ffn\.net\.2", "ffn.2"),
+])
+
+
+def normalize_dit_keys(keys: Iterable[str]) -> dict[str, str]:
+    """``{source_key: original_wan_key}`` for a DiT in any layout (original, diffusers, ComfyUI prefixes)."""
+    return normalize_keys(keys, DIT_MARKERS, DIT_DIFFUSERS_RULES)
