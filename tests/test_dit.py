@@ -11,7 +11,7 @@ import torch
 
 from cinecli.errors import WeightsError
 from cinecli.models import load_dit
-from cinecli.models.dit_loader import set_compute_dtype
+from cinecli.models.dit_loader import cast_dit
 from wan_fixtures import LAYOUTS, diffusers_model, random_state_dict, tiny_config, write_layout
 
 TOL = 1e-4  # max |Δ| ≤ TOL · max |reference|, fp32
@@ -90,16 +90,21 @@ def test_prepared_context_is_reused_and_equal():
         assert torch.equal(a, b) and torch.equal(a, model(x, t, context, clip, y))
 
 
-def test_bf16_close_to_fp32():
+@pytest.mark.parametrize("activations", [torch.bfloat16, torch.float32])
+def test_bf16_weights_close_to_fp32(activations):
+    """bf16 weights with bf16 activations (GPUs, CPUs with AVX512-BF16/AMX) or fp32 activations (other CPUs)."""
     cfg = tiny_config("i2v")
     sd = random_state_dict(cfg)
     args = inputs(cfg)
     with torch.no_grad():
         full = load_dit(sd, dtype="fp32")(*args)
-        half = load_dit(sd, dtype="bf16")(*args)
+        model = load_dit(sd, dtype="bf16")
+        model.compute_dtype = activations
+        half = model(*args)
+    assert model.blocks[0].ffn[0].weight.dtype == torch.bfloat16
     assert torch.isfinite(half).all()
     err = rel_err(half, full)
-    print(f"bf16 vs fp32: max|Δ|/max|ref| = {err:.3e}")
+    print(f"bf16 weights, {activations} activations vs fp32: max|Δ|/max|ref| = {err:.3e}")
     assert err < 3e-2
 
 
@@ -110,7 +115,7 @@ def test_fp32_policy_keeps_norms_and_modulation():
     assert model.blocks[0].norm3.weight.dtype == torch.float32
     assert model.time_embedding[0].weight.dtype == torch.float32
     assert model.blocks[0].ffn[0].weight.dtype == torch.bfloat16
-    assert set_compute_dtype(model, torch.float32).blocks[0].ffn[0].weight.dtype == torch.float32
+    assert cast_dit(model, torch.float32).blocks[0].ffn[0].weight.dtype == torch.float32
 
 
 def test_missing_and_unexpected_keys_are_named(tmp_path):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..devices import choose_device, choose_dtype
+from ..devices import activation_dtype, choose_device, choose_dtype
 from ..errors import WeightsError
 from ..weights import Source, iter_tensors, read_config, read_shapes
 from ..weights.keys import normalize_dit_keys
@@ -63,8 +63,8 @@ def load_dit(
 
     Accepts original Wan keys, diffusers folders/keys, ComfyUI prefixes (``model.diffusion_model.``,
     ``diffusion_model.``), sharded ``*.safetensors.index.json`` and ``.pth`` (weights only). ``dtype`` is the
-    compute dtype (default: ``choose_dtype('auto')`` for the device); norms, modulation, time embedding and
-    head stay float32. Returns the model in eval mode; its forward maps
+    weight dtype (default: ``choose_dtype('auto')`` for the device); norms, modulation, time embedding and
+    head stay float32. Activations run in ``dtype`` where the device multiplies it natively, else float32. Returns the model in eval mode; its forward maps
     x [B,16,F,H,W], t [B], context [B,L≤512,4096], clip_fea [B,257|514,1280], y [B,20,F,H,W] → velocity fp32.
     """
     device = choose_device(device)
@@ -85,13 +85,16 @@ def load_dit(
         return torch.float32 if keeps_fp32(name) else dtype
 
     tensors = ((names[k], v) for k, v in iter_tensors(source, DIT_PATTERNS) if k in names)
-    return assign_tensors(model, tensors, device=device, dtype_for=dtype_for, what=_describe(source))
+    model = assign_tensors(model, tensors, device=device, dtype_for=dtype_for, what=_describe(source))
+    model.compute_dtype = activation_dtype(device, dtype)
+    return model
 
 
-def set_compute_dtype(model: WanDiT, dtype: torch.dtype) -> WanDiT:
-    """Cast an in-memory DiT to a compute dtype under the same fp32 policy as ``load_dit``."""
+def cast_dit(model: WanDiT, dtype: torch.dtype) -> WanDiT:
+    """Cast an in-memory DiT's weights to ``dtype`` under the same fp32 policy and activation rule as ``load_dit``."""
     for name, p in model.named_parameters():
         p.data = p.data.to(torch.float32 if keeps_fp32(name) else dtype)
+    model.compute_dtype = activation_dtype(model.patch_embedding.weight.device, dtype)
     return model
 
 

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import attention
+from .layers import Linear
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,7 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, eps: float):
         super().__init__()
         self.num_heads = num_heads
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.q, self.k, self.v, self.o = (Linear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)  # over the whole width, before heads
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -148,10 +149,10 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, eps: float, image: bool):
         super().__init__()
         self.num_heads = num_heads
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.q, self.k, self.v, self.o = (Linear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
         if image:
-            self.k_img, self.v_img = nn.Linear(dim, dim), nn.Linear(dim, dim)
+            self.k_img, self.v_img = Linear(dim, dim), Linear(dim, dim)
             self.norm_k_img = RMSNorm(dim, eps)
 
     def key_values(self, text: torch.Tensor, image: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
@@ -181,7 +182,7 @@ class Block(nn.Module):
         self.norm3 = LayerNorm(dim, cfg.eps, elementwise_affine=True)  # the cross-attention pre-norm (affine)
         self.cross_attn = CrossAttention(dim, cfg.num_heads, cfg.eps, image=cfg.has_image_input)
         self.norm2 = LayerNorm(dim, cfg.eps, elementwise_affine=False)
-        self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
+        self.ffn = nn.Sequential(Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), Linear(cfg.ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, kv: tuple[torch.Tensor, ...], rope: tuple, dtype: torch.dtype) -> torch.Tensor:
@@ -198,7 +199,7 @@ class Head(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.norm = LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
-        self.head = nn.Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
+        self.head = Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
         self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
@@ -214,7 +215,7 @@ class ImageEmbedding(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         d_in = cfg.image_dim
-        self.proj = nn.Sequential(LayerNorm(d_in, 1e-5), nn.Linear(d_in, d_in), nn.GELU(), nn.Linear(d_in, cfg.dim), LayerNorm(cfg.dim, 1e-5))
+        self.proj = nn.Sequential(LayerNorm(d_in, 1e-5), Linear(d_in, d_in), nn.GELU(), Linear(d_in, cfg.dim), LayerNorm(cfg.dim, 1e-5))
         if cfg.model_type == "flf2v":
             self.emb_pos = nn.Parameter(torch.zeros(1, 514, d_in))
 
@@ -246,19 +247,20 @@ class WanDiT(nn.Module):
         self.config = cfg
         dim = cfg.dim
         self.patch_embedding = nn.Conv3d(cfg.in_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
-        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
-        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.text_embedding = nn.Sequential(Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"), Linear(dim, dim))
+        self.time_embedding = nn.Sequential(Linear(cfg.freq_dim, dim), nn.SiLU(), Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), Linear(dim, 6 * dim))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
         if cfg.has_image_input:
             self.img_emb = ImageEmbedding(cfg)
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.compute_dtype: torch.dtype | None = None  # activations; set by the loader (devices.activation_dtype)
 
     @property
     def dtype(self) -> torch.dtype:
-        """The compute dtype (the patch embedding is never quantized, so its dtype is the activations')."""
-        return self.patch_embedding.weight.dtype
+        """The activation dtype: ``compute_dtype`` if set, else that of the (never quantized) patch embedding."""
+        return self.compute_dtype or self.patch_embedding.weight.dtype
 
     def prepare_context(self, context: torch.Tensor, clip_fea: torch.Tensor | None = None) -> Context:
         """Embed the conditioning once per video.
