@@ -9,13 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from .errors import CineError
+from .errors import DeviceError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-class DeviceError(CineError):
-    exit_code = 4
 
 
 def choose_device(name: str | torch.device = "auto") -> torch.device:

@@ -1,15 +1,48 @@
-"""User-facing errors. Each carries the exit code the CLI returns for it; the message is one line."""
+"""User-facing errors and the exit codes the CLI returns for them (README "Exit codes" lists the same table).
+
+Every expected failure is one of these: the CLI prints its one-line message to stderr, never a traceback.
+"""
 
 from __future__ import annotations
 
+EXIT_OK = 0
+EXIT_FAILURE = 1  # unexpected runtime failure (the message says what; --debug shows the traceback)
+EXIT_USAGE = 2  # bad options, unknown effect, malformed preset (Click uses 2 for usage errors too)
+EXIT_INPUT = 3  # the input image is missing, unreadable, truncated, empty or too large
+EXIT_WEIGHTS = 4  # weights missing (and not downloadable now), unsafe, or not fitting the model
+EXIT_NUMERIC = 5  # generation produced NaN/Inf (e.g. a quantization recipe too aggressive)
+EXIT_OUTPUT = 6  # the output exists (no --overwrite), or cannot be written
+EXIT_DEVICE = 7  # the requested device is not available, or ran out of memory
+EXIT_INTERRUPTED = 130  # Ctrl-C; temp files are removed
+
 
 class CineError(Exception):
-    """Base class: a clear, one-line message and an exit code. Never shown as a traceback."""
+    """Base class: a clear, one-line message and an exit code."""
 
-    exit_code = 1
+    exit_code = EXIT_FAILURE
+
+
+class UsageError(CineError):
+    exit_code = EXIT_USAGE
+
+
+class InputError(CineError):
+    exit_code = EXIT_INPUT
 
 
 class WeightsError(CineError):
     """A weight file is missing, unreadable, unsafe, or does not fit the model it is loaded into."""
 
-    exit_code = 3
+    exit_code = EXIT_WEIGHTS
+
+
+class NumericError(CineError):
+    exit_code = EXIT_NUMERIC
+
+
+class OutputError(CineError):
+    exit_code = EXIT_OUTPUT
+
+
+class DeviceError(CineError):
+    exit_code = EXIT_DEVICE

@@ -1,0 +1,101 @@
+"""Input photos: read safely, orient, convert to RGB, and fit to a size the model accepts.
+
+Sizes follow the reference: from a pixel budget (480×832 for 480p) and the photo's aspect ratio, each side is
+floored to a multiple of 16 (8× VAE stride × 2 patch). Since that rounding changes the aspect ratio slightly,
+``fit`` says how the photo meets the frame: ``crop`` (default: center-crop the sliver that does not fit),
+``pad`` (letterbox with edge colour), or ``stretch`` (the reference's squash, only when asked for).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import InputError, UsageError
+
+MAX_PIXELS = 80_000_000  # a 80 MP photo is already far beyond any budget; more is a decompression bomb
+FITS = ("crop", "pad", "stretch")
+
+
+def read_image(source: str | Path | bytes) -> Image.Image:
+    """A path, ``-`` (stdin bytes) or raw bytes → an oriented RGB PIL image, or an InputError."""
+    name = "stdin" if source in ("-", b"") or isinstance(source, bytes) else str(source)
+    if isinstance(source, (str, Path)) and str(source) == "-":
+        source = sys.stdin.buffer.read()  # PIL needs a seekable stream
+    if isinstance(source, bytes):
+        if not source:
+            raise InputError(f"{name}: empty input (0 bytes)")
+        stream: io.BytesIO | Path = io.BytesIO(source)
+    else:
+        stream = Path(source)
+        if not stream.exists():
+            raise InputError(f"{name}: no such file")
+        if stream.is_dir():
+            raise InputError(f"{name}: is a folder (use `cine batch` for folders)")
+        if stream.stat().st_size == 0:
+            raise InputError(f"{name}: empty file (0 bytes)")
+    try:
+        with Image.open(stream) as img:
+            w, h = img.size
+            if w * h > MAX_PIXELS:
+                raise InputError(f"{name}: {w}x{h} is {w * h / 1e6:.0f} MP, more than the {MAX_PIXELS // 1_000_000} MP cine accepts")
+            img.load()  # decode now so truncation shows up here, not mid-pipeline
+            img = ImageOps.exif_transpose(img)
+            return to_rgb(img)
+    except InputError:
+        raise
+    except UnidentifiedImageError:
+        raise InputError(f"{name}: not an image (or a format Pillow cannot read)") from None
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"{name}: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # truncated / corrupt data
+        raise InputError(f"{name}: unreadable image ({exc})") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any mode → RGB; transparency is flattened onto white (what a viewer shows)."""
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit greyscale: scale down, don't clip
+        arr = np.asarray(img, dtype=np.float32)
+        arr = (arr / max(float(arr.max()), 1.0) * 255).round().astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    return img.convert("RGB")
+
+
+def target_size(width: int, height: int, max_area: int, multiple: int = 16) -> tuple[int, int]:
+    """(W, H) with W·H ≤ max_area, the photo's aspect ratio, both multiples of 16 (reference rounding)."""
+    aspect = height / width
+    h = int(math.sqrt(max_area * aspect) // multiple * multiple)
+    w = int(math.sqrt(max_area / aspect) // multiple * multiple)
+    return max(w, multiple), max(h, multiple)
+
+
+def fit_image(img: Image.Image, size: tuple[int, int], fit: str = "crop") -> Image.Image:
+    """Resize ``img`` to ``size`` (W, H) without silent distortion (see module doc)."""
+    if fit not in FITS:
+        raise UsageError(f"unknown --fit '{fit}' (use {', '.join(FITS)})")
+    w, h = size
+    if fit == "stretch":
+        return img.resize((w, h), Image.BICUBIC)
+    if fit == "crop":
+        return ImageOps.fit(img, (w, h), Image.BICUBIC, centering=(0.5, 0.5))
+    scaled = ImageOps.contain(img, (w, h), Image.BICUBIC)
+    edge = scaled.getpixel((0, 0))
+    canvas = Image.new("RGB", (w, h), edge)
+    canvas.paste(scaled, ((w - scaled.width) // 2, (h - scaled.height) // 2))
+    return canvas
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB image → [3, H, W] float32 in [-1, 1]."""
+    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float()
+    return arr / 127.5 - 1

@@ -1,0 +1,263 @@
+"""Effect presets: an effect name resolves to a shared backbone plus an effect LoRA, a prompt and settings.
+
+Where presets come from, first match wins:
+  1. ``--preset FILE`` (one TOML file);
+  2. the user's config dir: ``<platformdirs user_config_dir("cine")>/presets/*.toml`` (and ``backbones.toml``,
+     ``loras/*.toml`` beside them);
+  3. the presets and LoRA cards shipped with cine (``presets/``, ``loras/`` in the source tree and the wheel).
+
+A preset names its backbone (a table of ``backbones.toml``) and its effect LoRA (a card in ``loras/``) by name,
+or defines either inline. Weight references are ``{repo, file[, revision]}`` or ``{path}``; relative paths are
+taken relative to the TOML file that holds them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UsageError as PresetError  # an unknown effect or a malformed preset is a usage problem
+
+
+@dataclass(frozen=True)
+class WeightRef:
+    """Where one component's weights live: a hub repo file (glob, folder/ or shard index) or a local path."""
+
+    repo: str | None = None
+    file: str | None = None
+    revision: str | None = None
+    path: Path | None = None
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return str(self.path)
+        return f"{self.repo}/{self.file}" + (f"@{self.revision}" if self.revision else "")
+
+
+@dataclass(frozen=True)
+class LoraCard:
+    name: str
+    source: WeightRef
+    trigger: str = ""
+    strength: float = 1.0
+    fits_dims: tuple[int, ...] = ()
+    model_types: tuple[str, ...] = ("i2v",)
+    description: str = ""
+    url: str = ""
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    kind: str = "distill"  # "distill": x0-prediction + re-noise at fixed timesteps, no CFG; "euler": flow Euler + CFG
+    timesteps: tuple[float, ...] = (1000, 750, 500, 250)
+    steps: int = 4
+    shift: float = 5.0
+    guidance: float = 1.0
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps) if self.kind == "distill" else self.steps
+
+
+@dataclass(frozen=True)
+class Backbone:
+    name: str
+    dit: WeightRef
+    vae: WeightRef
+    text_encoder: WeightRef
+    tokenizer: WeightRef
+    image_encoder: WeightRef
+    model_type: str = "i2v"
+    supports_last_frame: bool = False
+    merge: tuple[LoraCard, ...] = ()
+    sampler: SamplerSpec = field(default_factory=SamplerSpec)
+    quantize: str | None = None  # recipe applied at load when the checkpoint is not pre-quantized
+    tiny_vae: WeightRef | None = None
+    description: str = ""
+
+    def components(self) -> dict[str, WeightRef]:
+        refs = {"dit": self.dit, "vae": self.vae, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer,
+                "image_encoder": self.image_encoder}
+        refs.update({f"lora:{card.name}": card.source for card in self.merge})
+        return refs
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    backbone: Backbone
+    prompt: str
+    effect: LoraCard | None = None
+    effect_strength: float | None = None
+    negative_prompt: str = ""
+    frames: int = 49
+    fps: int = 16
+    max_area: int = 480 * 832
+    sampler: SamplerSpec | None = None  # None: the backbone's
+    aliases: tuple[str, ...] = ()
+    description: str = ""
+    source: Path | None = None
+
+    @property
+    def effective_sampler(self) -> SamplerSpec:
+        return self.sampler or self.backbone.sampler
+
+
+# --- where TOML files live --------------------------------------------------------------------------------------------
+def builtin_dir(kind: str) -> Path:
+    """``presets`` or ``loras`` shipped with cine: inside the wheel (cinecli/presets) or the source tree."""
+    try:
+        from importlib.resources import files
+
+        path = Path(str(files(f"cinecli.{kind}")))
+        if path.is_dir():
+            return path
+    except (ModuleNotFoundError, TypeError):
+        pass
+    return Path(__file__).resolve().parents[1] / kind
+
+
+def user_dir() -> Path:
+    from platformdirs import user_config_dir
+
+    return Path(user_config_dir("cine"))
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        return tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PresetError(f"cannot read preset file {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise PresetError(f"malformed TOML in {path}: {exc}") from None
+
+
+# --- parsing ---------------------------------------------------------------------------------------------------------
+def parse_ref(raw: dict | str | None, base: Path, what: str) -> WeightRef:
+    if isinstance(raw, str):
+        raw = {"path": raw}
+    if not isinstance(raw, dict) or not ({"repo", "file"} <= raw.keys() or "path" in raw):
+        raise PresetError(f"{what}: expected {{repo = ..., file = ...}} or {{path = ...}}, got {raw!r}")
+    if "path" in raw:
+        path = Path(raw["path"]).expanduser()
+        return WeightRef(path=path if path.is_absolute() else (base / path).resolve())
+    return WeightRef(repo=raw["repo"], file=raw["file"], revision=raw.get("revision"))
+
+
+def parse_sampler(raw: dict | None) -> SamplerSpec | None:
+    if raw is None:
+        return None
+    try:
+        spec = SamplerSpec(**{k: tuple(v) if k == "timesteps" else v for k, v in raw.items()})
+    except TypeError as exc:
+        raise PresetError(f"bad sampler settings {raw!r}: {exc}") from None
+    if spec.kind not in ("distill", "euler"):
+        raise PresetError(f"unknown sampler kind '{spec.kind}' (distill or euler)")
+    return spec
+
+
+def parse_card(raw: dict, base: Path, name: str) -> LoraCard:
+    return LoraCard(
+        name=raw.get("name", name), source=parse_ref(raw.get("source"), base, f"LoRA {name} source"),
+        trigger=raw.get("trigger", ""), strength=float(raw.get("strength", 1.0)),
+        fits_dims=tuple(raw.get("fits_dims", ())), model_types=tuple(raw.get("model_types", ("i2v",))),
+        description=raw.get("description", ""), url=raw.get("url", ""),
+    )
+
+
+class Catalog:
+    """All backbones, LoRA cards and presets visible to this run (user definitions shadow built-in ones)."""
+
+    def __init__(self, extra_preset: Path | None = None, search_user_dir: bool = True):
+        dirs = [builtin_dir("presets")]
+        lora_dirs = [builtin_dir("loras")]
+        if search_user_dir:
+            dirs.append(user_dir() / "presets")
+            lora_dirs.append(user_dir() / "loras")
+        self.backbones: dict[str, tuple[dict, Path]] = {}
+        self.cards: dict[str, tuple[dict, Path]] = {}
+        self.presets: dict[str, tuple[dict, Path]] = {}
+        for d in dirs:  # later directories shadow earlier ones
+            for path in sorted(d.glob("*.toml")) if d.is_dir() else []:
+                data = _read_toml(path)
+                if path.name == "backbones.toml":
+                    self.backbones.update({k: (v, path.parent) for k, v in data.items()})
+                else:
+                    self.presets[data.get("name", path.stem)] = (data, path)
+        for d in lora_dirs:
+            for path in sorted(d.glob("*.toml")) if d.is_dir() else []:
+                data = _read_toml(path)
+                self.cards[data.get("name", path.stem)] = (data, path.parent)
+        self.extra: tuple[dict, Path] | None = None
+        if extra_preset is not None:
+            if not Path(extra_preset).is_file():
+                raise PresetError(f"preset file not found: {extra_preset}")
+            self.extra = (_read_toml(Path(extra_preset)), Path(extra_preset))
+
+    def names(self) -> list[str]:
+        return sorted(self.presets)
+
+    def aliases(self) -> dict[str, str]:
+        out = {}
+        for name, (data, _) in self.presets.items():
+            out.update({a: name for a in data.get("aliases", ())})
+            out[name] = name
+        return out
+
+    def card(self, ref: str | dict, base: Path) -> LoraCard:
+        if isinstance(ref, dict):
+            return parse_card(ref, base, ref.get("name", "inline"))
+        if ref not in self.cards:
+            raise PresetError(f"unknown LoRA card '{ref}' (known: {', '.join(sorted(self.cards))})")
+        data, where = self.cards[ref]
+        return parse_card(data, where, ref)
+
+    def backbone(self, ref: str | dict, base: Path) -> Backbone:
+        if isinstance(ref, dict):
+            name, raw, where = ref.get("name", "inline"), ref, base
+        elif ref in self.backbones:
+            name, (raw, where) = ref, self.backbones[ref]
+        else:
+            raise PresetError(f"unknown backbone '{ref}' (known: {', '.join(sorted(self.backbones))})")
+        refs = {k: parse_ref(raw.get(k), where, f"backbone {name} {k}") for k in
+                ("dit", "vae", "text_encoder", "tokenizer", "image_encoder")}
+        return Backbone(
+            name=name, **refs, model_type=raw.get("model_type", "i2v"),
+            supports_last_frame=bool(raw.get("supports_last_frame", False)),
+            merge=tuple(self.card(c, where) for c in raw.get("merge", ())),
+            sampler=parse_sampler(raw.get("sampler")) or SamplerSpec(), quantize=raw.get("quantize"),
+            tiny_vae=parse_ref(raw["tiny_vae"], where, f"backbone {name} tiny_vae") if "tiny_vae" in raw else None,
+            description=raw.get("description", ""),
+        )
+
+    def resolve(self, effect: str | None, backbone: str | None = None) -> Preset:
+        """An effect name or alias (or the ``--preset`` file when ``effect`` is None) → a full Preset."""
+        if self.extra is not None and (effect is None or effect == self.extra[0].get("name")):
+            data, path = self.extra
+            base = path.parent
+        else:
+            if effect is None:
+                raise PresetError("no effect given")
+            aliases = self.aliases()
+            key = effect.strip().lower()
+            if key not in aliases:
+                close = difflib.get_close_matches(key, list(aliases), n=1, cutoff=0.5)
+                hint = f"; did you mean '{aliases[close[0]]}'?" if close else ""
+                raise PresetError(f"unknown effect '{effect}'{hint} (effects: {', '.join(self.names())})")
+            data, path = self.presets[aliases[key]]
+            base = path.parent
+        name = data.get("name", path.stem)
+        try:
+            bb = self.backbone(backbone or data["backbone"], base)
+            return Preset(
+                name=name, backbone=bb, prompt=data["prompt"],
+                effect=self.card(data["effect"], base) if data.get("effect") else None,
+                effect_strength=data.get("effect_strength"), negative_prompt=data.get("negative_prompt", ""),
+                frames=int(data.get("frames", 49)), fps=int(data.get("fps", 16)), max_area=int(data.get("max_area", 480 * 832)),
+                sampler=parse_sampler(data.get("sampler")), aliases=tuple(data.get("aliases", ())),
+                description=data.get("description", ""), source=path,
+            )
+        except KeyError as exc:
+            raise PresetError(f"preset {path} lacks the required field {exc}") from None
