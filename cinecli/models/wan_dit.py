@@ -55,7 +55,7 @@ DIT_CONFIGS: dict[str, DiTConfig] = {
     "wan2.1-i2v-14b": DiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
     "wan2.1-flf2v-14b": DiTConfig(model_type="flf2v", dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
     # Tiny configs for tests and the self-test backbone: real head_dim 128, so RoPE splits 44/42/42 as in release.
-    "tiny-i2v": DiTConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=64, image_dim=32, freq_dim=64),
+    "tiny-i2v": DiTConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=32, image_dim=32, freq_dim=64),
 }
 
 # Parameters kept in float32 whatever the compute dtype (reference §A.6): everything that feeds or forms the

@@ -1,0 +1,228 @@
+"""The ``cine`` command line: ``cine EFFECT PHOTO -o OUT.mp4`` and its helper commands.
+
+Conventions (as the ``hf`` CLI): progress and messages on stderr, machine output on stdout, the output path on
+the last line of stdout, ``--json`` for a JSON document instead, ``-q`` for nothing but the path. Heavy imports
+(torch, huggingface_hub) happen inside commands, after ``--offline`` has set the environment they read.
+Expected failures print one line and exit with the codes of ``cinecli.errors`` (README: Exit codes).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from . import __version__
+from .errors import EXIT_DEVICE, EXIT_FAILURE, EXIT_INTERRUPTED, CineError, UsageError
+
+
+class EffectGroup(TyperGroup):
+    """``cine bullet-time …`` is ``cine run --effect bullet-time …``: any first word that is not a command is an effect."""
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        if args and not args[0].startswith("-") and args[0] not in self.commands:
+            args = ["run", "--effect", args[0], *args[1:]]
+        return super().resolve_command(ctx, args)
+
+    def format_usage(self, ctx, formatter):
+        formatter.write_usage("cine", "EFFECT PHOTO [-o OUT.mp4] [OPTIONS]  |  cine COMMAND [ARGS]...")
+
+
+app = typer.Typer(
+    cls=EffectGroup, no_args_is_help=True, pretty_exceptions_show_locals=False, rich_markup_mode=None,
+    help="Turn a photo into a short cinematic clip. Effects: bullet-time (bulletti), dolly-zoom (hitchcock), "
+         "slow-motion (slowmo); `cine effects` lists them all.",
+)
+
+
+def stderr_console(quiet: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=True, quiet=quiet, no_color=bool(os.environ.get("NO_COLOR")) or None)
+
+
+def fail(message: str, code: int) -> None:
+    sys.stderr.write(f"cine: error: {message}\n")
+    raise typer.Exit(code)
+
+
+def handle_errors(fn):
+    """One-line errors with documented exit codes instead of tracebacks (``--debug`` or CINE_DEBUG=1 shows them)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        debug = kwargs.get("debug") or os.environ.get("CINE_DEBUG") == "1"
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+            raise
+        except CineError as exc:
+            if debug:
+                raise
+            fail(str(exc).splitlines()[0], exc.exit_code)
+        except KeyboardInterrupt:
+            sys.stderr.write("cine: interrupted\n")
+            raise typer.Exit(EXIT_INTERRUPTED)
+        except MemoryError:
+            fail("out of memory; try fewer --frames, a smaller effect size or a quantized backbone", EXIT_DEVICE)
+        except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
+            if debug:
+                raise
+            if type(exc).__name__ == "OutOfMemoryError":
+                fail(f"the device ran out of memory ({str(exc).splitlines()[0][:120]}); try fewer --frames or a "
+                     "quantized backbone", EXIT_DEVICE)
+            fail(f"unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+                 "(rerun with --debug for the traceback)", EXIT_FAILURE)
+
+    return wrapper
+
+
+def set_offline(offline: bool) -> None:
+    if offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"  # must be set before huggingface_hub is imported
+
+
+def default_output(image: str, effect: str, output: Optional[str]) -> str:
+    """``-o`` rules: none → ./<stem>.<effect>.mp4; DIR/ or an existing folder → DIR/<stem>.<effect>.mp4."""
+    stem = "stdin" if image == "-" else Path(image).stem
+    name = f"{stem}.{effect}.mp4"
+    if output is None:
+        return name
+    if output == "-":
+        return output
+    if output.endswith(("/", os.sep)) or Path(output).is_dir():
+        return str(Path(output) / name)
+    return output
+
+
+@app.command("run")
+@handle_errors
+def run(
+    image: str = typer.Argument(..., help="Photo to animate (a file, or - to read it from stdin)."),
+    output: Optional[str] = typer.Option(None, "-o", "--output", help="Output MP4, DIR/ (names it <stem>.<effect>.mp4) or - for stdout."),
+    effect: Optional[str] = typer.Option(None, "--effect", "-e", help="Effect or alias (cine effects lists them)."),
+    preset_file: Optional[Path] = typer.Option(None, "--preset", help="A preset TOML file to use instead of a named effect."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="Use another backbone than the preset's."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Replace the preset's prompt (trigger words are kept)."),
+    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt"),
+    seed: Optional[int] = typer.Option(None, "--seed", "-s", help="Random seed (recorded in the file; random if left out)."),
+    frames: Optional[int] = typer.Option(None, "--frames", "-f", help="Frame count, rounded to 4k+1 (preset default 49)."),
+    fps: Optional[int] = typer.Option(None, "--fps", help="Frames per second of the MP4 (preset default 16)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Override the sampler's step count (distilled presets warn)."),
+    fit: str = typer.Option("crop", "--fit", help="How the photo meets the frame: crop, pad or stretch."),
+    last_frame: Optional[str] = typer.Option(None, "--last-frame", help="End image (backbones that support it)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    dtype: str = typer.Option("auto", "--dtype", help="Weight dtype: auto, bf16, fp16 or fp32."),
+    crf: int = typer.Option(18, "--crf", help="H.264 quality (lower is better, 18 is visually lossless)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+    report_file: Optional[Path] = typer.Option(None, "--report", help="Write the timing report (JSON) here."),
+    as_json: bool = typer.Option(False, "--json", help="Print the timing report as JSON on stdout."),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress; only the output path on stdout."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show the resolved job and the weights it needs; load nothing."),
+    offline: bool = typer.Option(False, "--offline", help="Never touch the network (as HF_HUB_OFFLINE=1)."),
+    no_metadata: bool = typer.Option(False, "--no-metadata", help="Do not embed the settings in the MP4."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Make a clip from PHOTO with an effect: cine bullet-time photo.jpg -o out.mp4"""
+    set_offline(offline)
+    from .run import RunOptions, run_one
+
+    if as_json and output == "-":
+        raise UsageError("--json prints to stdout, which -o - already uses for the video; use --report FILE")
+    if effect is None and preset_file is None:
+        raise UsageError("name an effect (cine bullet-time PHOTO) or pass --preset FILE")
+    opts = RunOptions(
+        image=image, output=output, effect=effect, preset_file=preset_file, backbone=backbone, prompt=prompt,
+        negative_prompt=negative_prompt, seed=seed, frames=frames, fps=fps, steps=steps, fit=fit, last_frame=last_frame,
+        device=device, dtype=dtype, crf=crf, overwrite=overwrite, report_file=report_file, as_json=as_json,
+        quiet=quiet, dry_run=dry_run, metadata=not no_metadata,
+    )
+    run_one(opts, stderr_console(quiet))
+
+
+@app.command("effects")
+@handle_errors
+def effects(
+    preset_file: Optional[Path] = typer.Option(None, "--preset", help="Also show this preset file."),
+    as_json: bool = typer.Option(False, "--json", help="JSON on stdout."),
+) -> None:
+    """List the effects (presets), their aliases and backbones."""
+    from .preset import Catalog
+
+    catalog = Catalog(extra_preset=preset_file)
+    rows = []
+    for name in catalog.names():
+        p = catalog.resolve(name)
+        rows.append({"effect": p.name, "aliases": list(p.aliases), "backbone": p.backbone.name,
+                     "lora": p.effect.name if p.effect else None, "frames": p.frames, "fps": p.fps,
+                     "steps": p.effective_sampler.num_steps, "description": p.description, "source": str(p.source)})
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table("effect", "aliases", "backbone", "effect LoRA", "frames", "steps")
+    for r in rows:
+        table.add_row(r["effect"], ", ".join(r["aliases"]), r["backbone"], r["lora"] or "(prompt only)", str(r["frames"]), str(r["steps"]))
+    stderr_console().print(table)
+    print("\n".join(r["effect"] for r in rows))
+
+
+@app.command("info")
+@handle_errors
+def info(
+    file: Path = typer.Argument(..., help="An MP4 written by cine."),
+    as_json: bool = typer.Option(False, "--json", help="JSON on stdout."),
+) -> None:
+    """Show a clip's stream facts and the settings cine stored in it."""
+    from .video import read_info
+
+    if not file.exists():
+        fail(f"{file}: no such file", 3)
+    data = read_info(file)
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    print(f"{data['path']}: {data['codec']} {data['width']}x{data['height']} {data['frames']} frames @ {data['fps']} fps")
+    for key, value in (data.get("cine") or {}).items():
+        print(f"  {key}: {value}")
+    if not data.get("cine"):
+        print("  (no cine metadata)")
+
+
+@app.command("doctor")
+@handle_errors
+def doctor(
+    as_json: bool = typer.Option(False, "--json", help="JSON on stdout."),
+    selftest: bool = typer.Option(True, "--selftest/--no-selftest", help="Run the pipeline on the tiny self-test backbone."),
+    device: str = typer.Option("auto", "--device"),
+    offline: bool = typer.Option(False, "--offline"),
+    debug: bool = typer.Option(False, "--debug"),
+) -> None:
+    """Versions, devices, codecs, caches and weights present; then a self-test of the whole pipeline."""
+    set_offline(offline)
+    from .doctor import run_doctor
+
+    code = run_doctor(as_json=as_json, run_selftest=selftest, device=device, console=stderr_console())
+    raise typer.Exit(code)
+
+
+@app.command("version")
+def version() -> None:
+    """Print cine's version."""
+    print(__version__)
+
+
+def main() -> None:
+    app(prog_name="cine")
+
+
+if __name__ == "__main__":
+    main()

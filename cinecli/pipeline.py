@@ -1,0 +1,252 @@
+"""Photo → clip: conditioning, 4-step generation and decoding on one loaded backbone.
+
+A ``Generator`` holds the components of one backbone on one device and serves many requests (batch runs load
+once). Each request is planned first (``plan``: sizes, frames, seed, prompt — no model needed, which is what
+``--dry-run`` prints), then run stage by stage under ``Timings`` so the report sees every stage.
+
+Memory order for one request: the text encoder (11 GB for umT5-XXL) loads only on a prompt-cache miss and is
+freed before the DiT loads; CLIP and the VAE are small and stay.
+"""
+
+from __future__ import annotations
+
+import gc
+import secrets
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from . import __version__, prompt_cache
+from .devices import activation_dtype, choose_device, choose_dtype
+from .errors import UsageError
+from .image import fit_image, read_image, target_size, to_tensor
+from .preset import Backbone, Preset, SamplerSpec
+from .sampler import sample
+from .timing import Timings
+
+MAX_FRAMES = 161  # 2x the frame count Wan2.1 was trained on; longer clips degrade and waste memory
+
+
+@dataclass
+class Request:
+    image: str | Path | bytes
+    preset: Preset
+    output: str = "-"
+    seed: int | None = None
+    frames: int | None = None
+    fps: int | None = None
+    fit: str = "crop"
+    last_frame: str | Path | None = None
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    steps: int | None = None
+    effect_strength: float | None = None
+
+
+@dataclass
+class Plan:
+    """Everything decided before any model loads."""
+
+    width: int
+    height: int
+    frames: int
+    fps: int
+    seed: int
+    prompt: str
+    negative_prompt: str
+    sampler: SamplerSpec
+    notices: list[str] = field(default_factory=list)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        return (16, 1 + (self.frames - 1) // 4, self.height // 8, self.width // 8)
+
+    @property
+    def tokens(self) -> int:
+        _, f, h, w = self.latent_shape
+        return f * (h // 2) * (w // 2)
+
+
+def round_frames(frames: int) -> int:
+    """Nearest 4k+1 (the VAE compresses time 4x after the first frame), at least 1."""
+    return max(1, min(MAX_FRAMES, 4 * round((frames - 1) / 4) + 1))
+
+
+def plan(request: Request, image_size: tuple[int, int]) -> Plan:
+    preset = request.preset
+    notices = []
+    frames = request.frames or preset.frames
+    if frames < 1:
+        raise UsageError(f"--frames must be at least 1, got {frames}")
+    if round_frames(frames) != frames:
+        notices.append(f"frames {frames} → {round_frames(frames)} (the model needs 4k+1 frames, at most {MAX_FRAMES})")
+        frames = round_frames(frames)
+    sampler = preset.effective_sampler
+    if request.steps is not None:
+        if request.steps < 1:
+            raise UsageError(f"--steps must be at least 1, got {request.steps}")
+        if sampler.kind == "distill" and request.steps != sampler.num_steps:
+            notices.append(f"warning: this backbone is distilled for {sampler.num_steps} steps; {request.steps} steps "
+                           "leave its trained schedule and usually look worse")
+            sampler = replace(sampler, timesteps=tuple(1000 * (1 - i / request.steps) for i in range(request.steps)))
+        else:
+            sampler = replace(sampler, steps=request.steps)
+    prompt = request.prompt or preset.prompt
+    trigger = preset.effect.trigger if preset.effect else ""
+    if trigger and trigger not in prompt:
+        prompt = f"{trigger}, {prompt}"  # effect LoRAs only fire on their trigger words
+    width, height = target_size(*image_size, preset.max_area)
+    seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
+    return Plan(width, height, frames, request.fps or preset.fps, seed, prompt,
+                request.negative_prompt if request.negative_prompt is not None else preset.negative_prompt, sampler, notices)
+
+
+def condition_mask(frames: int, lat_h: int, lat_w: int, last_frame: bool) -> torch.Tensor:
+    """Which pixel frames are given (1) → the 4 mask channels per latent frame: [4, F_lat, lat_h, lat_w].
+
+    Pixel frame 0 is repeated 4x so it fills latent 0's four sub-frames; the rest fold 4 by 4 (reference §D.4).
+    """
+    known = torch.zeros(frames)
+    known[0] = 1
+    if last_frame:
+        known[-1] = 1
+    folded = torch.cat([known[:1].repeat(4), known[1:]]).view(-1, 4).T  # [4, F_lat]
+    return folded[:, :, None, None].expand(4, folded.shape[1], lat_h, lat_w).contiguous()
+
+
+@dataclass
+class Generator:
+    """One backbone's components on one device, loaded on first use."""
+
+    backbone: Backbone
+    paths: dict[str, Path]  # component → local path (from weights.hub.resolve_all)
+    device: torch.device
+    dtype: torch.dtype
+    timings: Timings | None = None
+    effect_paths: dict[str, Path] = field(default_factory=dict)  # effect LoRA card name → local path
+    _dit: object = None
+    _vae: object = None
+    _clip: object = None
+
+    @classmethod
+    def create(cls, backbone: Backbone, paths: dict[str, Path], device: str = "auto", dtype: str = "auto") -> Generator:
+        dev = choose_device(device)
+        return cls(backbone, paths, dev, choose_dtype(dtype, dev))
+
+    def _stage(self, name: str):
+        import contextlib
+
+        return self.timings.stage(name) if self.timings is not None else contextlib.nullcontext()
+
+    # --- components -----------------------------------------------------------------------------------------------
+    def text_context(self, prompt: str) -> torch.Tensor:
+        """[L, 4096] states for ``prompt``: from the cache, or by loading the text encoder once (then freed)."""
+        identity = prompt_cache.encoder_identity(self.paths["text_encoder"])
+        cached = prompt_cache.lookup(identity, prompt)
+        if cached is not None:
+            with self._stage("text encode (cache hit)"):
+                return cached.to(self.device)
+        from .models.text_encoder import load_text_encoder
+
+        with self._stage("load text_encoder"):
+            enc = load_text_encoder(self.paths["text_encoder"], tokenizer=self.paths["tokenizer"], device=self.device,
+                                    dtype=self.dtype)
+        with self._stage("text encode"), torch.no_grad():
+            context = enc.encode([prompt])[0]
+        del enc
+        gc.collect()
+        prompt_cache.store(identity, prompt, context)
+        return context
+
+    @property
+    def clip(self):
+        if self._clip is None:
+            from .models.image_encoder import load_image_encoder
+
+            with self._stage("load image_encoder"):
+                self._clip = load_image_encoder(self.paths["image_encoder"], device=self.device,
+                                                dtype=activation_dtype(self.device, self.dtype))
+        return self._clip
+
+    @property
+    def vae(self):
+        if self._vae is None:
+            from .models.vae_loader import load_vae
+
+            with self._stage("load vae"):
+                self._vae = load_vae(self.paths["vae"], device=self.device)  # fp32, as the reference
+        return self._vae
+
+    @property
+    def dit(self):
+        if self._dit is None:
+            from .models import load_dit
+
+            with self._stage("load dit"):
+                self._dit = load_dit(self.paths["dit"], device=self.device, dtype=self.dtype)
+                if self.backbone.merge:
+                    from .lora import merge_into
+
+                    for card in self.backbone.merge:
+                        merge_into(self._dit, self.paths[f"lora:{card.name}"], strength=card.strength)
+        return self._dit
+
+    # --- one request ----------------------------------------------------------------------------------------------
+    def generate(self, request: Request, the_plan: Plan, image) -> torch.Tensor:
+        """Run one planned request → video [3, T, H, W] in [-1, 1] (float32, CPU)."""
+        preset, p = request.preset, the_plan
+        if request.last_frame is not None and not self.backbone.supports_last_frame:
+            raise UsageError(f"backbone {self.backbone.name} does not support --last-frame "
+                             "(use a backbone with supports_last_frame, e.g. wan2.1-fun-1.3b-inp)")
+        _, f_lat, lat_h, lat_w = p.latent_shape
+        with self._stage("prepare image"):
+            first = to_tensor(fit_image(image, (p.width, p.height), request.fit))  # [3, H, W]
+            last = None
+            if request.last_frame is not None:
+                last = to_tensor(fit_image(read_image(request.last_frame), (p.width, p.height), request.fit))
+        text = self.text_context(p.prompt)
+        negative = self.text_context(p.negative_prompt) if p.sampler.kind != "distill" and p.sampler.guidance != 1.0 else None
+
+        dit = self.dit
+        with self._stage("image encode"):
+            clip_fea = self.clip.encode(first[None].to(self.device))  # [1, 257, 1280]
+            if dit.config.model_type == "flf2v":
+                clip_fea = torch.cat([clip_fea, self.clip.encode((last if last is not None else first)[None].to(self.device))], 1)
+        with self._stage("vae encode"):
+            video = torch.zeros(3, p.frames, p.height, p.width)
+            video[:, 0] = first
+            if last is not None:
+                video[:, -1] = last
+            cond_latent = self.vae.encode(video[None].to(self.device))  # [1, 16, F_lat, lat_h, lat_w]
+            mask = condition_mask(p.frames, lat_h, lat_w, last is not None)[None].to(self.device)
+            y = torch.cat([mask, cond_latent.float()], dim=1)  # [1, 20, F_lat, lat_h, lat_w]
+            del video
+
+        with torch.no_grad():
+            ctx = dit.prepare_context(text[None].to(self.device), clip_fea)
+            ctx_neg = dit.prepare_context(negative[None].to(self.device), clip_fea) if negative is not None else None
+
+            def denoise(x: torch.Tensor, t: torch.Tensor, cond: bool) -> torch.Tensor:
+                return dit(x, t, ctx if cond else ctx_neg, y=y)
+
+            generator = torch.Generator().manual_seed(p.seed)
+            hint = "; try a higher-precision quantization recipe or --dtype fp32"
+            latents = sample(denoise, p.sampler, (1, *p.latent_shape), generator, self.device,
+                             step_hook=lambda i, n: self._stage(f"denoise step {i + 1}/{n}"), nonfinite_hint=hint)
+        with self._stage("vae decode"):
+            out = self.vae.decode(latents)[0].float().cpu()  # [3, T, H, W]
+        return out
+
+
+def metadata(request: Request, the_plan: Plan, gen: Generator) -> dict:
+    """What goes into the MP4 (and `cine info` shows)."""
+    preset = request.preset
+    return {
+        "cine": __version__, "effect": preset.name, "seed": the_plan.seed, "prompt": the_plan.prompt,
+        "negative_prompt": the_plan.negative_prompt, "backbone": gen.backbone.name, "dit": str(gen.backbone.dit),
+        "loras": [c.name for c in gen.backbone.merge] + ([preset.effect.name] if preset.effect else []),
+        "steps": the_plan.sampler.num_steps, "sampler": the_plan.sampler.kind, "frames": the_plan.frames,
+        "fps": the_plan.fps, "width": the_plan.width, "height": the_plan.height,
+        "dtype": str(gen.dtype).removeprefix("torch."), "quantization": gen.backbone.quantize or "none",
+    }

@@ -1,0 +1,173 @@
+"""One ``cine EFFECT PHOTO`` run: preset → weights → generator → MP4 → report, with every stage timed."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UsageError
+from .image import FITS, read_image
+from .pipeline import Generator, Plan, Request, metadata, plan
+from .preset import Catalog, Preset
+from .timing import Timings
+from .video import STDOUT, check_writable, frames_to_uint8, write_mp4
+
+
+@dataclass
+class RunOptions:
+    image: str
+    output: str | None = None
+    effect: str | None = None
+    preset_file: Path | None = None
+    backbone: str | None = None
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    seed: int | None = None
+    frames: int | None = None
+    fps: int | None = None
+    steps: int | None = None
+    fit: str = "crop"
+    last_frame: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    crf: int = 18
+    overwrite: bool = False
+    report_file: Path | None = None
+    as_json: bool = False
+    quiet: bool = False
+    dry_run: bool = False
+    metadata: bool = True
+
+
+def pull_hint(preset: Preset) -> str:
+    return f"cine models pull {preset.name}"
+
+
+def weights_needed(preset: Preset) -> dict[str, dict]:
+    """Each component's reference, whether it is present locally, and its size on disk (no network, no loading)."""
+    from .weights.hub import locate
+
+    refs = dict(preset.backbone.components())
+    if preset.effect is not None:
+        refs[f"effect:{preset.effect.name}"] = preset.effect.source
+    out = {}
+    for name, ref in refs.items():
+        found = locate(ref)
+        size = sum(f.stat().st_size for f in found.files if f.is_file()) if found.path else None
+        out[name] = {"ref": str(ref), "present": found.path is not None, "bytes": size,
+                     "path": str(found.path) if found.path else None}
+    return out
+
+
+def memory_estimate(p: Plan, weights: dict[str, dict]) -> dict[str, int]:
+    """A rough peak for planning: DiT + VAE + CLIP weights resident, plus activations of the largest stage.
+
+    The text encoder is loaded only on a prompt-cache miss and freed before the DiT, so it counts alone.
+    """
+    size = lambda k: weights.get(k, {}).get("bytes") or 0  # noqa: E731
+    resident = size("dit") + size("vae") + size("image_encoder") + sum(v["bytes"] or 0 for k, v in weights.items() if k.startswith("effect:"))
+    # Activations: a few [tokens, 4·dim] fp32 buffers in the DiT; the VAE decode of one chunk at full size dominates.
+    pixels = p.width * p.height
+    activations = max(p.tokens * 5120 * 4 * 8, pixels * 96 * 4 * 4 * 6)
+    return {"weights_bytes": resident, "activations_bytes": activations, "peak_bytes": max(resident + activations, size("text_encoder"))}
+
+
+def _human(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)
+
+
+def run_one(opts: RunOptions, console) -> dict | None:
+    from .cli import default_output
+
+    if opts.fit not in FITS:
+        raise UsageError(f"unknown --fit '{opts.fit}' (use {', '.join(FITS)})")
+    timings = Timings()
+    with timings.stage("resolve"):
+        catalog = Catalog(extra_preset=opts.preset_file)
+        preset = catalog.resolve(opts.effect if opts.preset_file is None else None, backbone=opts.backbone)
+        output = default_output(opts.image, preset.name, opts.output)
+        check_writable(output, opts.overwrite)  # before any expensive work
+        image = read_image(opts.image)
+        request = Request(image=opts.image, preset=preset, output=output, seed=opts.seed, frames=opts.frames, fps=opts.fps,
+                          fit=opts.fit, last_frame=opts.last_frame, prompt=opts.prompt, negative_prompt=opts.negative_prompt,
+                          steps=opts.steps)
+        the_plan = plan(request, image.size)
+        if opts.last_frame is not None:
+            if not preset.backbone.supports_last_frame:
+                raise UsageError(f"backbone {preset.backbone.name} does not support --last-frame "
+                                 "(try --backbone wan2.1-fun-1.3b-inp)")
+            read_image(opts.last_frame)  # validate now, not after loading models
+    for notice in the_plan.notices:
+        console.print(f"[yellow]{notice}[/]" if notice.startswith("warning") else notice, markup=True, highlight=False)
+
+    if opts.dry_run:
+        return _dry_run(opts, preset, the_plan, image.size, output)
+
+    from .devices import choose_device, choose_dtype
+    from .report import build_report, summary_table, write_report
+    from .weights.hub import resolve_all
+
+    with timings.stage("resolve weights"):
+        refs = dict(preset.backbone.components())
+        if preset.effect is not None:
+            refs[f"effect:{preset.effect.name}"] = preset.effect.source
+        paths = resolve_all(refs, pull_hint(preset))
+    device = choose_device(opts.device)
+    timings.device = device
+    gen = Generator(preset.backbone, paths, device, choose_dtype(opts.dtype, device), timings=timings)
+    with console.status(f"{preset.name}: {the_plan.frames} frames {the_plan.width}x{the_plan.height} on {device}") if console.is_terminal else contextlib.nullcontext():
+        video = gen.generate(request, the_plan, image)
+    with timings.stage("mp4 encode"):
+        frames = frames_to_uint8(video)
+        written = write_mp4(frames, output, the_plan.fps, metadata(request, the_plan, gen) if opts.metadata else None,
+                            crf=opts.crf, overwrite=opts.overwrite)
+    sizes = {"width": the_plan.width, "height": the_plan.height, "frames": the_plan.frames, "fps": the_plan.fps,
+             "latent": list(the_plan.latent_shape), "tokens": the_plan.tokens, "input": list(image.size)}
+    job = {"effect": preset.name, "input": str(opts.image), "seed": the_plan.seed, "prompt": the_plan.prompt,
+           "backbone": preset.backbone.name, "steps": the_plan.sampler.num_steps, "sampler": the_plan.sampler.kind}
+    report = build_report(timings, job=job, sizes=sizes, device=device, dtype=gen.dtype,
+                          quantization=preset.backbone.quantize or "none", output=written)
+    if opts.report_file:
+        write_report(report, opts.report_file)
+    if console.is_terminal and not opts.quiet:
+        console.print(summary_table(report))
+    if opts.as_json:
+        print(json.dumps(report))
+    elif written != STDOUT:
+        print(written)
+    return report
+
+
+def _dry_run(opts: RunOptions, preset: Preset, p: Plan, image_size, output: str) -> dict:
+    weights = weights_needed(preset)
+    doc = {
+        "dry_run": True, "effect": preset.name, "input": str(opts.image), "input_size": list(image_size), "output": output,
+        "width": p.width, "height": p.height, "frames": p.frames, "fps": p.fps, "seed": p.seed, "prompt": p.prompt,
+        "sampler": {"kind": p.sampler.kind, "steps": p.sampler.num_steps, "shift": p.sampler.shift},
+        "backbone": preset.backbone.name, "weights": weights, "memory_estimate": memory_estimate(p, weights),
+        "missing": [w["ref"] for w in weights.values() if not w["present"]],
+    }
+    if opts.as_json:
+        print(json.dumps(doc, indent=2))
+        return doc
+    lines = [f"[dry-run] {doc['input']} → {output}", f"  effect {preset.name} on {preset.backbone.name}",
+             f"  {p.width}x{p.height} (photo {image_size[0]}x{image_size[1]}, --fit {opts.fit}), {p.frames} frames @ {p.fps} fps, "
+             f"seed {p.seed}, {p.sampler.kind} sampler {p.sampler.num_steps} steps", f"  prompt: {p.prompt}", "  weights:"]
+    for name, w in weights.items():
+        lines.append(f"    {name:24s} {'present' if w['present'] else 'MISSING':8s} {_human(w['bytes']):>9s}  {w['ref']}")
+    mem = doc["memory_estimate"]
+    lines.append(f"  memory estimate: ~{_human(mem['peak_bytes'])} peak ({_human(mem['weights_bytes'])} weights)")
+    if doc["missing"]:
+        lines.append(f"  missing weights download on first run, or now with: {pull_hint(preset)}")
+    sys.stderr.write("\n".join(lines) + "\n")
+    print(output)
+    return doc
