@@ -52,8 +52,8 @@ def read_image(source: str | Path | bytes) -> Image.Image:
         raise
     except UnidentifiedImageError:
         raise InputError(f"{name}: not an image (or a format Pillow cannot read)") from None
-    except Image.DecompressionBombError as exc:
-        raise InputError(f"{name}: {exc}") from None
+    except Image.DecompressionBombError:  # Pillow's own guard fires in open() for gigapixel headers
+        raise InputError(f"{name}: larger than the {MAX_PIXELS // 1_000_000} MP cine accepts (possible decompression bomb)") from None
     except (OSError, SyntaxError, ValueError) as exc:  # truncated / corrupt data
         raise InputError(f"{name}: unreadable image ({exc})") from None
 

@@ -142,29 +142,29 @@ class Generator:
     # --- components -----------------------------------------------------------------------------------------------
     def text_context(self, prompt: str) -> torch.Tensor:
         """[L, 4096] states for ``prompt``: from the cache, or by loading the text encoder once (then freed)."""
-        identity = prompt_cache.encoder_identity(self.paths["text_encoder"])
-        cached = prompt_cache.lookup(identity, prompt)
+        with self._stage("text cache lookup"):
+            identity = prompt_cache.encoder_identity(self.paths["text_encoder"])
+            cached = prompt_cache.lookup(identity, prompt)
         if cached is not None:
-            with self._stage("text encode (cache hit)"):
-                return cached.to(self.device)
-        from .models.text_encoder import load_text_encoder
+            return cached.to(self.device)
+        with self._stage("load text_encoder"):  # imports inside the stage: their cost is part of loading
+            from .models.text_encoder import load_text_encoder
 
-        with self._stage("load text_encoder"):
             enc = load_text_encoder(self.paths["text_encoder"], tokenizer=self.paths["tokenizer"], device=self.device,
                                     dtype=self.dtype)
         with self._stage("text encode"), torch.no_grad():
             context = enc.encode([prompt])[0]
-        del enc
-        gc.collect()
-        prompt_cache.store(identity, prompt, context)
+            del enc
+            gc.collect()  # free the encoder before the DiT loads
+            prompt_cache.store(identity, prompt, context)
         return context
 
     @property
     def clip(self):
         if self._clip is None:
-            from .models.image_encoder import load_image_encoder
-
             with self._stage("load image_encoder"):
+                from .models.image_encoder import load_image_encoder
+
                 self._clip = load_image_encoder(self.paths["image_encoder"], device=self.device,
                                                 dtype=activation_dtype(self.device, self.dtype))
         return self._clip
@@ -172,18 +172,18 @@ class Generator:
     @property
     def vae(self):
         if self._vae is None:
-            from .models.vae_loader import load_vae
-
             with self._stage("load vae"):
+                from .models.vae_loader import load_vae
+
                 self._vae = load_vae(self.paths["vae"], device=self.device)  # fp32, as the reference
         return self._vae
 
     @property
     def dit(self):
         if self._dit is None:
-            from .models import load_dit
-
             with self._stage("load dit"):
+                from .models import load_dit
+
                 self._dit = load_dit(self.paths["dit"], device=self.device, dtype=self.dtype)
                 if self.backbone.merge:
                     from .lora import merge_into
@@ -208,24 +208,25 @@ class Generator:
         text = self.text_context(p.prompt)
         negative = self.text_context(p.negative_prompt) if p.sampler.kind != "distill" and p.sampler.guidance != 1.0 else None
 
-        dit = self.dit
+        dit, clip, vae = self.dit, self.clip, self.vae  # loads (each its own stage) before the stages that use them
         with self._stage("image encode"):
-            clip_fea = self.clip.encode(first[None].to(self.device))  # [1, 257, 1280]
+            clip_fea = clip.encode(first[None].to(self.device))  # [1, 257, 1280]
             if dit.config.model_type == "flf2v":
-                clip_fea = torch.cat([clip_fea, self.clip.encode((last if last is not None else first)[None].to(self.device))], 1)
+                clip_fea = torch.cat([clip_fea, clip.encode((last if last is not None else first)[None].to(self.device))], 1)
         with self._stage("vae encode"):
             video = torch.zeros(3, p.frames, p.height, p.width)
             video[:, 0] = first
             if last is not None:
                 video[:, -1] = last
-            cond_latent = self.vae.encode(video[None].to(self.device))  # [1, 16, F_lat, lat_h, lat_w]
+            cond_latent = vae.encode(video[None].to(self.device))  # [1, 16, F_lat, lat_h, lat_w]
             mask = condition_mask(p.frames, lat_h, lat_w, last is not None)[None].to(self.device)
             y = torch.cat([mask, cond_latent.float()], dim=1)  # [1, 20, F_lat, lat_h, lat_w]
             del video
 
-        with torch.no_grad():
+        with torch.no_grad(), self._stage("prepare context"):  # text/image embeddings once per video
             ctx = dit.prepare_context(text[None].to(self.device), clip_fea)
             ctx_neg = dit.prepare_context(negative[None].to(self.device), clip_fea) if negative is not None else None
+        with torch.no_grad():
 
             def denoise(x: torch.Tensor, t: torch.Tensor, cond: bool) -> torch.Tensor:
                 return dit(x, t, ctx if cond else ctx_neg, y=y)
@@ -235,7 +236,7 @@ class Generator:
             latents = sample(denoise, p.sampler, (1, *p.latent_shape), generator, self.device,
                              step_hook=lambda i, n: self._stage(f"denoise step {i + 1}/{n}"), nonfinite_hint=hint)
         with self._stage("vae decode"):
-            out = self.vae.decode(latents)[0].float().cpu()  # [3, T, H, W]
+            out = vae.decode(latents)[0].float().cpu()  # [3, T, H, W]
         return out
 
 

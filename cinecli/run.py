@@ -112,18 +112,18 @@ def run_one(opts: RunOptions, console) -> dict | None:
     if opts.dry_run:
         return _dry_run(opts, preset, the_plan, image.size, output)
 
-    from .devices import choose_device, choose_dtype
-    from .report import build_report, summary_table, write_report
-    from .weights.hub import resolve_all
-
     with timings.stage("resolve weights"):
+        from .devices import choose_device, choose_dtype
+        from .report import build_report, summary_table, write_report
+        from .weights.hub import resolve_all
+
         refs = dict(preset.backbone.components())
         if preset.effect is not None:
             refs[f"effect:{preset.effect.name}"] = preset.effect.source
         paths = resolve_all(refs, pull_hint(preset))
-    device = choose_device(opts.device)
-    timings.device = device
-    gen = Generator(preset.backbone, paths, device, choose_dtype(opts.dtype, device), timings=timings)
+        device = choose_device(opts.device)
+        timings.device = device
+        gen = Generator(preset.backbone, paths, device, choose_dtype(opts.dtype, device), timings=timings)
     with console.status(f"{preset.name}: {the_plan.frames} frames {the_plan.width}x{the_plan.height} on {device}") if console.is_terminal else contextlib.nullcontext():
         video = gen.generate(request, the_plan, image)
     with timings.stage("mp4 encode"):

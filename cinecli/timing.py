@@ -75,8 +75,14 @@ class Timings:
     stages: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
 
+    _active: str | None = None
+
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
+        """Time a stage. Stages do not nest: nesting would count time twice and break "stages add up to total"."""
+        if self._active is not None:
+            raise RuntimeError(f"stage '{name}' started inside stage '{self._active}'")
+        self._active = name
         synchronize(self.device)
         t0 = time.perf_counter()
         try:
@@ -84,6 +90,7 @@ class Timings:
         finally:
             synchronize(self.device)
             self.stages[name] = self.stages.get(name, 0.0) + time.perf_counter() - t0
+            self._active = None
 
     def total(self) -> float:
         """Wall time since the Timings was created."""

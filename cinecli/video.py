@@ -42,8 +42,12 @@ def check_writable(path: str | Path, overwrite: bool) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"output folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"output folder {parent} is not writable")
+    try:  # a real probe: permission bits say nothing for root, or on read-only filesystems
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"output folder {parent} is not writable ({exc.strerror or exc})") from None
 
 
 def _encode(container, frames: np.ndarray, fps: int, crf: int) -> None:
@@ -77,9 +81,10 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: int, metadata: dict | N
         return STDOUT
     path = Path(path)
     check_writable(path, overwrite)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent if str(path.parent) else ".")
-    os.close(fd)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent if str(path.parent) else ".")
+        os.close(fd)
         container = av.open(tmp, "w", format="mp4", options={"movflags": "+faststart+use_metadata_tags"})
         container.metadata.update(tags)
         _encode(container, frames, fps, crf)
@@ -98,7 +103,7 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: int, metadata: dict | N
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     return str(path)
 

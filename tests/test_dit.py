@@ -83,10 +83,10 @@ def test_prepared_context_is_reused_and_equal():
     x, t, context, clip, y = inputs(cfg)
     with torch.no_grad():
         ctx = model.prepare_context(context, clip)
-        a = model(x, t, ctx, y=y)
         kv_first = ctx.kv[0][0]
+        a = model(x, t, ctx, y=y)
         b = model(x, t, ctx, y=y)
-        assert ctx.kv[0][0] is kv_first  # cross-attention K/V computed once per video
+        assert ctx.kv[0][0] is kv_first and len(ctx.kv) == cfg.num_layers  # cross-attention K/V once per video
         assert torch.equal(a, b) and torch.equal(a, model(x, t, context, clip, y))
 
 

@@ -13,7 +13,7 @@ embeddings, the cross-attention keys and values of every block, RoPE tables — 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -232,13 +232,13 @@ class ImageEmbedding(nn.Module):
 class Context:
     """Per-video conditioning, computed once and reused by every denoising step of that video.
 
-    Holds the embedded text [B, 512, dim] and image [B, 257|514, dim] tokens; the per-block cross-attention
-    keys/values are filled lazily on the first forward. Build a new one if the weights change (LoRA switch).
+    Holds the embedded text [B, 512, dim] and image [B, 257|514, dim] tokens and every block's cross-attention
+    keys/values. Build a new one when the weights change (a LoRA switch).
     """
 
     text: torch.Tensor
     image: torch.Tensor | None
-    kv: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
+    kv: list[tuple[torch.Tensor, ...]]
 
 
 class WanDiT(nn.Module):
@@ -281,7 +281,8 @@ class WanDiT(nn.Module):
             if clip_fea is None:
                 raise ValueError(f"a {cfg.model_type} model needs CLIP image features (clip_fea)")
             image = self.img_emb(clip_fea, dtype)
-        return Context(text=text.to(dtype), image=image)
+        text = text.to(dtype)
+        return Context(text=text, image=image, kv=[blk.cross_attn.key_values(text, image) for blk in self.blocks])
 
     def rope(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (grid, device)
@@ -326,8 +327,6 @@ class WanDiT(nn.Module):
         e0 = self.time_projection(e).float().unflatten(1, (6, cfg.dim))
 
         rope = self.rope(grid, x.device)
-        if not ctx.kv:
-            ctx.kv = [blk.cross_attn.key_values(ctx.text, ctx.image) for blk in self.blocks]
         for blk, kv in zip(self.blocks, ctx.kv):
             tokens = blk(tokens, e0, kv, rope, dtype)
 
