@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cinecli.devices import choose_device, choose_dtype, matmul_dtype  # noqa: E402
+from cinecli.devices import activation_dtype, choose_device, choose_dtype  # noqa: E402
 from cinecli.models.wan_dit import DIT_CONFIGS, DiTConfig  # noqa: E402
 from cinecli.timing import RssSampler, Timings, current_rss  # noqa: E402
 
@@ -107,7 +107,7 @@ def run_one(impl: str, folder: Path, args) -> dict:
     torch.save(out.float().cpu(), args.out)
     return {
         "impl": impl, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-        "matmul_dtype": str(matmul_dtype(device, dtype)).removeprefix("torch.") if impl == "cine" else str(dtype).removeprefix("torch."),
+        "activations": str(activation_dtype(device, dtype) if impl == "cine" else dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(), "load_s": timings.stages["load"], "prepare_s": timings.stages.get("prepare", 0.0),
         "step_s": sorted(steps)[len(steps) // 2], "steps_s": steps, "rss_loaded": rss_loaded, "peak_rss_steps": rss.peak,
     }
@@ -150,7 +150,7 @@ def main() -> None:
         print(f"  {impl:9s} step {r['step_s'] * 1e3:9.1f} ms (median of {args.steps}: "
               f"{', '.join(f'{s * 1e3:.0f}' for s in r['steps_s'])})  prepare {r['prepare_s'] * 1e3:7.1f} ms  "
               f"peak RSS {r['peak_rss_steps'] / 2**30:6.2f} GiB (after load {r['rss_loaded'] / 2**30:.2f})  "
-              f"matmul {r['matmul_dtype']}", flush=True)
+              f"activations {r['activations']}", flush=True)
     c, d = results["cine"], results["diffusers"]
     diff = (outputs["cine"] - outputs["diffusers"]).abs().max() / outputs["diffusers"].abs().max()
     print(f"ratio cine/diffusers: step time {c['step_s'] / d['step_s']:.3f}x   peak RSS {c['peak_rss_steps'] / d['peak_rss_steps']:.3f}x   "

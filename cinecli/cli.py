@@ -20,7 +20,10 @@ import typer
 from typer.core import TyperGroup
 
 from . import __version__
-from .errors import EXIT_DEVICE, EXIT_FAILURE, EXIT_INTERRUPTED, CineError, UsageError
+from .cli_common import fail, handle_errors, set_offline, stderr_console
+from .cli_quant import quantize
+from .cli_weights import lora_app, models_app
+from .errors import UsageError
 
 
 class EffectGroup(TyperGroup):
@@ -40,53 +43,6 @@ app = typer.Typer(
     help="Turn a photo into a short cinematic clip. Effects: bullet-time (bulletti), dolly-zoom (hitchcock), "
          "slow-motion (slowmo); `cine effects` lists them all.",
 )
-
-
-def stderr_console(quiet: bool = False):
-    from rich.console import Console
-
-    return Console(stderr=True, quiet=quiet, no_color=bool(os.environ.get("NO_COLOR")) or None)
-
-
-def fail(message: str, code: int) -> None:
-    sys.stderr.write(f"cine: error: {message}\n")
-    raise typer.Exit(code)
-
-
-def handle_errors(fn):
-    """One-line errors with documented exit codes instead of tracebacks (``--debug`` or CINE_DEBUG=1 shows them)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        debug = kwargs.get("debug") or os.environ.get("CINE_DEBUG") == "1"
-        try:
-            return fn(*args, **kwargs)
-        except (typer.Exit, typer.Abort, click.exceptions.ClickException):
-            raise
-        except CineError as exc:
-            if debug:
-                raise
-            fail(str(exc).splitlines()[0], exc.exit_code)
-        except KeyboardInterrupt:
-            sys.stderr.write("cine: interrupted\n")
-            raise typer.Exit(EXIT_INTERRUPTED)
-        except MemoryError:
-            fail("out of memory; try fewer --frames, a smaller effect size or a quantized backbone", EXIT_DEVICE)
-        except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
-            if debug:
-                raise
-            if type(exc).__name__ == "OutOfMemoryError":
-                fail(f"the device ran out of memory ({str(exc).splitlines()[0][:120]}); try fewer --frames or a "
-                     "quantized backbone", EXIT_DEVICE)
-            fail(f"unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-                 "(rerun with --debug for the traceback)", EXIT_FAILURE)
-
-    return wrapper
-
-
-def set_offline(offline: bool) -> None:
-    if offline:
-        os.environ["HF_HUB_OFFLINE"] = "1"  # must be set before huggingface_hub is imported
 
 
 def default_output(image: str, effect: str, output: Optional[str]) -> str:
@@ -128,6 +84,8 @@ def run(
     dry_run: bool = typer.Option(False, "--dry-run", help="Show the resolved job and the weights it needs; load nothing."),
     offline: bool = typer.Option(False, "--offline", help="Never touch the network (as HF_HUB_OFFLINE=1)."),
     no_metadata: bool = typer.Option(False, "--no-metadata", help="Do not embed the settings in the MP4."),
+    quantize_recipe: Optional[str] = typer.Option(None, "--quantize", help="Quantize the DiT at load: hybrid, compact, fp8, int8 or none."),
+    strength: Optional[float] = typer.Option(None, "--strength", help="Effect LoRA strength (default: the LoRA card's)."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Make a clip from PHOTO with an effect: cine bullet-time photo.jpg -o out.mp4"""
@@ -142,7 +100,7 @@ def run(
         image=image, output=output, effect=effect, preset_file=preset_file, backbone=backbone, prompt=prompt,
         negative_prompt=negative_prompt, seed=seed, frames=frames, fps=fps, steps=steps, fit=fit, last_frame=last_frame,
         device=device, dtype=dtype, crf=crf, overwrite=overwrite, report_file=report_file, as_json=as_json,
-        quiet=quiet, dry_run=dry_run, metadata=not no_metadata,
+        quiet=quiet, dry_run=dry_run, metadata=not no_metadata, quantize=quantize_recipe, strength=strength,
     )
     run_one(opts, stderr_console(quiet))
 
@@ -212,6 +170,11 @@ def doctor(
 
     code = run_doctor(as_json=as_json, run_selftest=selftest, device=device, console=stderr_console())
     raise typer.Exit(code)
+
+
+app.add_typer(models_app, name="models")
+app.add_typer(lora_app, name="lora")
+app.command("quantize")(quantize)
 
 
 @app.command("version")

@@ -124,7 +124,8 @@ class Generator:
     device: torch.device
     dtype: torch.dtype
     timings: Timings | None = None
-    effect_paths: dict[str, Path] = field(default_factory=dict)  # effect LoRA card name → local path
+    quantize: str | None = None  # recipe to apply at load (overrides the backbone's)
+    _effects: object = None  # models.adapters.Effects on the DiT: effect LoRAs attached unmerged, switched per job
     _dit: object = None
     _vae: object = None
     _clip: object = None
@@ -185,12 +186,45 @@ class Generator:
                 from .models import load_dit
 
                 self._dit = load_dit(self.paths["dit"], device=self.device, dtype=self.dtype)
-                if self.backbone.merge:
-                    from .lora import merge_into
+                from .models.adapters import Effects, merge_into
 
-                    for card in self.backbone.merge:
-                        merge_into(self._dit, self.paths[f"lora:{card.name}"], strength=card.strength)
+                for card in self.backbone.merge:  # backbone LoRAs (the 4-step distillation): merged once
+                    merge_into(self._dit, self.paths[f"lora:{card.name}"], strength=card.strength, what=f"LoRA {card.name}")
+                recipe = self.quantize or self.backbone.quantize
+                if recipe and recipe != "none" and not self._dit.quant_layers:  # applied at load to a 16-bit checkpoint
+                    from .models.recipes import get_recipe, quantize_dit
+
+                    quantize_dit(self._dit, get_recipe(recipe))
+                self._effects = Effects(self._dit)
         return self._dit
+
+    def use_effect(self, preset: Preset, strength: float | None = None) -> None:
+        """Switch the DiT to the preset's effect LoRA (attached on first use; no backbone reload), or none."""
+        self.dit  # noqa: B018 - loads the DiT (its own stage) if needed
+        card = preset.effect
+        if card is None:
+            self._effects.use(None)
+            return
+        strength = strength if strength is not None else preset.effect_strength if preset.effect_strength is not None else card.strength
+        key = f"{card.name}@{strength:g}"
+        if key not in self._effects.loaded:
+            with self._stage(f"load effect {card.name}"):
+                self._effects.load(key, self.paths[f"effect:{card.name}"], strength=strength)
+        self._effects.use(key)
+
+    @property
+    def quant_recipe(self) -> str:
+        return getattr(self._dit, "quant_recipe", None) or self.quantize or self.backbone.quantize or "none"
+
+    def nonfinite_hint(self) -> str:
+        from .models.recipes import RECIPES
+
+        recipe = self.quant_recipe
+        if recipe in RECIPES and RECIPES[recipe].next_safer:
+            return f" with quantization recipe '{recipe}'; try --quantize {RECIPES[recipe].next_safer}"
+        if recipe != "none":
+            return f" with quantization '{recipe}'; try the 16-bit checkpoint"
+        return "; try --dtype fp32"
 
     # --- one request ----------------------------------------------------------------------------------------------
     def generate(self, request: Request, the_plan: Plan, image) -> torch.Tensor:
@@ -209,6 +243,7 @@ class Generator:
         negative = self.text_context(p.negative_prompt) if p.sampler.kind != "distill" and p.sampler.guidance != 1.0 else None
 
         dit, clip, vae = self.dit, self.clip, self.vae  # loads (each its own stage) before the stages that use them
+        self.use_effect(preset, request.effect_strength)
         with self._stage("image encode"):
             clip_fea = clip.encode(first[None].to(self.device))  # [1, 257, 1280]
             if dit.config.model_type == "flf2v":
@@ -232,7 +267,7 @@ class Generator:
                 return dit(x, t, ctx if cond else ctx_neg, y=y)
 
             generator = torch.Generator().manual_seed(p.seed)
-            hint = "; try a higher-precision quantization recipe or --dtype fp32"
+            hint = self.nonfinite_hint()
             latents = sample(denoise, p.sampler, (1, *p.latent_shape), generator, self.device,
                              step_hook=lambda i, n: self._stage(f"denoise step {i + 1}/{n}"), nonfinite_hint=hint)
         with self._stage("vae decode"):
@@ -249,5 +284,5 @@ def metadata(request: Request, the_plan: Plan, gen: Generator) -> dict:
         "loras": [c.name for c in gen.backbone.merge] + ([preset.effect.name] if preset.effect else []),
         "steps": the_plan.sampler.num_steps, "sampler": the_plan.sampler.kind, "frames": the_plan.frames,
         "fps": the_plan.fps, "width": the_plan.width, "height": the_plan.height,
-        "dtype": str(gen.dtype).removeprefix("torch."), "quantization": gen.backbone.quantize or "none",
+        "dtype": str(gen.dtype).removeprefix("torch."), "quantization": gen.quant_recipe,
     }

@@ -40,6 +40,8 @@ class RunOptions:
     quiet: bool = False
     dry_run: bool = False
     metadata: bool = True
+    quantize: str | None = None
+    strength: float | None = None
 
 
 def pull_hint(preset: Preset) -> str:
@@ -99,7 +101,7 @@ def run_one(opts: RunOptions, console) -> dict | None:
         image = read_image(opts.image)
         request = Request(image=opts.image, preset=preset, output=output, seed=opts.seed, frames=opts.frames, fps=opts.fps,
                           fit=opts.fit, last_frame=opts.last_frame, prompt=opts.prompt, negative_prompt=opts.negative_prompt,
-                          steps=opts.steps)
+                          steps=opts.steps, effect_strength=opts.strength)
         the_plan = plan(request, image.size)
         if opts.last_frame is not None:
             if not preset.backbone.supports_last_frame:
@@ -123,7 +125,7 @@ def run_one(opts: RunOptions, console) -> dict | None:
         paths = resolve_all(refs, pull_hint(preset))
         device = choose_device(opts.device)
         timings.device = device
-        gen = Generator(preset.backbone, paths, device, choose_dtype(opts.dtype, device), timings=timings)
+        gen = Generator(preset.backbone, paths, device, choose_dtype(opts.dtype, device), timings=timings, quantize=opts.quantize)
     with console.status(f"{preset.name}: {the_plan.frames} frames {the_plan.width}x{the_plan.height} on {device}") if console.is_terminal else contextlib.nullcontext():
         video = gen.generate(request, the_plan, image)
     with timings.stage("mp4 encode"):
@@ -135,7 +137,7 @@ def run_one(opts: RunOptions, console) -> dict | None:
     job = {"effect": preset.name, "input": str(opts.image), "seed": the_plan.seed, "prompt": the_plan.prompt,
            "backbone": preset.backbone.name, "steps": the_plan.sampler.num_steps, "sampler": the_plan.sampler.kind}
     report = build_report(timings, job=job, sizes=sizes, device=device, dtype=gen.dtype,
-                          quantization=preset.backbone.quantize or "none", output=written)
+                          quantization=gen.quant_recipe, output=written)
     if opts.report_file:
         write_report(report, opts.report_file)
     if console.is_terminal and not opts.quiet:

@@ -113,7 +113,7 @@ def test_fp32_policy_keeps_norms_and_modulation():
     model = load_dit(random_state_dict(cfg), dtype="bf16")
     assert model.blocks[0].modulation.dtype == torch.float32
     assert model.blocks[0].norm3.weight.dtype == torch.float32
-    assert model.time_embedding[0].weight.dtype == torch.float32
+    assert model.time_embedding[0].weight.dtype == torch.bfloat16  # stored 16-bit, computed in fp32
     assert model.blocks[0].ffn[0].weight.dtype == torch.bfloat16
     assert cast_dit(model, torch.float32).blocks[0].ffn[0].weight.dtype == torch.float32
 
@@ -161,3 +161,16 @@ def test_malicious_pth_is_refused(tmp_path):
     # and an unpickler without the weights-only guard would indeed have run it (the test can fail):
     subprocess.run([sys.executable, "-c", f"import torch; torch.load({str(tmp_path / 'evil.pth')!r}, weights_only=False)"], check=True)
     assert marker.exists()
+
+
+def test_ffn_token_chunks_give_the_same_output(monkeypatch):
+    import cinecli.models.wan_dit as wan_dit
+
+    cfg = tiny_config("i2v")
+    model = load_dit(random_state_dict(cfg), dtype="fp32")
+    args = inputs(cfg)
+    with torch.no_grad():
+        whole = model(*args)
+        monkeypatch.setattr(wan_dit, "FFN_CHUNK_ELEMENTS", 7 * cfg.ffn_dim)  # 7-token chunks over a 45-token video
+        chunked = model(*args)
+    assert rel_err(chunked, whole) <= 1e-6

@@ -40,14 +40,15 @@ def backend_for(q: torch.Tensor) -> str:
     return "sdpa"
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Softmax attention, scale 1/sqrt(head_dim), no mask.
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention, scale 1/sqrt(head_dim), with an optional additive logit bias over keys.
 
-    q: [B, Lq, H, D]; k, v: [B, Lk, H, D] → [B, Lq, H, D]
+    q: [B, Lq, H, D]; k, v: [B, Lk, H, D]; bias: broadcastable to [B, H, Lq, Lk] → [B, Lq, H, D]
     """
-    if backend_for(q) == "flash":
+    if bias is None and backend_for(q) == "flash":
         from flash_attn import flash_attn_func  # imported lazily: optional, CUDA only
 
         return flash_attn_func(q, k, v)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B, H, Lq, D]
-    return out.transpose(1, 2)
+    mask = bias.to(q.dtype) if bias is not None else None
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return out.transpose(1, 2)  # [B, Lq, H, D]

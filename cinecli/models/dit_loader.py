@@ -10,8 +10,11 @@ import torch
 from ..devices import activation_dtype, choose_device, choose_dtype
 from ..errors import WeightsError
 from ..weights import Source, iter_tensors, read_config, read_shapes
+from ..weights.files import read_dtypes
 from ..weights.keys import normalize_dit_keys
 from .load import assign_tensors, build_empty
+from .quant import swap_in
+from .recipes import read_metadata
 from .wan_dit import DIT_CONFIGS, DiTConfig, WanDiT, keeps_fp32
 
 # Which files of a folder hold the DiT: diffusers/official shards first, then any single file.
@@ -76,18 +79,70 @@ def load_dit(
     except KeyError:
         raise WeightsError(f"{_describe(source)} holds no Wan2.1 DiT (no patch_embedding.weight key)") from None
     canonical_shapes = {names[k]: shapes[k] for k in names}
+    quant_meta = read_metadata(source)
     if isinstance(config, str):
         config = DIT_CONFIGS[config]
+    if config is None and quant_meta is not None:
+        config = DiTConfig(**{**quant_meta["config"], "patch_size": tuple(quant_meta["config"]["patch_size"])})
     cfg = config or infer_config(canonical_shapes, read_config(source))
     model = build_empty(lambda: WanDiT(cfg))
+    # Pre-quantized layers: ours (metadata), or float8/int8 weights from ComfyUI / lightx2v files.
+    layers = quant_meta["layers"] if quant_meta else wild_quant_layers(model, {names[k]: v for k, v in read_dtypes(source, DIT_PATTERNS).items() if k in names})
+    swap_in(model, layers, meta=True)
 
     def dtype_for(name: str, tensor: torch.Tensor) -> torch.dtype:
+        module, _, leaf = name.rpartition(".")
+        if module in layers and leaf in ("weight", "weight_scale"):
+            return tensor.dtype  # quantized data and its scales stay as stored
         return torch.float32 if keeps_fp32(name) else dtype
 
     tensors = ((names[k], v) for k, v in iter_tensors(source, DIT_PATTERNS) if k in names)
+    if layers and not quant_meta:
+        tensors = wild_quant_tensors(tensors, layers, canonical_shapes)
     model = assign_tensors(model, tensors, device=device, dtype_for=dtype_for, what=_describe(source))
     model.compute_dtype = activation_dtype(device, dtype)
+    model.quant_recipe = quant_meta["recipe"] if quant_meta else ("prequantized" if layers else "none")
+    model.quant_layers = dict(layers)
     return model
+
+
+def wild_quant_layers(model: WanDiT, dtypes: dict[str, torch.dtype]) -> dict[str, str]:
+    """Linear layers stored as float8 (ComfyUI fp8 / fp8_scaled, lightx2v fp8) or int8 (lightx2v int8)."""
+    layers = {}
+    for name, module in model.named_modules():
+        dt = dtypes.get(f"{name}.weight")
+        if isinstance(module, torch.nn.Linear) and dt in (torch.float8_e4m3fn, torch.int8):
+            layers[name] = "fp8" if dt == torch.float8_e4m3fn else "int8"
+    if any(dt == torch.float8_e5m2 for dt in dtypes.values()):
+        raise WeightsError("float8_e5m2 weights are not supported (only e4m3fn, as ComfyUI and lightx2v publish)")
+    return layers
+
+
+def wild_quant_tensors(tensors, layers: dict[str, str], shapes: dict[str, tuple[int, ...]]):
+    """Bring scales of other tools to ours: per-output-channel float32 ``weight_scale`` [out, 1].
+
+    lightx2v: ``weight_scale`` [out, 1] already. ComfyUI fp8_scaled: a scalar ``scale_weight`` (broadcast to every
+    channel); its ``scaled_fp8`` marker, ``scale_input`` and ``comfy_quant`` entries carry nothing we need.
+    Plain ComfyUI fp8 has no scale at all: 1.
+    """
+    seen = set()
+    for name, tensor in tensors:
+        module, _, leaf = name.rpartition(".")
+        if name == "scaled_fp8" or leaf in ("scale_input", "input_scale", "comfy_quant"):
+            continue
+        if leaf in ("scale_weight", "weight_scale") and module in layers:
+            if tensor.numel() == 0:
+                raise WeightsError(f"{module}.{leaf} is empty: a broken fp8 export (its weights would be unscaled)")
+            out = shapes[f"{module}.weight"][0]
+            tensor = tensor.float().reshape(-1, 1).expand(out, 1).contiguous() if tensor.numel() in (1, out) else tensor.float()
+            name = f"{module}.weight_scale"
+            seen.add(module)
+        yield name, tensor
+    for module, fmt in layers.items():
+        if module not in seen:
+            if fmt == "int8":
+                raise WeightsError(f"{module} is int8 but has no weight_scale: cannot dequantize it")
+            yield f"{module}.weight_scale", torch.ones(shapes[f"{module}.weight"][0], 1)
 
 
 def cast_dit(model: WanDiT, dtype: torch.dtype) -> WanDiT:

@@ -58,9 +58,13 @@ DIT_CONFIGS: dict[str, DiTConfig] = {
     "tiny-i2v": DiTConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=32, image_dim=32, freq_dim=64),
 }
 
-# Parameters kept in float32 whatever the compute dtype (reference §A.6): everything that feeds or forms the
-# fp32 residual stream. Substring match on the canonical key.
-FP32_PARAMS = ("norm", "modulation", "time_embedding", "time_projection", "head.head", "img_emb.proj.0", "img_emb.proj.4")
+FFN_CHUNK_ELEMENTS = 1 << 22  # 4M elements of FFN hidden activations per chunk: 16 MB in fp32
+
+# Parameters kept in float32 whatever the weight dtype (reference §A.6): norms and modulation tables, which
+# form the fp32 residual stream directly. The time embedding, time projection and head *compute* in fp32 as
+# the reference does (their inputs are fp32 and layers.Linear multiplies in the input's dtype) but keep the
+# checkpoint's 16-bit weights: upcasting a bf16 checkpoint's weights to fp32 storage adds no precision.
+FP32_PARAMS = ("norm", "modulation", "img_emb.proj.0", "img_emb.proj.4")
 
 
 def keeps_fp32(name: str) -> bool:
@@ -155,19 +159,23 @@ class CrossAttention(nn.Module):
             self.k_img, self.v_img = Linear(dim, dim), Linear(dim, dim)
             self.norm_k_img = RMSNorm(dim, eps)
 
-    def key_values(self, text: torch.Tensor, image: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-        """text: [B, 512, dim], image: [B, 257|514, dim] → per-video keys/values, each [B, Lk, H, D]."""
-        dtype = text.dtype
-        split = lambda t: t.to(dtype).unflatten(-1, (self.num_heads, -1))  # noqa: E731
+    def key_values(self, text: torch.Tensor, image: torch.Tensor | None, store: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """text: [B, 512, dim], image: [B, 257|514, dim] → per-video keys/values, each [B, Lk, H, D] in ``store``.
+
+        Kept for the whole video, so stored in the weights' 16-bit dtype even when activations run in fp32
+        (30 blocks × 769 rows × 2 × 1536 fp32 would be 283 MB for the 1.3B model).
+        """
+        split = lambda t: t.to(store).unflatten(-1, (self.num_heads, -1))  # noqa: E731
         kv = (split(self.norm_k(self.k(text))), split(self.v(text)))
         if image is not None:
             kv += (split(self.norm_k_img(self.k_img(image))), split(self.v_img(image)))
         return kv
 
-    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """x: [B, L, dim] compute dtype → [B, L, dim]."""
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, ...], text_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, L, dim] compute dtype → [B, L, dim]; text_bias: pad-row logit bias (see ``Context``)."""
         q = self.norm_q(self.q(x)).to(x.dtype).unflatten(-1, (self.num_heads, -1))  # [B, L, H, D]
-        out = attention(q, kv[0], kv[1])
+        kv = [t.to(x.dtype) for t in kv]  # one block's keys/values at a time in the activation dtype
+        out = attention(q, kv[0], kv[1], bias=text_bias)
         if len(kv) == 4:
             out = out + attention(q, kv[2], kv[3])
         return self.o(out.flatten(2))
@@ -185,14 +193,20 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), Linear(cfg.ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, x: torch.Tensor, e0: torch.Tensor, kv: tuple[torch.Tensor, ...], rope: tuple, dtype: torch.dtype) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, e0: torch.Tensor, kv: tuple[torch.Tensor, ...], rope: tuple, dtype: torch.dtype,
+                text_bias: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, L, dim] float32 residual stream; e0: [B, 6, dim] float32 → [B, L, dim] float32."""
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).unsqueeze(2).unbind(1)  # [B,1,dim]
         y = self.self_attn((self.norm1(x) * (1 + scale1) + shift1).to(dtype), *rope)
         x = x + y * gate1
-        x = x + self.cross_attn(self.norm3(x).to(dtype), kv)
-        y = self.ffn((self.norm2(x) * (1 + scale2) + shift2).to(dtype))
-        return x + y * gate2
+        x = x + self.cross_attn(self.norm3(x).to(dtype), kv, text_bias)
+        h = (self.norm2(x) * (1 + scale2) + shift2).to(dtype)
+        # The FFN's hidden layer is the largest activation ([L, ffn_dim]); run it over token chunks and add each
+        # chunk into the residual stream in place, so its peak stays ~FFN_CHUNK_ELEMENTS whatever the video size.
+        step = max(1, FFN_CHUNK_ELEMENTS // self.ffn[0].out_features)
+        for s in range(0, h.shape[1], step):
+            x[:, s:s + step] += self.ffn(h[:, s:s + step]) * gate2
+        return x
 
 
 class Head(nn.Module):
@@ -206,7 +220,7 @@ class Head(nn.Module):
         """x: [B, L, dim] float32, e: [B, dim] float32 (time embedding, not the 6·dim projection) → [B, L, 64]."""
         shift, scale = (self.modulation.float() + e.unsqueeze(1)).unsqueeze(2).unbind(1)  # [B, 1, dim]
         h = self.norm(x) * (1 + scale) + shift
-        return self.head(h)  # head.head is kept in float32
+        return self.head(h)  # h is fp32, so head.head computes in fp32
 
 
 class ImageEmbedding(nn.Module):
@@ -232,13 +246,19 @@ class ImageEmbedding(nn.Module):
 class Context:
     """Per-video conditioning, computed once and reused by every denoising step of that video.
 
-    Holds the embedded text [B, 512, dim] and image [B, 257|514, dim] tokens and every block's cross-attention
-    keys/values. Build a new one when the weights change (a LoRA switch).
+    Holds the embedded text and image [B, 257|514, dim] tokens and every block's cross-attention keys/values.
+    Build a new one when the weights change (a LoRA switch).
+
+    The reference pads the text to 512 rows and attends to every pad. All pad rows are MLP(0), so they give
+    identical keys and values; attending to p identical keys equals attending to one of them with its logit
+    raised by log(p). So the text keeps its L given rows plus one pad row carrying that bias: the same
+    attention as the reference (to rounding), with ~20x fewer text keys/values to store and attend to.
     """
 
     text: torch.Tensor
     image: torch.Tensor | None
     kv: list[tuple[torch.Tensor, ...]]
+    text_bias: torch.Tensor | None = None  # [1, 1, 1, Lk] additive logit bias: log(count) on the pad row
 
 
 class WanDiT(nn.Module):
@@ -272,17 +292,25 @@ class WanDiT(nn.Module):
         b, n, _ = context.shape
         if n > cfg.text_len:
             raise ValueError(f"text context has {n} rows, at most {cfg.text_len} allowed")
-        # Zero-pad to 512 rows *before* the MLP, as the reference does: pad rows become MLP(0), not zeros.
-        padded = context.new_zeros(b, cfg.text_len, cfg.text_dim, dtype=dtype)
+        # The reference zero-pads to 512 rows *before* the MLP (pad rows become MLP(0), not zeros). We embed one
+        # zero row for all 512 - n pads and weight it by their count (see Context).
+        pads = cfg.text_len - n
+        padded = context.new_zeros(b, n + (pads > 0), cfg.text_dim, dtype=dtype)
         padded[:, :n] = context.to(dtype)
-        text = self.text_embedding(padded)  # [B, 512, dim]
+        text = self.text_embedding(padded)  # [B, n (+1), dim]
+        bias = None
+        if pads > 1:
+            bias = torch.zeros(1, 1, 1, n + 1, device=text.device, dtype=torch.float32)
+            bias[..., -1] = math.log(pads)
         image = None
         if cfg.has_image_input:
             if clip_fea is None:
                 raise ValueError(f"a {cfg.model_type} model needs CLIP image features (clip_fea)")
             image = self.img_emb(clip_fea, dtype)
         text = text.to(dtype)
-        return Context(text=text, image=image, kv=[blk.cross_attn.key_values(text, image) for blk in self.blocks])
+        store = self.patch_embedding.weight.dtype  # the 16-bit weight dtype (activations may be fp32)
+        return Context(text=text, image=image, kv=[blk.cross_attn.key_values(text, image, store) for blk in self.blocks],
+                       text_bias=bias)
 
     def rope(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (grid, device)
@@ -323,12 +351,12 @@ class WanDiT(nn.Module):
 
         # Time: e [B, dim] for the head, e0 [B, 6, dim] for the blocks; float32 throughout.
         t = t.reshape(-1).expand(b) if t.numel() == 1 else t
-        e = self.time_embedding(sinusoidal_embedding(t, cfg.freq_dim)).float()  # these layers are kept in fp32
+        e = self.time_embedding(sinusoidal_embedding(t, cfg.freq_dim)).float()  # fp32 in: computed in fp32
         e0 = self.time_projection(e).float().unflatten(1, (6, cfg.dim))
 
         rope = self.rope(grid, x.device)
         for blk, kv in zip(self.blocks, ctx.kv):
-            tokens = blk(tokens, e0, kv, rope, dtype)
+            tokens = blk(tokens, e0, kv, rope, dtype, ctx.text_bias)
 
         out = self.head(tokens, e)  # [B, L, pt·ph·pw·16], channel fastest
         out = out.view(b, *grid, pt, ph, pw, cfg.out_dim).permute(0, 7, 1, 4, 2, 5, 3, 6)  # [B, C, F, pt, H, ph, W, pw]

@@ -140,3 +140,20 @@ def read_config(source: Source, name: str = "config.json") -> dict | None:
         return json.loads(candidate.read_text())
     except ValueError as exc:
         raise WeightsError(f"unreadable config {candidate}: {exc}") from None
+
+
+def read_dtypes(source: Source, patterns: Sequence[str] = ("*.safetensors", "*.pth")) -> dict[str, torch.dtype]:
+    """Keys and stored dtypes without reading tensor data (finds pre-quantized layers: float8 / int8 weights)."""
+    if isinstance(source, Mapping):
+        return {k: v.dtype for k, v in source.items()}
+    dtypes: dict[str, torch.dtype] = {}
+    names = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I8": torch.int8, "U8": torch.uint8,
+             "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+    for path in resolve_files(source, patterns):
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    dtypes[key] = names.get(f.get_slice(key).get_dtype(), torch.float32)
+        else:
+            dtypes.update((k, v.dtype) for k, v in _load_pickle(path).items())
+    return dtypes

@@ -2,7 +2,8 @@
 
 ``HF_HOME``, ``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE`` are read by huggingface_hub when it is imported, so the CLI
 sets them (``--offline``) before anything here runs; huggingface_hub is imported lazily for that reason.
-After resolution every loader reads local paths only.
+Downloads are pinned and hashed in the lock file (weights/lock.py). After resolution every loader reads local
+paths only: a run with its weights present never touches the network.
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ import fnmatch
 import json
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
 from ..errors import WeightsError
 from ..preset import WeightRef
+from . import lock
 
 
 def offline() -> bool:
@@ -37,6 +39,10 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def _pattern(file: str) -> str:
+    return file + "*" if file.endswith("/") else file
+
+
 def _is_pattern(file: str) -> bool:
     return file.endswith("/") or any(c in file for c in "*?[")
 
@@ -44,64 +50,91 @@ def _is_pattern(file: str) -> bool:
 @dataclass
 class Resolved:
     ref: WeightRef
-    path: Path | None  # None: not available locally
-    files: list[Path]
+    path: Path | None  # what loaders get (a file, a folder, an index.json); None: not available locally
+    files: list[Path] = field(default_factory=list)  # every file it consists of
+    root: Path | None = None  # hub snapshot folder
+    revision: str | None = None  # hub commit
 
 
 def _cached(ref: WeightRef) -> Resolved:
     """Look a hub reference up in the local cache only."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
 
     file = ref.file or ""
-    pattern = file + "*" if file.endswith("/") else file
     try:
-        root = Path(snapshot_download(ref.repo, revision=ref.revision, allow_patterns=[pattern], local_files_only=True))
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
-        return Resolved(ref, None, [])
-    files = sorted(p for p in root.rglob("*") if p.is_file() and fnmatch.fnmatch(p.relative_to(root).as_posix(), pattern))
+        root = Path(snapshot_download(ref.repo, revision=lock.pinned_revision(ref), allow_patterns=[_pattern(file)],
+                                      local_files_only=True))
+    except Exception:  # LocalEntryNotFoundError and friends: simply not cached
+        return Resolved(ref, None)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and fnmatch.fnmatch(p.relative_to(root).as_posix(), _pattern(file)))
     if not files:
-        return Resolved(ref, None, [])
+        return Resolved(ref, None)
+    path = files[0] if len(files) == 1 and not file.endswith("/") else root / file if file.endswith("/") else root
     if file.endswith(".safetensors.index.json"):
         index = root / file
-        shards = {index.parent / s for s in json.loads(index.read_text())["weight_map"].values()}
+        shards = sorted({index.parent / s for s in json.loads(index.read_text())["weight_map"].values()})
         if not all(s.exists() for s in shards):
-            return Resolved(ref, None, [])
-        files = [index, *sorted(shards)]
-        return Resolved(ref, index, files)
-    if file.endswith("/"):
-        return Resolved(ref, root / file, files)
-    return Resolved(ref, files[0] if len(files) == 1 or not _is_pattern(file) else root, files)
+            return Resolved(ref, None)
+        files, path = [index, *shards], index
+    return Resolved(ref, path, files, root, root.name)
 
 
 def locate(ref: WeightRef) -> Resolved:
     """Where a reference's files are now, without any network access."""
     if ref.path is not None:
-        return Resolved(ref, ref.path if ref.path.exists() else None, [ref.path] if ref.path.exists() else [])
+        if not ref.path.exists():
+            return Resolved(ref, None)
+        files = sorted(p for p in ref.path.rglob("*") if p.is_file()) if ref.path.is_dir() else [ref.path]
+        return Resolved(ref, ref.path, files)
     return _cached(ref)
 
 
+def remote_sizes(ref: WeightRef) -> dict[str, int]:
+    """Sizes of the files a hub reference needs, asked from the hub (for `cine models pull` to show first)."""
+    from huggingface_hub import HfApi
+
+    info = HfApi().model_info(ref.repo, revision=lock.pinned_revision(ref), files_metadata=True)
+    sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
+    if (ref.file or "").endswith(".safetensors.index.json"):
+        prefix = ref.file.rsplit("/", 1)[0] + "/" if "/" in ref.file else ""
+        stem = ref.file.rsplit("/", 1)[-1].removesuffix(".safetensors.index.json")
+        return {k: v for k, v in sizes.items() if k == ref.file or (k.startswith(prefix + stem) and k.endswith(".safetensors"))}
+    return {k: v for k, v in sizes.items() if fnmatch.fnmatch(k, _pattern(ref.file or ""))}
+
+
 def download(ref: WeightRef) -> Resolved:
-    """Fetch a hub reference into the HF cache (shards of an index included) and return it."""
+    """Fetch a hub reference (shards of an index included) at its pinned revision, then lock what arrived."""
     from huggingface_hub import hf_hub_download, snapshot_download
 
-    file = ref.file or ""
+    file, revision = ref.file or "", lock.pinned_revision(ref)
     try:
         if _is_pattern(file):
-            snapshot_download(ref.repo, revision=ref.revision, allow_patterns=[file + "*" if file.endswith("/") else file])
+            snapshot_download(ref.repo, revision=revision, allow_patterns=[_pattern(file)])
         else:
-            local = hf_hub_download(ref.repo, file, revision=ref.revision)
+            local = hf_hub_download(ref.repo, file, revision=revision)
             if file.endswith(".safetensors.index.json"):
-                shards = set(json.loads(Path(local).read_text())["weight_map"].values())
                 prefix = file.rsplit("/", 1)[0] + "/" if "/" in file else ""
-                for shard in sorted(shards):
-                    hf_hub_download(ref.repo, prefix + shard, revision=ref.revision)
+                for shard in sorted(set(json.loads(Path(local).read_text())["weight_map"].values())):
+                    hf_hub_download(ref.repo, prefix + shard, revision=revision)
     except Exception as exc:  # network, auth, missing repo: all end the same way for the user
         raise WeightsError(f"could not download {ref}: {str(exc).splitlines()[0]}") from None
     found = _cached(ref)
     if found.path is None:
         raise WeightsError(f"downloaded {ref} but found no matching file in the cache")
+    if lock.key(ref) not in lock.read_lock()["refs"]:
+        lock.record(ref, found.revision, found.root, found.files)
     return found
+
+
+def check_against_lock(found: Resolved) -> None:
+    """Cheap per-run check (sizes); `cine models verify` does the full sha256."""
+    if found.root is None:
+        return
+    entry = lock.read_lock()["refs"].get(lock.key(found.ref))
+    if entry and entry["revision"] == found.revision:
+        problems = lock.verify(entry, found.root, full=False)
+        if problems:
+            raise WeightsError(f"{found.ref} changed since it was downloaded ({problems[0]}); run `cine models verify`")
 
 
 def resolve_all(refs: dict[str, WeightRef], pull_hint: str, allow_download: bool = True) -> dict[str, Path]:
@@ -122,4 +155,6 @@ def resolve_all(refs: dict[str, WeightRef], pull_hint: str, allow_download: bool
         why = "offline mode" if offline() else "no network"
         names = ", ".join(str(r.ref) for r in missing.values())
         raise WeightsError(f"missing weights ({why}): {names}; fetch them with: {pull_hint}")
+    for r in found.values():
+        check_against_lock(r)
     return {name: r.path for name, r in found.items()}

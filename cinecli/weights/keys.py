@@ -90,3 +90,59 @@ DIT_DIFFUSERS_RULES: Rules = compile_rules([
 def normalize_dit_keys(keys: Iterable[str]) -> dict[str, str]:
     """``{source_key: original_wan_key}`` for a DiT in any layout (original, diffusers, ComfyUI prefixes)."""
     return normalize_keys(keys, DIT_MARKERS, DIT_DIFFUSERS_RULES)
+
+
+# --- LoRA ------------------------------------------------------------------------------------------------------
+LORA_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer.", "model.")
+# What a key's tail says it is: low-rank halves, alpha, bias delta (diffusers lora_B.bias) and full deltas.
+_LORA_KIND = re.compile(
+    r"\.(?:(?P<down>lora_down|lora_A)|(?P<up>lora_up|lora_B))(?:\.[^.]+)?\.weight$"
+    r"|\.lora_B(?:\.[^.]+)?\.(?P<bias>bias)$|\.(?P<alpha>alpha)$|\.(?P<diff_b>diff_b)$|\.(?P<diff_m>diff_m)$|\.(?P<diff>diff)$"
+)
+# kohya/musubi flatten module paths with underscores; these put the dots back (original and diffusers names).
+_KOHYA_RULES = [
+    (re.compile(r"^blocks_(\d+)_(self_attn|cross_attn)_(q|k|v|o|k_img|v_img|norm_q|norm_k|norm_k_img)$"), r"blocks.\1.\2.\3"),
+    (re.compile(r"^blocks_(\d+)_(attn[12])_to_out_0$"), r"blocks.\1.\2.to_out.0"),
+    (re.compile(r"^blocks_(\d+)_(attn[12])_(to_q|to_k|to_v|add_k_proj|add_v_proj)$"), r"blocks.\1.\2.\3"),
+    (re.compile(r"^blocks_(\d+)_ffn_net_0_proj$"), r"blocks.\1.ffn.net.0.proj"),
+    (re.compile(r"^blocks_(\d+)_ffn_net_2$"), r"blocks.\1.ffn.net.2"),
+    (re.compile(r"^blocks_(\d+)_ffn_(\d+)$"), r"blocks.\1.ffn.\2"),
+    (re.compile(r"^blocks_(\d+)_(norm\d)$"), r"blocks.\1.\2"),
+    (re.compile(r"^(text_embedding|time_embedding|time_projection)_(\d+)$"), r"\1.\2"),
+    (re.compile(r"^head_head$"), "head.head"),
+    (re.compile(r"^img_emb_proj_(\d+)$"), r"img_emb.proj.\1"),
+]
+_DIFFUSERS_NAMES = re.compile(r"(?<![^.])(attn[12]|condition_embedder|proj_out|scale_shift_table|ffn\.net)(?![^.])")
+
+
+def normalize_lora_key(key: str) -> tuple[str, str, str] | None:
+    """A LoRA key → (canonical module, kind, style), or None for a key no style explains.
+
+    kind: down | up | alpha | bias | diff | diff_b | diff_m; style: original | original-peft | kohya | diffusers | diff.
+    """
+    m = _LORA_KIND.search(key)
+    if m is None:
+        return None
+    kind = m.lastgroup
+    module = key[: m.start()]
+    if module.startswith("lora_unet_"):
+        flat = module[len("lora_unet_"):]
+        for pattern, repl in _KOHYA_RULES:
+            if pattern.match(flat):
+                module = pattern.sub(repl, flat)
+                break
+        else:
+            return None
+        style = "kohya"
+    else:
+        for prefix in LORA_PREFIXES:
+            if module.startswith(prefix):
+                module = module[len(prefix):]
+                break
+        if kind.startswith("diff"):
+            style = "diff"
+        elif _DIFFUSERS_NAMES.search(module):
+            style = "diffusers"
+        else:
+            style = "original-peft" if "lora_A" in key or "lora_B" in key else "original"
+    return rename(module, DIT_DIFFUSERS_RULES), kind, style

@@ -1,0 +1,59 @@
+"""Helpers every ``cine`` command shares: stderr console, one-line errors with exit codes, offline mode."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import click
+import typer
+
+from .errors import EXIT_DEVICE, EXIT_FAILURE, EXIT_INTERRUPTED, CineError
+
+
+def stderr_console(quiet: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=True, quiet=quiet, no_color=bool(os.environ.get("NO_COLOR")) or None)
+
+
+def fail(message: str, code: int) -> None:
+    sys.stderr.write(f"cine: error: {message}\n")
+    raise typer.Exit(code)
+
+
+def handle_errors(fn):
+    """One-line errors with documented exit codes instead of tracebacks (``--debug`` or CINE_DEBUG=1 shows them)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        debug = kwargs.get("debug") or os.environ.get("CINE_DEBUG") == "1"
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+            raise
+        except CineError as exc:
+            if debug:
+                raise
+            fail(str(exc).splitlines()[0], exc.exit_code)
+        except KeyboardInterrupt:
+            sys.stderr.write("cine: interrupted\n")
+            raise typer.Exit(EXIT_INTERRUPTED)
+        except MemoryError:
+            fail("out of memory; try fewer --frames, a smaller effect size or a quantized backbone", EXIT_DEVICE)
+        except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
+            if debug:
+                raise
+            if type(exc).__name__ == "OutOfMemoryError":
+                fail(f"the device ran out of memory ({str(exc).splitlines()[0][:120]}); try fewer --frames or a "
+                     "quantized backbone", EXIT_DEVICE)
+            fail(f"unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+                 "(rerun with --debug for the traceback)", EXIT_FAILURE)
+
+    return wrapper
+
+
+def set_offline(offline: bool) -> None:
+    if offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"  # must be set before huggingface_hub is imported

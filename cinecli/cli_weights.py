@@ -1,0 +1,217 @@
+"""``cine models …`` (download, list, verify, remove, locate weights) and ``cine lora inspect``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .cli_common import fail, handle_errors, stderr_console
+from .errors import EXIT_WEIGHTS, UsageError
+
+models_app = typer.Typer(no_args_is_help=True, help="Download, list, verify and remove the weights presets need.")
+lora_app = typer.Typer(no_args_is_help=True, help="Look inside LoRA files.")
+
+
+def _refs_for(target: str) -> dict[str, object]:
+    """``all`` or an effect/alias → {component label: WeightRef}, deduplicated across presets."""
+    from .preset import Catalog
+
+    catalog = Catalog()
+    names = catalog.names() if target == "all" else [catalog.resolve(target).name]
+    refs = {}
+    for name in names:
+        preset = catalog.resolve(name)
+        comps = dict(preset.backbone.components())
+        if preset.effect is not None:
+            comps[f"effect:{preset.effect.name}"] = preset.effect.source
+        for label, ref in comps.items():
+            refs.setdefault(str(ref), (label, ref))
+    return {label: ref for label, ref in refs.values()}
+
+
+def _human(n: int | None) -> str:
+    from .run import _human as human
+
+    return human(n)
+
+
+@models_app.command("list")
+@handle_errors
+def models_list(target: str = typer.Argument("all", help="An effect, or all."),
+                as_json: bool = typer.Option(False, "--json")) -> None:
+    """What each preset needs: present or missing, and sizes on disk."""
+    from .preset import Catalog
+    from .run import weights_needed
+
+    catalog = Catalog()
+    names = catalog.names() if target == "all" else [catalog.resolve(target).name]
+    rows = {name: weights_needed(catalog.resolve(name)) for name in names}
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    for name, comps in rows.items():
+        print(f"{name}:")
+        for label, w in comps.items():
+            print(f"  {'present' if w['present'] else 'missing'} {_human(w['bytes']):>9s}  {label:28s} {w['ref']}")
+
+
+@models_app.command("pull")
+@handle_errors
+def models_pull(target: str = typer.Argument(..., help="An effect (or alias), or all."),
+                yes: bool = typer.Option(False, "-y", "--yes", help="Do not ask before downloading."),
+                dry_run: bool = typer.Option(False, "--dry-run", help="Only show what would be downloaded.")) -> None:
+    """Download an effect's weights (sizes first, then a progress bar per file) and lock their revision and hash."""
+    from .weights.hub import download, hub_reachable, locate, offline, remote_sizes
+
+    refs = _refs_for(target)
+    todo = {label: ref for label, ref in refs.items() if locate(ref).path is None}
+    if not todo:
+        print("all weights present")
+        return
+    if ref_local := [r for r in todo.values() if r.path is not None]:
+        fail(f"local weights not found: {', '.join(str(r) for r in ref_local)}", EXIT_WEIGHTS)
+    if not hub_reachable():
+        fail(f"cannot download {len(todo)} file set(s): {'offline mode' if offline() else 'the hub is unreachable'} "
+             f"({', '.join(str(r) for r in todo.values())})", EXIT_WEIGHTS)
+    sizes = {label: remote_sizes(ref) for label, ref in todo.items()}
+    total = sum(sum(s.values()) for s in sizes.values())
+    console = stderr_console()
+    for label, files in sizes.items():
+        console.print(f"{label}: {todo[label]} — {len(files)} file(s), {_human(sum(files.values()))}")
+    console.print(f"total to download: {_human(total)}")
+    if dry_run:
+        return
+    if not yes and console.is_terminal and not typer.confirm("download?", err=True):
+        raise typer.Exit(1)
+    for label, ref in todo.items():
+        found = download(ref)
+        print(found.path)
+
+
+@models_app.command("verify")
+@handle_errors
+def models_verify(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Re-hash every downloaded file against the lock file (sha256); exit 4 on any difference."""
+    from .preset import WeightRef
+    from .weights import lock
+    from .weights.hub import _cached
+
+    results = {}
+    for key, entry in lock.read_lock()["refs"].items():
+        found = _cached(WeightRef(repo=entry["repo"], file=entry["file"], revision=entry["revision"]))
+        results[key] = ["not in the cache"] if found.root is None else lock.verify(entry, found.root, full=True)
+    bad = {k: v for k, v in results.items() if v}
+    if as_json:
+        print(json.dumps({"ok": not bad, "refs": results}, indent=2))
+    else:
+        for key, problems in results.items():
+            print(f"{'ok  ' if not problems else 'FAIL'} {key}" + (f": {'; '.join(problems)}" if problems else ""))
+        if not results:
+            print("nothing downloaded yet (the lock file is empty)")
+    if bad:
+        raise typer.Exit(EXIT_WEIGHTS)
+
+
+@models_app.command("path")
+@handle_errors
+def models_path(target: str = typer.Argument(..., help="An effect (or alias).")) -> None:
+    """Print the local path of each weight component of an effect (missing ones say so on stderr)."""
+    from .weights.hub import locate
+
+    for label, ref in _refs_for(target).items():
+        found = locate(ref)
+        if found.path is None:
+            stderr_console().print(f"{label}: missing ({ref})", highlight=False)
+        else:
+            print(f"{label}\t{found.path}")
+
+
+@models_app.command("rm")
+@handle_errors
+def models_rm(target: str = typer.Argument(..., help="An effect (or alias), or all."),
+              yes: bool = typer.Option(False, "-y", "--yes", help="Do not ask.")) -> None:
+    """Delete an effect's downloaded hub files from the cache (local paths are never touched)."""
+    from .weights import lock
+    from .weights.hub import locate
+
+    found = [locate(ref) for ref in _refs_for(target).values() if ref.repo]
+    found = [f for f in found if f.root is not None]
+    if not found:
+        print("nothing to remove")
+        return
+    size = sum(p.stat().st_size for f in found for p in f.files if p.exists())
+    if not yes and not typer.confirm(f"remove {len(found)} downloaded file set(s), {_human(size)}?", err=True):
+        raise typer.Exit(1)
+    data = lock.read_lock()
+    for f in found:
+        for p in f.files:
+            blob = p.resolve()
+            p.unlink(missing_ok=True)
+            if blob != p and blob.exists():
+                blob.unlink()
+        data["refs"].pop(lock.key(f.ref), None)
+    lock.write_lock(data)
+    print(f"removed {_human(size)}")
+
+
+@lora_app.command("inspect")
+@handle_errors
+def lora_inspect(lora: Path = typer.Argument(..., help="A LoRA file (.safetensors or .pth)."),
+                 backbone: Optional[str] = typer.Option(None, "--backbone", help="DiT weights (file/folder) or a backbone name to check the fit against."),
+                 as_json: bool = typer.Option(False, "--json")) -> None:
+    """Format, ranks, alphas and targets of a LoRA; with --backbone, how many tensors match and which do not."""
+    from .errors import WeightsError
+    from .weights.lora_file import check_fit, read_lora
+
+    if not lora.exists():
+        fail(f"{lora}: no such file", 3)
+    parsed = read_lora(lora)
+    doc = {"file": str(lora), **parsed.summary()}
+    if backbone is not None:
+        shapes = _dit_shapes(backbone)
+        targets = parsed.targets()
+        matched = [t for t, s in targets.items() if tuple(shapes.get(t, ())) == tuple(s)]
+        doc["backbone"] = backbone
+        doc["matched"] = len(matched)
+        doc["unmatched"] = sorted(set(targets) - set(matched))
+    if as_json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(f"{lora}: {doc['format']}, {doc['targets']} targets ({doc['low_rank_modules']} low-rank, "
+              f"{doc['full_deltas']} full deltas), ranks {doc['ranks']}, alphas {doc['alphas']}")
+        if parsed.unknown:
+            print(f"  {len(parsed.unknown)} keys not understood, e.g. {parsed.unknown[0]}")
+        if backbone is not None:
+            print(f"  fits {backbone}: {doc['matched']} of {doc['targets']} targets match")
+            for t in doc["unmatched"][:10]:
+                print(f"    no match: {t}")
+    if backbone is not None:
+        try:
+            check_fit(parsed, shapes, str(lora))
+        except WeightsError as exc:
+            fail(str(exc), exc.exit_code)
+
+
+def _dit_shapes(backbone: str) -> dict[str, tuple[int, ...]]:
+    """Canonical parameter shapes of a DiT, read from file headers only (no weights loaded)."""
+    from .models.dit_loader import DIT_PATTERNS, _dit_folder
+    from .preset import Catalog
+    from .weights import read_shapes
+    from .weights.hub import locate
+    from .weights.keys import normalize_dit_keys
+
+    source: object = Path(backbone)
+    if not Path(backbone).exists():
+        catalog = Catalog()
+        if backbone not in catalog.backbones:
+            raise UsageError(f"--backbone {backbone}: neither a path nor a backbone name ({', '.join(sorted(catalog.backbones))})")
+        found = locate(catalog.backbone(backbone, Path(".")).dit)
+        if found.path is None:
+            raise UsageError(f"backbone {backbone}'s DiT is not downloaded; pass its file with --backbone PATH")
+        source = found.path
+    shapes = read_shapes(_dit_folder(source), DIT_PATTERNS)
+    names = normalize_dit_keys(shapes)
+    return {names[k]: shapes[k] for k in names}

@@ -1,0 +1,130 @@
+"""LoRAs on a loaded DiT: merged once (backbone LoRAs such as the 4-step distillation) or attached unmerged
+through peft and switched per job (effect LoRAs), so changing effects never reloads the backbone.
+
+Unmerged effects: every low-rank delta becomes a peft ``lora`` adapter on its module (scale and strength folded
+into ``lora_B``, peft's own scaling left at 1). Full deltas (``diff``, ``diff_b``, ``diff_m`` — not low-rank, so
+not peft-shaped) are applied to the parameter when the effect is switched on; the originals of just those
+parameters are kept to restore them exactly when it is switched off. Switching A → B → A therefore gives the
+same output as A alone, and the backbone weights end exactly as they began.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn as nn
+
+from ..errors import WeightsError
+from ..weights import Source
+from ..weights.lora_file import LoraFile, check_fit, read_lora
+from .quant import QuantLinear, quantize
+
+
+def _load(lora: Source | LoraFile) -> LoraFile:
+    return lora if isinstance(lora, LoraFile) else read_lora(lora)
+
+
+def _param_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Parameter names as in the checkpoint (a peft-wrapped ``q.base_layer.weight`` counts as ``q.weight``)."""
+    return {name.replace(".base_layer.", "."): tuple(p.shape) for name, p in model.named_parameters() if ".lora_" not in name}
+
+
+def _param(model: nn.Module, name: str) -> torch.Tensor:
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    if hasattr(module, "base_layer"):  # peft wrapper: the real weight lives on the wrapped layer
+        module = module.base_layer
+    return getattr(module, leaf)
+
+
+@torch.no_grad()
+def merge_into(model: nn.Module, lora: Source | LoraFile, strength: float = 1.0, what: str = "LoRA") -> LoraFile:
+    """Add ``strength`` × every delta of ``lora`` into the model's weights, permanently (fp32 math, cast back)."""
+    lora = _load(lora)
+    check_fit(lora, _param_shapes(model), what)
+    for module, lr in lora.low_rank.items():
+        layer = model.get_submodule(module)
+        if isinstance(layer, QuantLinear):  # dequantize, add, quantize again in the same format
+            merged = layer.dequantized(torch.float32) + strength * lr.delta(torch.float32).to(layer.weight.device)
+            layer.weight.data, layer.weight_scale.data = quantize(merged, layer.fmt)
+        else:
+            weight = _param(model, f"{module}.weight")
+            weight.copy_((weight.float() + strength * lr.delta(torch.float32).to(weight.device)).to(weight.dtype))
+        if lr.bias is not None:
+            bias = _param(model, f"{module}.bias")
+            bias.copy_((bias.float() + strength * lr.bias.float().to(bias.device)).to(bias.dtype))
+    for name, delta in lora.full.items():
+        p = _param(model, name)
+        p.copy_((p.float() + strength * delta.float().to(p.device)).to(p.dtype))
+    return lora
+
+
+class Effects:
+    """Unmerged effect LoRAs on one DiT; ``use(name)`` switches which one is active (``None``: none)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.loaded: dict[str, LoraFile] = {}
+        self.strengths: dict[str, float] = {}
+        self.active: str | None = None
+        self._originals: dict[str, torch.Tensor] = {}  # parameter → untouched copy, for full deltas only
+
+    def load(self, name: str, lora: Source | LoraFile, strength: float = 1.0) -> LoraFile:
+        """Attach ``lora`` as adapter ``name`` (inactive until ``use``). Refuses a LoRA that does not fit."""
+        from peft import LoraConfig, inject_adapter_in_model
+
+        if name in self.loaded:
+            raise ValueError(f"effect {name} is already loaded")
+        lora = _load(lora)
+        check_fit(lora, _param_shapes(self.model), f"LoRA {name}")
+        modules = sorted(lora.low_rank)
+        if modules:
+            ranks = {re.escape(m): lora.low_rank[m].rank for m in modules}
+            config = LoraConfig(r=max(ranks.values()), lora_alpha=max(ranks.values()), target_modules=modules,
+                                rank_pattern=ranks, alpha_pattern=ranks, lora_dropout=0.0, init_lora_weights=False)
+            inject_adapter_in_model(config, self.model, adapter_name=name)
+            dtype = getattr(self.model, "dtype", torch.float32)  # adapters compute in the activation dtype
+            with torch.no_grad():
+                for m in modules:
+                    layer, lr = self.model.get_submodule(m), lora.low_rank[m]
+                    a, b = layer.lora_A[name], layer.lora_B[name]
+                    a.weight.data = lr.down.reshape(a.weight.shape).to(a.weight.device, dtype)
+                    b.weight.data = (lr.up * (lr.scale * strength)).reshape(b.weight.shape).to(b.weight.device, dtype)
+                    layer.scaling[name] = 1.0
+                    if lr.bias is not None:  # peft's lora_B has no bias: keep it with the full deltas
+                        lora.full[f"{m}.bias"] = lora.full.get(f"{m}.bias", 0) + lr.bias
+        self.loaded[name] = lora
+        self.strengths[name] = strength
+        self._activate_layers(self.active)
+        return lora
+
+    def _activate_layers(self, name: str | None) -> None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for module in self.model.modules():
+            if isinstance(module, BaseTunerLayer):
+                if name is not None and name in module.lora_A:
+                    module.enable_adapters(True)
+                    module.set_adapter(name)
+                else:
+                    module.enable_adapters(False)
+
+    @torch.no_grad()
+    def use(self, name: str | None) -> None:
+        """Make ``name`` the active effect (or none). Cheap: no weights are reloaded."""
+        if name is not None and name not in self.loaded:
+            raise WeightsError(f"effect {name} is not loaded (loaded: {', '.join(self.loaded) or 'none'})")
+        if name == self.active:
+            return
+        for pname, original in self._originals.items():  # undo the previous effect's full deltas exactly
+            _param(self.model, pname).copy_(original)
+        if name is not None:
+            strength = self.strengths[name]
+            for pname, delta in self.loaded[name].full.items():
+                p = _param(self.model, pname)
+                if pname not in self._originals:
+                    self._originals[pname] = p.detach().clone()
+                p.copy_((self._originals[pname].float() + strength * delta.float().to(p.device)).to(p.dtype))
+        self._activate_layers(name)
+        self.active = name

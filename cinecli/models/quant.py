@@ -1,0 +1,125 @@
+"""Weight-only quantized linear layers: FP8 e4m3 and INT8 per output channel, INT4 group-wise, packed two per byte.
+
+Activations stay 16-bit (or fp32 on CPUs without native bf16); each forward dequantizes the one weight it needs
+into the activation dtype and frees it after the matmul, so no full-precision copy of the model ever exists.
+
+``QuantLinear`` subclasses ``layers.Linear`` (so ``nn.Linear``): peft wraps it like any linear layer and calls
+its forward for the base output, which is why effect LoRAs work on quantized backbones unchanged — the adapter
+adds its low-rank term in the activation dtype; nothing is ever merged into quantized weights.
+
+Storage (state-dict keys, same names as lightx2v / ComfyUI use for per-channel formats):
+  fp8   weight float8_e4m3fn [out, in],      weight_scale float32 [out, 1]      W ≈ q · s,  s = amax/448
+  int8  weight int8 [out, in],               weight_scale float32 [out, 1]      W ≈ q · s,  s = amax/127
+  int4  weight uint8 [out, in/2] (lo nibble = even column), weight_scale float16 [out, in/g]   q ∈ [-8, 7], s = amax/7
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .layers import Linear
+
+FORMATS = ("fp8", "int8", "int4")
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+
+
+def parse_format(fmt: str) -> tuple[str, int]:
+    """'int4' / 'int4g64' / 'int4g128' → ('int4', group); 'fp8' → ('fp8', 0)."""
+    if fmt.startswith("int4"):
+        return "int4", int(fmt[len("int4g"):]) if fmt.startswith("int4g") else 64
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown weight format {fmt!r} (fp8, int8, int4, int4gN)")
+    return fmt, 0
+
+
+# --- quantize / dequantize (pure functions on tensors) ---------------------------------------------------------------
+def quantize(weight: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [out, in] (any float dtype) → (stored weight, scale) in the layout above. Math in float32."""
+    kind, group = parse_format(fmt)
+    w = weight.float()
+    if kind in ("fp8", "int8"):
+        qmax = FP8_MAX if kind == "fp8" else 127.0
+        scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / qmax  # [out, 1]
+        q = w / scale
+        q = q.to(FP8) if kind == "fp8" else q.round().clamp(-128, 127).to(torch.int8)
+        return q, scale
+    out, inp = w.shape
+    if inp % group or group % 2:
+        raise ValueError(f"INT4 group {group} must divide the input width {inp}")
+    g = w.view(out, inp // group, group)
+    scale = (g.abs().amax(dim=2, keepdim=True).clamp(min=1e-12) / 7.0).half()  # [out, in/g, 1]
+    q = (g / scale.float()).round().clamp(-8, 7).to(torch.int8).view(out, inp)  # [out, in]
+    u = (q + 8).to(torch.uint8)  # 0..15
+    packed = u[:, 0::2] | (u[:, 1::2] << 4)  # [out, in/2]
+    return packed, scale.squeeze(2)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, fmt: str, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of ``quantize`` → [out, in] in ``dtype``."""
+    kind, group = parse_format(fmt)
+    if kind == "fp8":
+        if q.device.type == "mps":  # MPS has no float8: decode the bytes through a 256-entry table
+            table = torch.arange(256, dtype=torch.uint8).view(FP8).float().to(q.device)
+            return (table[q.view(torch.uint8).long()] * scale.float()).to(dtype)
+        return (q.to(torch.float32) * scale.float()).to(dtype) if dtype == torch.float32 else q.to(dtype) * scale.to(dtype)
+    if kind == "int8":
+        return q.to(dtype) * scale.to(dtype)
+    out = q.shape[0]
+    lo = (q & 0x0F).to(torch.int8) - 8
+    hi = (q >> 4).to(torch.int8) - 8
+    w = torch.stack([lo, hi], dim=-1).view(out, -1, group)  # [out, in/g, g], columns back in order
+    return (w.to(dtype) * scale.to(dtype).unsqueeze(-1)).view(out, -1)
+
+
+# --- the layer -------------------------------------------------------------------------------------------------------
+class QuantLinear(Linear):
+    """A linear layer whose ``weight`` is stored quantized (see module doc); bias stays 16/32-bit."""
+
+    def __init__(self, in_features: int, out_features: int, fmt: str, bias: bool = True, device=None):
+        nn.Module.__init__(self)  # skip nn.Linear's float weight allocation
+        self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
+        kind, group = parse_format(fmt)
+        if kind == "int4":
+            wshape, sshape, wdtype, sdtype = (out_features, in_features // 2), (out_features, in_features // group), torch.uint8, torch.float16
+        else:
+            wshape, sshape, wdtype, sdtype = (out_features, in_features), (out_features, 1), FP8 if kind == "fp8" else torch.int8, torch.float32
+        self.weight = nn.Parameter(torch.empty(wshape, dtype=wdtype, device=device), requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.empty(sshape, dtype=sdtype, device=device), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, layer: nn.Linear, fmt: str) -> QuantLinear:
+        q, scale = quantize(layer.weight.data, fmt)
+        new = cls(layer.in_features, layer.out_features, fmt, bias=layer.bias is not None, device="meta")
+        new.weight = nn.Parameter(q, requires_grad=False)
+        new.weight_scale = nn.Parameter(scale, requires_grad=False)
+        if layer.bias is not None:
+            new.bias = nn.Parameter(layer.bias.data, requires_grad=False)
+        return new
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.weight, self.weight_scale, self.fmt, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantized(x.dtype)  # transient: one layer's weight at a time
+        return F.linear(x, w, self.bias.to(x.dtype) if self.bias is not None else None)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"
+
+
+def swap_in(model: nn.Module, formats: dict[str, str], meta: bool = False) -> nn.Module:
+    """Replace the named linear modules by QuantLinear: quantizing their weights, or (``meta``) empty for loading."""
+    for name, fmt in formats.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = getattr(parent, child)
+        if meta:
+            new = QuantLinear(layer.in_features, layer.out_features, fmt, bias=layer.bias is not None, device="meta")
+        else:
+            new = QuantLinear.from_linear(layer, fmt)
+        setattr(parent, child, new)
+    return model

@@ -1,0 +1,125 @@
+"""LoRA files in every style found for Wan2.1, read into one form on canonical (original Wan) module names.
+
+Styles (wan2.1-reference.md §G), any mix of them in one file:
+  original   ``diffusion_model.blocks.0.self_attn.q.lora_down.weight`` / ``lora_up`` / ``.alpha`` (or lora_A / lora_B)
+  kohya      ``lora_unet_blocks_0_self_attn_q.lora_down.weight`` (+ ``.alpha``): dots turned into underscores
+  diffusers  ``transformer.blocks.0.attn1.to_q.lora_A.weight`` / ``lora_B.weight`` (+ ``lora_B.bias``)
+  diff       ``<module>.diff`` (full weight delta), ``.diff_b`` (bias delta), ``blocks.N.diff_m`` (modulation delta)
+
+Math: W ← W + strength · scale · (up @ down), scale = alpha / rank when an alpha is stored, else 1;
+``param ← param + strength · diff`` for full deltas. Key names go through the one normalizer (weights.keys).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import WeightsError
+from .files import Source, iter_tensors
+from .keys import normalize_lora_key
+
+
+@dataclass
+class LowRank:
+    """One module's low-rank delta: up [out, rank] @ down [rank, in] (×scale), optional bias delta [out]."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float | None = None
+    bias: torch.Tensor | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank if self.alpha is not None else 1.0
+
+    def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The full weight delta [out, in] (scale included, strength not)."""
+        down, up = self.down.to(dtype), self.up.to(dtype)
+        if down.ndim > 2:  # conv LoRAs (patch_embedding): [r, in, kt, kh, kw]
+            return (up.flatten(1) @ down.flatten(1)).view(up.shape[0], *down.shape[1:]) * self.scale
+        return (up @ down) * self.scale
+
+
+@dataclass
+class LoraFile:
+    """A parsed LoRA: low-rank deltas per module and full deltas per parameter, on canonical names."""
+
+    low_rank: dict[str, LowRank] = field(default_factory=dict)  # module → delta ("blocks.0.self_attn.q")
+    full: dict[str, torch.Tensor] = field(default_factory=dict)  # parameter → delta ("blocks.0.modulation")
+    styles: Counter = field(default_factory=Counter)  # style → number of keys
+    unknown: list[str] = field(default_factory=list)  # keys no style explains
+
+    @property
+    def format(self) -> str:
+        return "+".join(s for s, _ in self.styles.most_common()) or "empty"
+
+    def targets(self) -> dict[str, tuple[int, ...]]:
+        """Every parameter the LoRA changes → the shape it expects that parameter to have."""
+        out = {}
+        for module, lr in self.low_rank.items():
+            out[f"{module}.weight"] = (lr.up.shape[0], *lr.down.shape[1:])
+            if lr.bias is not None:
+                out[f"{module}.bias"] = tuple(lr.bias.shape)
+        out.update({name: tuple(t.shape) for name, t in self.full.items()})
+        return out
+
+    def summary(self) -> dict:
+        ranks = Counter(lr.rank for lr in self.low_rank.values())
+        alphas = Counter(lr.alpha for lr in self.low_rank.values())
+        return {
+            "format": self.format, "ranks": dict(sorted(ranks.items())), "alphas": {str(k): v for k, v in alphas.items()},
+            "low_rank_modules": len(self.low_rank), "full_deltas": len(self.full), "targets": len(self.targets()),
+            "unknown_keys": len(self.unknown),
+        }
+
+
+def read_lora(source: Source) -> LoraFile:
+    """Parse a LoRA file (or state dict) of any style. Raises WeightsError on inconsistent pairs or no LoRA keys."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    lora = LoraFile()
+    for key, tensor in iter_tensors(source, ("*.safetensors", "*.pth", "*.pt", "*.bin")):
+        parsed = normalize_lora_key(key)
+        if parsed is None:
+            lora.unknown.append(key)
+            continue
+        module, kind, style = parsed
+        lora.styles[style] += 1
+        if kind in ("diff", "diff_b", "diff_m"):
+            param = {"diff": f"{module}.weight", "diff_b": f"{module}.bias", "diff_m": f"{module}.modulation"}[kind]
+            lora.full[param] = tensor
+        else:
+            parts.setdefault(module, {})[kind] = tensor
+    for module, p in parts.items():
+        if "down" not in p or "up" not in p:
+            have = ", ".join(sorted(p))
+            raise WeightsError(f"LoRA module {module} has {have} but not both down/A and up/B matrices")
+        down, up = p["down"], p["up"]
+        if down.shape[0] != up.shape[1]:
+            raise WeightsError(f"LoRA module {module}: down {tuple(down.shape)} and up {tuple(up.shape)} ranks differ")
+        alpha = float(p["alpha"]) if "alpha" in p else None
+        lora.low_rank[module] = LowRank(down=down, up=up.flatten(1) if up.ndim > 2 else up, alpha=alpha, bias=p.get("bias"))
+    if not lora.low_rank and not lora.full:
+        sample = ", ".join(lora.unknown[:3])
+        raise WeightsError(f"no LoRA tensors recognised (first keys: {sample or 'none'})")
+    return lora
+
+
+def check_fit(lora: LoraFile, shapes: dict[str, tuple[int, ...]], what: str) -> None:
+    """Every target must exist in the model with the shape the LoRA expects: a partial load is never silent."""
+    missing = [t for t in lora.targets() if t not in shapes]
+    wrong = [f"{t} {s}≠{shapes[t]}" for t, s in lora.targets().items() if t in shapes and tuple(shapes[t]) != tuple(s)]
+    if missing or wrong:
+        n = len(lora.targets())
+        parts = []
+        if wrong:
+            parts.append(f"{len(wrong)} of {n} targets have another shape (e.g. {wrong[0]}; a LoRA for another model size?)")
+        if missing:
+            parts.append(f"{len(missing)} of {n} targets do not exist (e.g. {missing[0]}; an i2v LoRA on a t2v model?)")
+        raise WeightsError(f"{what} does not fit this backbone: " + "; ".join(parts))
