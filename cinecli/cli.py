@@ -20,6 +20,7 @@ import typer
 from typer.core import TyperGroup
 
 from . import __version__
+from .cli_batch import batch
 from .cli_common import fail, handle_errors, set_offline, stderr_console
 from .cli_quant import quantize
 from .cli_weights import lora_app, models_app
@@ -175,6 +176,7 @@ def doctor(
 app.add_typer(models_app, name="models")
 app.add_typer(lora_app, name="lora")
 app.command("quantize")(quantize)
+app.command("batch")(batch)
 
 
 @app.command("version")

@@ -76,13 +76,14 @@ class Timings:
     started: float = field(default_factory=time.perf_counter)
 
     _active: str | None = None
+    last_stage: str | None = None  # the most recent stage entered: where a failure happened
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
         """Time a stage. Stages do not nest: nesting would count time twice and break "stages add up to total"."""
         if self._active is not None:
             raise RuntimeError(f"stage '{name}' started inside stage '{self._active}'")
-        self._active = name
+        self._active = self.last_stage = name
         synchronize(self.device)
         t0 = time.perf_counter()
         try:

@@ -1,16 +1,18 @@
 """MP4 output through PyAV: H.264 yuv420p, metadata inside the file, never a half-written or clobbered file.
 
-Files are written to a hidden temp name beside the target and renamed into place when complete; without
-``overwrite`` the final step is a hard link, which fails atomically if the target appeared meanwhile.
+Files appear at their path complete or not at all (``atomic_file``: an unnamed O_TMPFILE linked into place on
+Linux, so even SIGKILL leaves nothing behind); without ``overwrite`` the final link refuses to replace a file.
 ``-`` writes a *fragmented* MP4 to stdout (a plain MP4 needs seeking to write its index).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -81,31 +83,82 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: int, metadata: dict | N
         return STDOUT
     path = Path(path)
     check_writable(path, overwrite)
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent if str(path.parent) else ".")
-        os.close(fd)
-        container = av.open(tmp, "w", format="mp4", options={"movflags": "+faststart+use_metadata_tags"})
+    with atomic_file(path, overwrite) as target:
+        container = av.open(target, "w", format="mp4", options={"movflags": "+faststart+use_metadata_tags"})
         container.metadata.update(tags)
         _encode(container, frames, fps, crf)
         container.close()
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # atomic, and refuses to replace a file that appeared meanwhile
-            except FileExistsError:
-                raise OutputError(f"{path} appeared while encoding; pass --overwrite to replace it") from None
-            except OSError:  # filesystems without hard links
-                if path.exists():
-                    raise OutputError(f"{path} exists; pass --overwrite to replace it") from None
+    return str(path)
+
+
+_libc = None
+
+
+def _linkat_follow(src: str, dst: Path) -> None:
+    """linkat(AT_FDCWD, src, AT_FDCWD, dst, AT_SYMLINK_FOLLOW): gives an O_TMPFILE inode its name.
+
+    ``os.link`` calls plain link(), which would link the /proc symlink itself and fail across devices.
+    """
+    global _libc
+    import ctypes
+
+    _libc = _libc or ctypes.CDLL(None, use_errno=True)
+    if _libc.linkat(-100, os.fsencode(src), -100, os.fsencode(str(dst)), 0x400) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(dst))
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, overwrite: bool) -> Iterator[str]:
+    """Yield a name to write ``path``'s content to; the file appears complete at ``path`` or not at all.
+
+    Linux: an unnamed O_TMPFILE in the target folder, reached through /proc/self/fd (so ffmpeg can reopen it
+    for +faststart), linked into place at the end: a process killed at any moment, even by SIGKILL, leaves
+    nothing behind. Elsewhere: a hidden temp file renamed into place (a SIGKILL can leave a ``.part`` file).
+    Without ``overwrite`` the final step refuses to replace a file that appeared meanwhile.
+    """
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        fd = os.open(parent, os.O_TMPFILE | os.O_RDWR, 0o644) if hasattr(os, "O_TMPFILE") and sys.platform == "linux" else None
+    except OSError:  # filesystem without O_TMPFILE support
+        fd = None
+    tmp = None
+    try:
+        if fd is not None:
+            yield f"/proc/self/fd/{fd}"
+            os.fchmod(fd, 0o666 & ~_umask())
+            if overwrite:
+                tmp = parent / f".{path.name}.{os.getpid()}.tmp"
+                _linkat_follow(f"/proc/self/fd/{fd}", tmp)
                 os.replace(tmp, path)
+                tmp = None
+            else:
+                _linkat_follow(f"/proc/self/fd/{fd}", path)
+        else:
+            handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=parent)
+            os.close(handle)
+            yield tmp
+            if not overwrite and path.exists():
+                raise FileExistsError(path)
+            os.replace(tmp, path)
+            tmp = None
+    except FileExistsError:
+        raise OutputError(f"{path} appeared while encoding; pass --overwrite to replace it") from None
     except OSError as exc:
+        if exc.errno == 17:  # EEXIST from linkat
+            raise OutputError(f"{path} appeared while encoding; pass --overwrite to replace it") from None
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
+        if fd is not None:
+            os.close(fd)
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-    return str(path)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_info(path: str | Path) -> dict:

@@ -1,18 +1,28 @@
 """Models: the Wan2.1 DiT, the Wan VAE and tiny decoder, and the umT5 / CLIP encoders, each with its loader.
 
 Every loader takes a file, a folder or a state dict in any layout found in the wild, builds the module on the
-meta device and fills it tensor by tensor in the target dtype (see load.py).
+meta device and fills it tensor by tensor in the target dtype (see load.py). Names are imported lazily, so
+``from cinecli.models import load_dit`` does not pull in transformers (≈100 MB of resident memory).
 """
 
-from .dit_loader import infer_config, load_dit
-from .image_encoder import ImageEncoder, load_image_encoder
-from .text_encoder import TextEncoder, load_text_encoder
-from .tiny_vae import TinyVAE
-from .vae_loader import load_tiny_vae, load_vae
-from .wan_dit import DIT_CONFIGS, Context, DiTConfig, WanDiT
-from .wan_vae import VAE_CONFIGS, WanVAE
+from __future__ import annotations
 
-__all__ = [
-    "DIT_CONFIGS", "VAE_CONFIGS", "Context", "DiTConfig", "ImageEncoder", "TextEncoder", "TinyVAE", "WanDiT", "WanVAE",
-    "infer_config", "load_dit", "load_image_encoder", "load_text_encoder", "load_tiny_vae", "load_vae",
-]
+import importlib
+
+_EXPORTS = {
+    "load_dit": "dit_loader", "infer_config": "dit_loader",
+    "DIT_CONFIGS": "wan_dit", "Context": "wan_dit", "DiTConfig": "wan_dit", "WanDiT": "wan_dit",
+    "load_vae": "vae_loader", "load_tiny_vae": "vae_loader", "VAE_CONFIGS": "wan_vae", "WanVAE": "wan_vae",
+    "TinyVAE": "tiny_vae",
+    "load_text_encoder": "text_encoder", "TextEncoder": "text_encoder",
+    "load_image_encoder": "image_encoder", "ImageEncoder": "image_encoder",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'cinecli.models' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value

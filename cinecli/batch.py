@@ -1,0 +1,188 @@
+"""``cine batch``: many photos × effects with one model load, a JSONL manifest, resume, isolation and sharding.
+
+Items are (photo, effect) pairs. Each item's seed derives from the base seed and the photo's path relative to
+its input root, and shards pick items by a stable hash of that same path, so a sharded run makes exactly the
+videos an unsharded one makes. Outputs appear atomically (video.atomic_file), so a run killed at any moment
+leaves finished items intact and no partial file; a rerun skips items whose output exists and whose manifest
+line has the same parameters hash.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import CineError, UsageError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+MANIFEST = "manifest.jsonl"
+
+
+@dataclass
+class Item:
+    input: str  # absolute path of the photo
+    rel: str  # path relative to its input root: mirrors into OUTDIR, seeds and shards by it
+    effect: str
+    output: str = ""
+    seed: int = 0
+    prompt: str | None = None  # from a <stem>.txt sidecar
+    params_hash: str = ""
+
+
+@dataclass
+class BatchOptions:
+    inputs: list[str]
+    effects: list[str]
+    outdir: Path
+    recursive: bool = False
+    name: str = "{stem}.{effect}.mp4"
+    seed: int = 0
+    frames: int | None = None
+    fps: int | None = None
+    steps: int | None = None
+    fit: str = "crop"
+    device: str = "auto"
+    dtype: str = "auto"
+    quantize: str | None = None
+    backbone: str | None = None
+    preset_file: Path | None = None
+    overwrite: bool = False
+    shard: tuple[int, int] = (0, 1)
+    crf: int = 18
+    as_json: bool = False
+    quiet: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+# --- inputs, seeds, shards ----------------------------------------------------------------------------------------------
+def collect(inputs: list[str], recursive: bool) -> list[tuple[str, str]]:
+    """Folders, files, globs and ``-`` (newline-separated paths on stdin) → sorted unique (abs path, rel path)."""
+    found: dict[str, str] = {}
+
+    def add(path: Path, rel: str) -> None:
+        found.setdefault(str(path.resolve()), rel)
+
+    for spec in inputs:
+        if spec == "-":
+            for line in sys.stdin.read().splitlines():
+                if line.strip():
+                    p = Path(line.strip())
+                    add(p, p.name if p.is_absolute() else p.as_posix())
+        elif any(c in spec for c in "*?["):
+            root = Path(glob.escape(spec.split("*")[0].split("?")[0].split("[")[0])).parent
+            for match in sorted(glob.glob(spec, recursive=True)):
+                p = Path(match)
+                if p.is_file():
+                    add(p, p.relative_to(root).as_posix() if p.is_relative_to(root) else p.name)
+        elif Path(spec).is_dir():
+            root = Path(spec)
+            files = root.rglob("*") if recursive else root.iterdir()
+            for p in sorted(files):
+                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."):
+                    add(p, p.relative_to(root).as_posix())
+        else:
+            add(Path(spec), Path(spec).name)  # a file (a missing one fails as an item, not the batch)
+    return sorted(found.items(), key=lambda kv: kv[1])
+
+
+def stable_int(text: str) -> int:
+    return int(hashlib.sha256(text.encode()).hexdigest()[:12], 16)
+
+
+def item_seed(base: int, rel: str) -> int:
+    return (base + stable_int(rel)) % 2**31
+
+
+def in_shard(rel: str, shard: tuple[int, int]) -> bool:
+    index, count = shard
+    return stable_int("shard:" + rel) % count == index
+
+
+def parse_shard(value: str | None, env: dict | None = None) -> tuple[int, int]:
+    """``i/N``, else torchrun/accelerate (RANK, WORLD_SIZE), else a Slurm array, else (0, 1)."""
+    env = os.environ if env is None else env
+    if value:
+        try:
+            i, n = (int(x) for x in value.split("/"))
+        except ValueError:
+            raise UsageError(f"--shard {value}: expected i/N, e.g. 0/4") from None
+    elif "WORLD_SIZE" in env and "RANK" in env:
+        i, n = int(env["RANK"]), int(env["WORLD_SIZE"])
+    elif "SLURM_ARRAY_TASK_COUNT" in env and "SLURM_ARRAY_TASK_ID" in env:
+        i = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+        n = int(env["SLURM_ARRAY_TASK_COUNT"])
+    else:
+        return 0, 1
+    if not 0 <= i < n:
+        raise UsageError(f"shard {i}/{n} is out of range (0 ≤ i < N)")
+    return i, n
+
+
+# --- the manifest ----------------------------------------------------------------------------------------------------
+def read_manifest(outdir: Path) -> dict[tuple[str, str], dict]:
+    """Last line per (rel, effect); torn last lines from a killed run are skipped."""
+    records = {}
+    path = outdir / MANIFEST
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+                records[(r["rel"], r["effect"])] = r
+            except (ValueError, KeyError):
+                continue
+    return records
+
+
+def append_manifest(outdir: Path, record: dict) -> None:
+    """One write per line with O_APPEND: lines from concurrent shards do not interleave."""
+    line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+    fd = os.open(outdir / MANIFEST, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --- planning ----------------------------------------------------------------------------------------------------------
+def plan_items(opts: BatchOptions, catalog) -> list[Item]:
+    presets = {e: catalog.resolve(e if opts.preset_file is None else None, backbone=opts.backbone) for e in opts.effects}
+    items = []
+    for path, rel in collect(opts.inputs, opts.recursive):
+        if not in_shard(rel, opts.shard):
+            continue
+        sidecar = Path(path).with_suffix(".txt")
+        prompt = sidecar.read_text().strip() if sidecar.is_file() else None
+        for effect, preset in presets.items():
+            stem = Path(rel).stem
+            name = opts.name.format(stem=stem, effect=preset.name, ext=Path(rel).suffix.lstrip("."))
+            output = opts.outdir / Path(rel).parent / name
+            seed = item_seed(opts.seed, rel)
+            stat = Path(path).stat() if Path(path).exists() else None
+            params = {"effect": preset.name, "backbone": preset.backbone.name, "dit": str(preset.backbone.dit),
+                      "prompt": prompt or preset.prompt, "negative": preset.negative_prompt, "seed": seed,
+                      "frames": opts.frames or preset.frames, "fps": opts.fps or preset.fps, "steps": opts.steps,
+                      "fit": opts.fit, "quantize": opts.quantize, "crf": opts.crf, "name": name,
+                      "input": [stat.st_size, stat.st_mtime_ns] if stat else None}
+            h = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+            items.append(Item(input=path, rel=rel, effect=preset.name, output=str(output), seed=seed, prompt=prompt, params_hash=h))
+    items.sort(key=lambda it: (it.effect, it.rel))  # grouped by effect: each LoRA switch happens once
+    return items
+
+
+def is_done(item: Item, manifest: dict) -> bool:
+    r = manifest.get((item.rel, item.effect))
+    return bool(r and r.get("status") == "ok" and r.get("params_hash") == item.params_hash and Path(item.output).exists())

@@ -1,0 +1,63 @@
+"""``cine batch INPUT... -e EFFECT[,EFFECT…] -o OUTDIR``: folders of photos in, videos and a manifest out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .cli_common import handle_errors, set_offline, stderr_console
+from .errors import UsageError
+
+
+@handle_errors
+def batch(
+    inputs: list[str] = typer.Argument(..., help="Folders, files, globs, or - for newline-separated paths on stdin."),
+    effects: Optional[str] = typer.Option(None, "-e", "--effect", help="Effect(s), comma-separated: bullet-time,slowmo."),
+    outdir: Path = typer.Option(..., "-o", "--output", help="Output folder (input subfolders are mirrored)."),
+    recursive: bool = typer.Option(False, "-r", "--recursive", help="Descend into subfolders of input folders."),
+    name: str = typer.Option("{stem}.{effect}.mp4", "--name", help="Output file name pattern: {stem}, {effect}, {ext}."),
+    seed: int = typer.Option(0, "--seed", help="Base seed; each item's seed derives from it and the photo's relative path."),
+    frames: Optional[int] = typer.Option(None, "--frames", "-f"),
+    fps: Optional[int] = typer.Option(None, "--fps"),
+    steps: Optional[int] = typer.Option(None, "--steps"),
+    fit: str = typer.Option("crop", "--fit", help="crop, pad or stretch."),
+    device: str = typer.Option("auto", "--device"),
+    dtype: str = typer.Option("auto", "--dtype"),
+    quantize_recipe: Optional[str] = typer.Option(None, "--quantize", help="Quantize the DiT at load (hybrid, compact, fp8, int8)."),
+    backbone: Optional[str] = typer.Option(None, "--backbone"),
+    preset_file: Optional[Path] = typer.Option(None, "--preset", help="A preset TOML file instead of named effects."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Redo items that are already done."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="i/N: this process's share (default: from RANK/WORLD_SIZE or a Slurm array)."),
+    ray: Optional[str] = typer.Option(None, "--ray", flag_value="local", help="Run on Ray: --ray (a local instance) or --ray ADDRESS (a cluster)."),
+    ray_actors: int = typer.Option(1, "--ray-actors", help="CPU actors when the Ray cluster has no GPUs (one per GPU otherwise)."),
+    crf: int = typer.Option(18, "--crf"),
+    as_json: bool = typer.Option(False, "--json", help="Stream one JSON line per item on stdout as items finish."),
+    quiet: bool = typer.Option(False, "-q", "--quiet"),
+    offline: bool = typer.Option(False, "--offline"),
+    debug: bool = typer.Option(False, "--debug"),
+) -> None:
+    """Turn many photos into clips with one model load; resumable, isolated per item, shardable.
+
+    Exit codes: 0 every item made (or already done), 8 some items failed (see manifest.jsonl), 130 interrupted.
+    """
+    set_offline(offline)
+    from .batch import BatchOptions, parse_shard
+    from .batch_run import run_batch
+    from .image import FITS
+
+    if effects is None and preset_file is None:
+        raise UsageError("name the effect(s) with -e bullet-time[,slow-motion] or pass --preset FILE")
+    if fit not in FITS:
+        raise UsageError(f"unknown --fit '{fit}' (use {', '.join(FITS)})")
+    if outdir.exists() and not outdir.is_dir():
+        raise UsageError(f"-o {outdir} exists and is not a folder")
+    opts = BatchOptions(
+        inputs=inputs, effects=[e.strip() for e in effects.split(",") if e.strip()] if effects else ["(preset)"],
+        outdir=outdir, recursive=recursive, name=name, seed=seed, frames=frames, fps=fps, steps=steps, fit=fit,
+        device=device, dtype=dtype, quantize=quantize_recipe, backbone=backbone, preset_file=preset_file,
+        overwrite=overwrite, shard=parse_shard(shard), crf=crf, as_json=as_json, quiet=quiet,
+        extra={"ray_actors": ray_actors},
+    )
+    raise typer.Exit(run_batch(opts, stderr_console(quiet), ray_address=ray))
