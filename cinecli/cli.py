@@ -33,6 +33,11 @@ class EffectGroup(TyperGroup):
     def resolve_command(self, ctx: click.Context, args: list[str]):
         if args and not args[0].startswith("-") and args[0] not in self.commands:
             args = ["run", "--effect", args[0], *args[1:]]
+        if args and args[0] == "batch":  # `--ray` alone means a local Ray instance; `--ray ADDRESS` a cluster
+            for i, a in enumerate(args):
+                if a == "--ray" and (i + 1 == len(args) or args[i + 1].startswith("-")):
+                    args = [*args[: i + 1], "local", *args[i + 1:]]
+                    break
         return super().resolve_command(ctx, args)
 
     def format_usage(self, ctx, formatter):

@@ -30,7 +30,7 @@ def batch(
     preset_file: Optional[Path] = typer.Option(None, "--preset", help="A preset TOML file instead of named effects."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo items that are already done."),
     shard: Optional[str] = typer.Option(None, "--shard", help="i/N: this process's share (default: from RANK/WORLD_SIZE or a Slurm array)."),
-    ray: Optional[str] = typer.Option(None, "--ray", flag_value="local", help="Run on Ray: --ray (a local instance) or --ray ADDRESS (a cluster)."),
+    ray: Optional[str] = typer.Option(None, "--ray", help="Run on Ray: --ray alone (a local instance) or --ray ADDRESS (a cluster)."),
     ray_actors: int = typer.Option(1, "--ray-actors", help="CPU actors when the Ray cluster has no GPUs (one per GPU otherwise)."),
     crf: int = typer.Option(18, "--crf"),
     as_json: bool = typer.Option(False, "--json", help="Stream one JSON line per item on stdout as items finish."),

@@ -26,8 +26,13 @@ def _load(lora: Source | LoraFile) -> LoraFile:
 
 
 def _param_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    """Parameter names as in the checkpoint (a peft-wrapped ``q.base_layer.weight`` counts as ``q.weight``)."""
-    return {name.replace(".base_layer.", "."): tuple(p.shape) for name, p in model.named_parameters() if ".lora_" not in name}
+    """Logical parameter shapes under checkpoint names: a peft-wrapped ``q.base_layer.weight`` counts as
+    ``q.weight``, and a quantized layer's weight has its unpacked [out, in] shape."""
+    shapes = {name.replace(".base_layer.", "."): tuple(p.shape) for name, p in model.named_parameters() if ".lora_" not in name}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            shapes[f"{name.replace('.base_layer', '')}.weight"] = (module.out_features, module.in_features)
+    return shapes
 
 
 def _param(model: nn.Module, name: str) -> torch.Tensor:

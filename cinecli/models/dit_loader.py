@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -99,7 +100,8 @@ def load_dit(
     tensors = ((names[k], v) for k, v in iter_tensors(source, DIT_PATTERNS) if k in names)
     if layers and not quant_meta:
         tensors = wild_quant_tensors(tensors, layers, canonical_shapes)
-    model = assign_tensors(model, tensors, device=device, dtype_for=dtype_for, what=_describe(source))
+    model = assign_tensors(model, tensors, device=device, dtype_for=dtype_for, what=_describe(source),
+                           copy=isinstance(source, Mapping))
     model.compute_dtype = activation_dtype(device, dtype)
     model.quant_recipe = quant_meta["recipe"] if quant_meta else ("prequantized" if layers else "none")
     model.quant_layers = dict(layers)

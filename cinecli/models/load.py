@@ -33,11 +33,13 @@ def assign_tensors(
     device: torch.device | str,
     dtype_for: Callable[[str, torch.Tensor], torch.dtype],
     what: str,
+    copy: bool = False,
 ) -> nn.Module:
     """Fill a meta-device ``module`` from canonical ``(name, tensor)`` pairs; every parameter must be covered.
 
-    ``dtype_for(name, tensor)`` chooses each parameter's dtype. Raises ``WeightsError`` naming missing,
-    unexpected and mis-shaped keys.
+    ``dtype_for(name, tensor)`` chooses each parameter's dtype. ``copy`` makes sure no parameter aliases a given
+    tensor (for in-memory state dicts: LoRA merges change weights in place). Raises ``WeightsError`` naming
+    missing, unexpected and mis-shaped keys.
     """
     expected = dict(module.state_dict(keep_vars=True))
     loaded: dict[str, torch.Tensor] = {}
@@ -53,7 +55,8 @@ def assign_tensors(
             bad_shape.append(f"{name} {tuple(tensor.shape)}≠{tuple(target.shape)}")
             bad_names.add(name)
             continue
-        loaded[name] = tensor.to(device=device, dtype=dtype_for(name, tensor))
+        value = tensor.to(device=device, dtype=dtype_for(name, tensor))
+        loaded[name] = value.clone() if copy and value.data_ptr() == tensor.data_ptr() else value
     missing = [k for k in expected if k not in loaded and k not in bad_names]
     problems = []
     if bad_shape:
