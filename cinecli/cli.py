@@ -92,6 +92,7 @@ def run(
     no_metadata: bool = typer.Option(False, "--no-metadata", help="Do not embed the settings in the MP4."),
     quantize_recipe: Optional[str] = typer.Option(None, "--quantize", help="Quantize the DiT at load: hybrid, compact, fp8, int8 or none."),
     strength: Optional[float] = typer.Option(None, "--strength", help="Effect LoRA strength (default: the LoRA card's)."),
+    fast_decode: bool = typer.Option(False, "--fast-decode", help="Decode with the tiny VAE (TAEW2.1): faster, softer."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Make a clip from PHOTO with an effect: cine bullet-time photo.jpg -o out.mp4"""
@@ -107,6 +108,7 @@ def run(
         negative_prompt=negative_prompt, seed=seed, frames=frames, fps=fps, steps=steps, fit=fit, last_frame=last_frame,
         device=device, dtype=dtype, crf=crf, overwrite=overwrite, report_file=report_file, as_json=as_json,
         quiet=quiet, dry_run=dry_run, metadata=not no_metadata, quantize=quantize_recipe, strength=strength,
+        fast_decode=fast_decode,
     )
     run_one(opts, stderr_console(quiet))
 

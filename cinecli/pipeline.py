@@ -125,6 +125,8 @@ class Generator:
     dtype: torch.dtype
     timings: Timings | None = None
     quantize: str | None = None  # recipe to apply at load (overrides the backbone's)
+    fast_decode: bool = False  # decode with the tiny VAE (TAEW2.1): much faster, lower fidelity
+    _tiny: object = None
     _effects: object = None  # models.adapters.Effects on the DiT: effect LoRAs attached unmerged, switched per job
     _dit: object = None
     _vae: object = None
@@ -178,6 +180,15 @@ class Generator:
 
                 self._vae = load_vae(self.paths["vae"], device=self.device)  # fp32, as the reference
         return self._vae
+
+    @property
+    def tiny_vae(self):
+        if self._tiny is None:
+            with self._stage("load tiny_vae"):
+                from .models.vae_loader import load_tiny_vae
+
+                self._tiny = load_tiny_vae(self.paths["tiny_vae"], device=self.device)
+        return self._tiny
 
     @property
     def dit(self):
@@ -243,6 +254,8 @@ class Generator:
         negative = self.text_context(p.negative_prompt) if p.sampler.kind != "distill" and p.sampler.guidance != 1.0 else None
 
         dit, clip, vae = self.dit, self.clip, self.vae  # loads (each its own stage) before the stages that use them
+        if self.fast_decode:
+            self.tiny_vae  # noqa: B018
         self.use_effect(preset, request.effect_strength)
         with self._stage("image encode"):
             clip_fea = clip.encode(first[None].to(self.device))  # [1, 257, 1280]
@@ -270,9 +283,12 @@ class Generator:
             hint = self.nonfinite_hint()
             latents = sample(denoise, p.sampler, (1, *p.latent_shape), generator, self.device,
                              step_hook=lambda i, n: self._stage(f"denoise step {i + 1}/{n}"), nonfinite_hint=hint)
+        if self.fast_decode:
+            tiny = self.tiny_vae
+            with self._stage("vae decode (tiny)"):
+                return tiny.decode(latents)[0].float().cpu()
         with self._stage("vae decode"):
-            out = vae.decode(latents)[0].float().cpu()  # [3, T, H, W]
-        return out
+            return vae.decode(latents)[0].float().cpu()  # [3, T, H, W]
 
 
 def metadata(request: Request, the_plan: Plan, gen: Generator) -> dict:

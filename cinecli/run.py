@@ -42,6 +42,7 @@ class RunOptions:
     metadata: bool = True
     quantize: str | None = None
     strength: float | None = None
+    fast_decode: bool = False
 
 
 def pull_hint(preset: Preset) -> str:
@@ -122,10 +123,15 @@ def run_one(opts: RunOptions, console) -> dict | None:
         refs = dict(preset.backbone.components())
         if preset.effect is not None:
             refs[f"effect:{preset.effect.name}"] = preset.effect.source
+        if opts.fast_decode:
+            if preset.backbone.tiny_vae is None:
+                raise UsageError(f"backbone {preset.backbone.name} names no tiny_vae for --fast-decode")
+            refs["tiny_vae"] = preset.backbone.tiny_vae
         paths = resolve_all(refs, pull_hint(preset))
         device = choose_device(opts.device)
         timings.device = device
-        gen = Generator(preset.backbone, paths, device, choose_dtype(opts.dtype, device), timings=timings, quantize=opts.quantize)
+        gen = Generator(preset.backbone, paths, device, choose_dtype(opts.dtype, device), timings=timings, quantize=opts.quantize,
+                        fast_decode=opts.fast_decode)
     with console.status(f"{preset.name}: {the_plan.frames} frames {the_plan.width}x{the_plan.height} on {device}") if console.is_terminal else contextlib.nullcontext():
         video = gen.generate(request, the_plan, image)
     with timings.stage("mp4 encode"):

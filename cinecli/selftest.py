@@ -3,7 +3,7 @@
 ``cine doctor`` runs the whole pipeline on it (no download needed), and the tests use it as their backbone.
 Layouts, as the public checkpoints ship them:
   dit/diffusion_pytorch_model.safetensors   original Wan keys, bf16 (like Wan2.1-Fun-1.3B-InP)
-  Wan2.1_VAE.pth                            original VAE keys, fp32, weights-only pickle
+  Wan2.1_VAE.pth, taew2_1.pth               original VAE keys and the TAEW2.1 layout, fp32, weights-only pickles
   text_encoder/ , tokenizer/                transformers folders (as in a diffusers pipeline root)
   image_encoder/                            transformers CLIPVisionModel folder
   selftest.toml                             a preset whose inline backbone points at the files above
@@ -58,6 +58,7 @@ def write_backbone(root: Path, seed: int = 0) -> Path:
 
     from .models.image_encoder import IMAGE_ENCODER_CONFIGS
     from .models.text_encoder import TEXT_ENCODER_CONFIGS
+    from .models.tiny_vae import TINY_VAE_CONFIGS, TinyVAE
     from .models.wan_vae import VAE_CONFIGS, WanVAE
 
     root.mkdir(parents=True, exist_ok=True)
@@ -69,6 +70,7 @@ def write_backbone(root: Path, seed: int = 0) -> Path:
     (root / "dit" / "config.json").write_text(json.dumps({"_class_name": "WanModel", "model_type": "i2v", "dim": dit_cfg.dim,
                                                           "num_heads": dit_cfg.num_heads, "num_layers": dit_cfg.num_layers}))
     torch.save(_random_(WanVAE(VAE_CONFIGS["tiny"]), seed + 1).state_dict(), root / "Wan2.1_VAE.pth")
+    torch.save(_random_(TinyVAE(TINY_VAE_CONFIGS["test"]), seed + 4).state_dict(), root / "taew2_1.pth")
     text_cfg = TEXT_ENCODER_CONFIGS["tiny"]
     assert text_cfg.dim == dit_cfg.text_dim and text_cfg.vocab_size >= len(WORDS)
     _random_(UMT5EncoderModel(text_cfg.to_hf()), seed + 2).save_pretrained(root / "text_encoder")
@@ -85,7 +87,7 @@ def write_backbone(root: Path, seed: int = 0) -> Path:
         '[backbone]\nname = "selftest-tiny"\nmodel_type = "i2v"\nsupports_last_frame = true\n'
         'dit = { path = "dit" }\nvae = { path = "Wan2.1_VAE.pth" }\n'
         'text_encoder = { path = "text_encoder" }\ntokenizer = { path = "tokenizer" }\n'
-        'image_encoder = { path = "image_encoder" }\n'
+        'image_encoder = { path = "image_encoder" }\ntiny_vae = { path = "taew2_1.pth" }\n'
         'sampler = { kind = "distill", timesteps = [1000, 750, 500, 250], shift = 5.0 }\n'
     )
     tmp.replace(preset)  # last: a complete preset file means a complete stack

@@ -203,3 +203,13 @@ def test_overwrite_replaces_and_last_frame(backbone, env, photo, tmp_path):
     assert decode(out)[0].shape[0] == 9
     line = one_line_error(cine("bullet-time", photo, "--last-frame", end, "--dry-run"), 2)
     assert "does not support --last-frame" in line
+
+
+def test_fast_decode_uses_the_tiny_vae(backbone, env, photo, tmp_path):
+    out = tmp_path / "fast.mp4"
+    r = cine("run", photo, "--preset", backbone, "-o", out, "--seed", "1", "--fast-decode", "--json")
+    assert r.exit_code == 0, r.output
+    stages = json.loads(r.stdout)["stages"]
+    assert "vae decode (tiny)" in stages and "load tiny_vae" in stages and "vae decode" not in stages
+    frames, _ = decode(out)
+    assert frames.shape == (9, 48, 64, 3)
