@@ -14,11 +14,10 @@ import hashlib
 import json
 import os
 import sys
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import CineError, UsageError
+from .errors import UsageError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 MANIFEST = "manifest.jsonl"
@@ -166,7 +165,7 @@ def plan_items(opts: BatchOptions, catalog) -> list[Item]:
             continue
         sidecar = Path(path).with_suffix(".txt")
         prompt = sidecar.read_text().strip() if sidecar.is_file() else None
-        for effect, preset in presets.items():
+        for preset in presets.values():
             stem = Path(rel).stem
             name = opts.name.format(stem=stem, effect=preset.name, ext=Path(rel).suffix.lstrip("."))
             output = opts.outdir / Path(rel).parent / name

@@ -8,7 +8,16 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from .batch import MANIFEST, BatchOptions, Item, append_manifest, file_sha256, is_done, plan_items, read_manifest
+from .batch import (
+    MANIFEST,
+    BatchOptions,
+    Item,
+    append_manifest,
+    file_sha256,
+    is_done,
+    plan_items,
+    read_manifest,
+)
 from .errors import EXIT_INTERRUPTED, CineError
 
 EXIT_SOME_FAILED = 8
@@ -133,7 +142,13 @@ def run_local(opts: BatchOptions, todo: list[Item], console) -> list[dict]:
     records = []
     progress = None
     if console.is_terminal and not opts.quiet:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
 
         progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                             console=console, transient=True)

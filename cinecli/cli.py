@@ -8,10 +8,8 @@ Expected failures print one line and exit with the codes of ``cinecli.errors`` (
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Optional
 

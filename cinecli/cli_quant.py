@@ -76,7 +76,6 @@ def quantize(
     """Quantize a DiT (weights only: FP8/INT8 per channel, INT4 per group of 64) into one self-describing file."""
     import copy
 
-    import torch
     from safetensors.torch import save_file
 
     from .models import load_dit

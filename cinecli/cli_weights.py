@@ -86,7 +86,7 @@ def models_pull(target: str = typer.Argument(..., help="An effect (or alias), or
         return
     if not yes and console.is_terminal and not typer.confirm("download?", err=True):
         raise typer.Exit(1)
-    for label, ref in todo.items():
+    for ref in todo.values():
         found = download(ref)
         print(found.path)
 
@@ -197,9 +197,10 @@ def lora_inspect(lora: Path = typer.Argument(..., help="A LoRA file (.safetensor
 
 def _dit_shapes(backbone: str) -> dict[str, tuple[int, ...]]:
     """Canonical parameter shapes of a DiT, read from file headers only (no weights loaded)."""
-    from .models.dit_loader import DIT_PATTERNS, _dit_folder
+    from .models.dit_loader import DIT_PATTERNS
     from .preset import Catalog
     from .weights import read_shapes
+    from .weights.files import component_folder
     from .weights.hub import locate
     from .weights.keys import normalize_dit_keys
 
@@ -212,6 +213,6 @@ def _dit_shapes(backbone: str) -> dict[str, tuple[int, ...]]:
         if found.path is None:
             raise UsageError(f"backbone {backbone}'s DiT is not downloaded; pass its file with --backbone PATH")
         source = found.path
-    shapes = read_shapes(_dit_folder(source), DIT_PATTERNS)
+    shapes = read_shapes(component_folder(source, "transformer"), DIT_PATTERNS)
     names = normalize_dit_keys(shapes)
     return {names[k]: shapes[k] for k in names}

@@ -14,11 +14,14 @@ taken relative to the TOML file that holds them.
 from __future__ import annotations
 
 import difflib
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UsageError as PresetError  # an unknown effect or a malformed preset is a usage problem
+import tomllib
+
+from .errors import (
+    UsageError as PresetError,  # an unknown effect or a malformed preset is a usage problem
+)
 
 
 @dataclass(frozen=True)

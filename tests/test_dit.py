@@ -8,11 +8,17 @@ import sys
 
 import pytest
 import torch
+from wan_fixtures import (
+    LAYOUTS,
+    diffusers_model,
+    random_state_dict,
+    tiny_config,
+    write_layout,
+)
 
 from cinecli.errors import WeightsError
 from cinecli.models import load_dit
 from cinecli.models.dit_loader import cast_dit
-from wan_fixtures import LAYOUTS, diffusers_model, random_state_dict, tiny_config, write_layout
 
 TOL = 1e-4  # max |Δ| ≤ TOL · max |reference|, fp32
 

@@ -18,11 +18,19 @@ from safetensors.torch import save_file
 
 from cinecli.errors import WeightsError
 from cinecli.models.image_encoder import (
-    IMAGE_ENCODER_CONFIGS, ImageEncoderConfig, convert_to_tower, image_encoder_key_map, infer_image_config,
+    IMAGE_ENCODER_CONFIGS,
+    ImageEncoderConfig,
+    convert_to_tower,
+    image_encoder_key_map,
+    infer_image_config,
     load_image_encoder,
 )
 from cinecli.models.text_encoder import (
-    TEXT_ENCODER_CONFIGS, TextEncoderConfig, clean_prompt, infer_text_config, load_text_encoder,
+    TEXT_ENCODER_CONFIGS,
+    TextEncoderConfig,
+    clean_prompt,
+    infer_text_config,
+    load_text_encoder,
     text_encoder_key_map,
 )
 

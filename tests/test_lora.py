@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_dit import inputs, rel_err
+from wan_fixtures import random_state_dict, tiny_config, to_diffusers_key
 
 from cinecli.errors import WeightsError
 from cinecli.models import load_dit
 from cinecli.models.adapters import Effects, merge_into
 from cinecli.weights.lora_file import read_lora
-from test_dit import inputs, rel_err
-from wan_fixtures import random_state_dict, tiny_config, to_diffusers_key
 
 RANK, ALPHA = 4, 2.0
 TARGETS = ["blocks.0.self_attn.q", "blocks.0.self_attn.o", "blocks.1.cross_attn.k", "blocks.1.cross_attn.v_img",

@@ -8,16 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from test_dit import inputs, rel_err
+from test_lora import known_delta, write_style
 from typer.testing import CliRunner
+from wan_fixtures import random_state_dict, tiny_config
 
 from cinecli.cli import app
 from cinecli.models import load_dit
 from cinecli.models.quant import FP8, QuantLinear, dequantize, quantize
 from cinecli.models.recipes import RECIPES, quantize_dit
 from cinecli.selftest import sample_image, write_backbone
-from test_dit import inputs, rel_err
-from test_lora import known_delta, write_style
-from wan_fixtures import random_state_dict, tiny_config
 
 TARGETS = {"fp8": 0.03, "int8": 0.01, "int4g64": 0.12}
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_lora import known_delta, write_style
 from typer.testing import CliRunner
 
 from cinecli.cli import app
@@ -17,7 +18,6 @@ from cinecli.models.wan_dit import DIT_CONFIGS
 from cinecli.preset import WeightRef
 from cinecli.selftest import sample_image, write_backbone
 from cinecli.weights import lock
-from test_lora import known_delta, write_style
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 TINY_REPO = "cine-test/tiny-wan"

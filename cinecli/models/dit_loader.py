@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 
 from ..devices import activation_dtype, choose_device, choose_dtype
 from ..errors import WeightsError
 from ..weights import Source, iter_tensors, read_config, read_shapes
-from ..weights.files import read_dtypes
+from ..weights.files import component_folder, describe, read_dtypes
 from ..weights.keys import normalize_dit_keys
 from .load import assign_tensors, build_empty
 from .quant import swap_in
@@ -20,13 +19,6 @@ from .wan_dit import DIT_CONFIGS, DiTConfig, WanDiT, keeps_fp32
 
 # Which files of a folder hold the DiT: diffusers/official shards first, then any single file.
 DIT_PATTERNS = ("diffusion_pytorch_model*.safetensors", "*.safetensors", "*.pth", "*.pt", "*.bin")
-
-
-def _dit_folder(source: Source) -> Source:
-    """A diffusers pipeline root keeps the DiT in ``transformer/``."""
-    if isinstance(source, (str, Path)) and Path(source).is_dir() and (Path(source) / "transformer").is_dir():
-        return Path(source) / "transformer"
-    return source
 
 
 def infer_config(shapes: dict[str, tuple[int, ...]], config_json: dict | None = None) -> DiTConfig:
@@ -73,12 +65,12 @@ def load_dit(
     """
     device = choose_device(device)
     dtype = choose_dtype(dtype if dtype is not None else "auto", device)
-    source = _dit_folder(source)
+    source = component_folder(source, "transformer")
     shapes = read_shapes(source, DIT_PATTERNS)
     try:
         names = normalize_dit_keys(shapes)
     except KeyError:
-        raise WeightsError(f"{_describe(source)} holds no Wan2.1 DiT (no patch_embedding.weight key)") from None
+        raise WeightsError(f"{describe(source)} holds no Wan2.1 DiT (no patch_embedding.weight key)") from None
     canonical_shapes = {names[k]: shapes[k] for k in names}
     quant_meta = read_metadata(source)
     if isinstance(config, str):
@@ -100,7 +92,7 @@ def load_dit(
     tensors = ((names[k], v) for k, v in iter_tensors(source, DIT_PATTERNS) if k in names)
     if layers and not quant_meta:
         tensors = wild_quant_tensors(tensors, layers, canonical_shapes)
-    model = assign_tensors(model, tensors, device=device, dtype_for=dtype_for, what=_describe(source),
+    model = assign_tensors(model, tensors, device=device, dtype_for=dtype_for, what=describe(source),
                            copy=isinstance(source, Mapping))
     model.compute_dtype = activation_dtype(device, dtype)
     model.quant_recipe = quant_meta["recipe"] if quant_meta else ("prequantized" if layers else "none")
@@ -155,5 +147,3 @@ def cast_dit(model: WanDiT, dtype: torch.dtype) -> WanDiT:
     return model
 
 
-def _describe(source: Source) -> str:
-    return "state dict" if not isinstance(source, (str, Path)) else str(source)

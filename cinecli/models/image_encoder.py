@@ -17,11 +17,9 @@ The config comes from ``config.json`` when there is a valid one, else from tenso
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +28,14 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from ..devices import choose_device, choose_dtype
 from ..errors import WeightsError
-from ..weights.files import Source, iter_tensors, read_config, read_shapes
+from ..weights.files import (
+    Source,
+    component_folder,
+    describe,
+    iter_tensors,
+    read_config,
+    read_shapes,
+)
 from ..weights.keys import compile_rules, normalize_keys
 from .load import assign_tensors, build_empty
 
@@ -223,17 +228,6 @@ class ImageEncoder:
         return self.tower(pixel_values=pixels).last_hidden_state  # [B, num_tokens, dim]
 
 
-def _image_encoder_folder(source: Source) -> Source:
-    """A diffusers Wan I2V pipeline root keeps the tower in ``image_encoder/``."""
-    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir() and (Path(source) / "image_encoder").is_dir():
-        return Path(source) / "image_encoder"
-    return source
-
-
-def _describe(source: Source) -> str:
-    return "state dict" if isinstance(source, Mapping) else str(source)
-
-
 def load_image_encoder(
     source: Source,
     *,
@@ -249,32 +243,32 @@ def load_image_encoder(
     """
     device = choose_device(device)
     dtype = choose_dtype(dtype if dtype is not None else "auto", device)
-    source = _image_encoder_folder(source)
+    source = component_folder(source, "image_encoder")
     shapes = read_shapes(source, IMAGE_ENCODER_PATTERNS)
     try:
         names = image_encoder_key_map(list(shapes))
     except WeightsError as exc:
-        raise WeightsError(f"{_describe(source)}: {exc}") from None
+        raise WeightsError(f"{describe(source)}: {exc}") from None
     meta = ((names[k], torch.empty(shapes[k], device="meta")) for k in names)
     canonical_shapes = {name: tuple(t.shape) for name, t in convert_to_tower(meta)}
     if isinstance(config, str):
         config = IMAGE_ENCODER_CONFIGS[config]
     cfg = config or infer_image_config(canonical_shapes, read_config(source))
     if cfg.num_layers < 2:
-        raise WeightsError(f"{_describe(source)}: a CLIP tower with {cfg.num_layers} block(s) has no penultimate block")
+        raise WeightsError(f"{describe(source)}: a CLIP tower with {cfg.num_layers} block(s) has no penultimate block")
     last_block = f"encoder.layers.{cfg.num_layers - 1}."  # read by nobody: not built, its tensors skipped
 
     model = build_empty(lambda: CLIPVisionModel(cfg.to_hf()))
     tower = getattr(model, "vision_model", model)
     renamed = ((names[k], v) for k, v in iter_tensors(source, IMAGE_ENCODER_PATTERNS) if k in names)
     tensors = ((name, t) for name, t in convert_to_tower(renamed) if not name.startswith(last_block))
-    assign_tensors(tower, tensors, device=device, dtype_for=lambda name, t: dtype, what=_describe(source))
+    assign_tensors(tower, tensors, device=device, dtype_for=lambda name, t: dtype, what=describe(source))
     # position_ids is a non-persistent buffer: in no checkpoint, still on meta after the assignment.
     tower.embeddings.position_ids = torch.arange(cfg.num_tokens, device=device).expand(1, -1)
     leftover = [n for n, t in model.state_dict(keep_vars=True).items() if t.is_meta]
     leftover += [n for n, b in model.named_buffers() if b.is_meta]
     if leftover:  # a transformers version with tensors we do not know how to fill
-        raise WeightsError(f"{_describe(source)}: CLIP tensors left unloaded: {', '.join(sorted(set(leftover))[:4])}")
+        raise WeightsError(f"{describe(source)}: CLIP tensors left unloaded: {', '.join(sorted(set(leftover))[:4])}")
     model.eval().requires_grad_(False)
     return ImageEncoder(model, cfg)
 

@@ -28,7 +28,14 @@ from transformers import UMT5Config, UMT5EncoderModel
 
 from ..devices import choose_device, choose_dtype
 from ..errors import WeightsError
-from ..weights.files import Source, iter_tensors, read_config, read_shapes
+from ..weights.files import (
+    Source,
+    component_folder,
+    describe,
+    iter_tensors,
+    read_config,
+    read_shapes,
+)
 from ..weights.keys import compile_rules, normalize_keys
 from .load import assign_tensors, build_empty
 
@@ -248,17 +255,6 @@ class TextEncoder:
         return [h[:n] for h, n in zip(hidden, lengths)]
 
 
-def _text_encoder_folder(source: Source) -> Source:
-    """A diffusers pipeline root keeps the encoder in ``text_encoder/``."""
-    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir() and (Path(source) / "text_encoder").is_dir():
-        return Path(source) / "text_encoder"
-    return source
-
-
-def _describe(source: Source) -> str:
-    return "state dict" if isinstance(source, Mapping) else str(source)
-
-
 def load_text_encoder(
     source: Source,
     *,
@@ -277,12 +273,12 @@ def load_text_encoder(
     """
     device = choose_device(device)
     dtype = choose_dtype(dtype if dtype is not None else "auto", device)
-    source = _text_encoder_folder(source)
+    source = component_folder(source, "text_encoder")
     shapes = read_shapes(source, TEXT_ENCODER_PATTERNS)
     try:
         names = text_encoder_key_map(list(shapes))
     except WeightsError as exc:
-        raise WeightsError(f"{_describe(source)}: {exc}") from None
+        raise WeightsError(f"{describe(source)}: {exc}") from None
     canonical_shapes = {names[k]: shapes[k] for k in names}
     if isinstance(config, str):
         config = TEXT_ENCODER_CONFIGS[config]
@@ -304,7 +300,7 @@ def load_text_encoder(
                 seen.add(name)
                 yield name, tensor
 
-    assign_tensors(model, tensors(), device=device, dtype_for=dtype_for, what=_describe(source))
+    assign_tensors(model, tensors(), device=device, dtype_for=dtype_for, what=describe(source))
     model.encoder.embed_tokens = model.shared
 
     if tokenizer is None:

@@ -15,13 +15,13 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
 from ..devices import choose_device, choose_dtype
 from ..errors import WeightsError
 from ..weights import Source, iter_tensors, read_config, read_shapes
+from ..weights.files import component_folder, describe
 from ..weights.keys import Rules, compile_rules, normalize_keys
 from .load import assign_tensors, build_empty
 from .tiny_vae import TINY_VAE_CONFIGS, TGrow, TinyVAE, TinyVAEConfig
@@ -100,17 +100,6 @@ def infer_vae_config(shapes: dict[str, tuple[int, ...]]) -> WanVAEConfig:
                    temporal_downsample=tuple(temporal))
 
 
-def _vae_folder(source: Source) -> Source:
-    """A diffusers pipeline root keeps the VAE in ``vae/``."""
-    if isinstance(source, (str, Path)) and Path(source).is_dir() and (Path(source) / "vae").is_dir():
-        return Path(source) / "vae"
-    return source
-
-
-def _describe(source: Source) -> str:
-    return "state dict" if not isinstance(source, (str, Path)) else str(source)
-
-
 def _dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     # The reference runs the VAE in fp32; 16-bit is opt-in.
     return torch.float32 if dtype is None else choose_dtype(dtype, device)
@@ -125,24 +114,24 @@ def load_vae(source: Source, *, device: str | torch.device = "cpu", dtype: str |
     """
     device = choose_device(device)
     dtype = _dtype(dtype, device)
-    source = _vae_folder(source)
+    source = component_folder(source, "vae")
     shapes = read_shapes(source, VAE_PATTERNS)
     meta = read_config(source) or {}
     if meta.get("_class_name") != "AutoencoderKLWan":
         meta = {}  # e.g. an original Wan repo's config.json, which describes the DiT
     if meta.get("is_residual") or meta.get("z_dim", 16) != 16:
-        raise WeightsError(f"{_describe(source)} is not a Wan2.1 VAE (Wan2.2-style config)")
+        raise WeightsError(f"{describe(source)} is not a Wan2.1 VAE (Wan2.2-style config)")
     rules = diffusers_vae_rules(meta.get("num_res_blocks", 2), len(meta.get("dim_mult", (1, 2, 4, 4))))
     try:
         names = normalize_vae_keys(list(shapes), rules)
     except KeyError:
-        raise WeightsError(f"{_describe(source)} holds no Wan VAE (no encoder.conv1 / conv_in weight)") from None
+        raise WeightsError(f"{describe(source)} holds no Wan VAE (no encoder.conv1 / conv_in weight)") from None
     if isinstance(config, str):
         config = VAE_CONFIGS[config]
     cfg = config or infer_vae_config({names[k]: shapes[k] for k in names})
     model = build_empty(lambda: WanVAE(cfg))
     tensors = ((names[k], v) for k, v in iter_tensors(source, VAE_PATTERNS) if k in names)
-    return assign_tensors(model, tensors, device=device, dtype_for=lambda n, t: dtype, what=_describe(source))
+    return assign_tensors(model, tensors, device=device, dtype_for=lambda n, t: dtype, what=describe(source))
 
 
 def infer_tiny_config(shapes: dict[str, tuple[int, ...]]) -> TinyVAEConfig:
@@ -178,12 +167,12 @@ def load_tiny_vae(source: Source, *, device: str | torch.device = "cpu", dtype: 
     try:
         names = normalize_keys(shapes, TINY_MARKERS)
     except KeyError:
-        raise WeightsError(f"{_describe(source)} holds no TAEHV decoder (no decoder.1.weight)") from None
+        raise WeightsError(f"{describe(source)} holds no TAEHV decoder (no decoder.1.weight)") from None
     if isinstance(config, str):
         config = TINY_VAE_CONFIGS[config]
     cfg = config or infer_tiny_config({names[k]: shapes[k] for k in names})
     if cfg.latent_channels != 16:
-        raise WeightsError(f"{_describe(source)} is a TAEHV for {cfg.latent_channels}-channel latents, not Wan2.1's 16")
+        raise WeightsError(f"{describe(source)} is a TAEHV for {cfg.latent_channels}-channel latents, not Wan2.1's 16")
     model = build_empty(lambda: TinyVAE(cfg))
     wanted = model.state_dict()
     tgrow = {f"decoder.{i}.conv.weight" for i, m in enumerate(model.decoder) if isinstance(m, TGrow)}
@@ -197,4 +186,4 @@ def load_tiny_vae(source: Source, *, device: str | torch.device = "cpu", dtype: 
                 value = value[-wanted[name].shape[0]:]  # last-timestep slice
             yield name, value
 
-    return assign_tensors(model, tensors(), device=device, dtype_for=lambda n, t: dtype, what=_describe(source))
+    return assign_tensors(model, tensors(), device=device, dtype_for=lambda n, t: dtype, what=describe(source))

@@ -157,3 +157,15 @@ def read_dtypes(source: Source, patterns: Sequence[str] = ("*.safetensors", "*.p
         else:
             dtypes.update((k, v.dtype) for k, v in _load_pickle(path).items())
     return dtypes
+
+
+def component_folder(source: Source, subfolder: str) -> Source:
+    """A diffusers pipeline root keeps each component in its own folder (``transformer/``, ``vae/``, …)."""
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir() and (Path(source) / subfolder).is_dir():
+        return Path(source) / subfolder
+    return source
+
+
+def describe(source: Source) -> str:
+    """How error messages name a source."""
+    return "state dict" if isinstance(source, Mapping) else str(source)
