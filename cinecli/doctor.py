@@ -52,10 +52,11 @@ def environment() -> dict:
         devices.append({"device": "mps", "name": "Apple MPS"})
     probe = torch.zeros(1, 1, 1, 8)
     catalog = Catalog()
-    weights = {}
+    weights: dict[str, dict] = {}  # one entry per distinct file set, with the effects that use it
     for name in catalog.names():
         for component, w in weights_needed(catalog.resolve(name)).items():
-            weights[f"{name}/{component}"] = w
+            entry = weights.setdefault(w["ref"], {**w, "component": component, "effects": []})
+            entry["effects"].append(name)
     from huggingface_hub import constants
 
     return {
@@ -119,9 +120,9 @@ def run_doctor(as_json: bool, run_selftest: bool = True, device: str = "auto", c
     lines.append(f"  caches: HF {env['cache']['hf_hub_cache']} (offline={env['cache']['hf_hub_offline']}), "
                  f"cine {env['cache']['cine_cache']}, user presets {env['cache']['user_presets']}")
     present = sum(w["present"] for w in env["weights"].values())
-    lines.append(f"  weights: {present} of {len(env['weights'])} preset components present")
-    for name, w in env["weights"].items():
-        lines.append(f"    {'ok     ' if w['present'] else 'missing'} {name}: {w['ref']}")
+    lines.append(f"  weights: {present} of {len(env['weights'])} file sets the presets need are present")
+    for ref, w in env["weights"].items():
+        lines.append(f"    {'ok     ' if w['present'] else 'missing'} {w['component']:24s} {ref}  ({', '.join(w['effects'])})")
     if run_selftest:
         if result["selftest_ok"]:
             r = result["selftest"]
