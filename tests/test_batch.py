@@ -159,3 +159,28 @@ def test_ray_runs_the_same_items(preset, env, tmp_path):
     assert all(frames_of(Path(x["output"])) == 1 for x in records)
     again = cine("batch", src, "--preset", preset, "-o", out, "--frames", "1", "--ray", "--json")
     assert [json.loads(x)["status"] for x in again.stdout.splitlines()] == ["skipped", "skipped"]
+
+
+def test_out_of_memory_on_one_item_is_recorded_and_the_batch_goes_on(preset, env, tmp_path, monkeypatch):
+    import torch
+
+    from cinecli.pipeline import Generator
+
+    original = Generator.generate
+
+    def generate(self, request, the_plan, image):
+        if str(request.image).endswith("face1.png"):
+            with self.timings.stage("denoise step 2/4"):
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return original(self, request, the_plan, image)
+
+    monkeypatch.setattr(Generator, "generate", generate)
+    src, out = tmp_path / "in", tmp_path / "out"
+    photos(src, 3)
+    r = cine("batch", src, "--preset", preset, "-o", out, "--frames", "1")
+    assert r.exit_code == 8, r.output
+    lines = {x["rel"]: x for x in manifest(out)}
+    assert lines["face0.png"]["status"] == lines["face2.png"]["status"] == "ok"
+    failed = lines["face1.png"]
+    assert failed["status"] == "failed" and failed["stage"] == "denoise step 2/4"
+    assert "out of memory in stage 'denoise step 2/4'" in failed["error"] and "1 frames" in failed["error"]

@@ -9,6 +9,8 @@ of output rows), so the transient copy stays small (16 MB) instead of the whole 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -16,16 +18,20 @@ import torch.nn.functional as F
 UPCAST_CHUNK_ELEMENTS = 1 << 22
 
 
-def upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear with ``weight``/``bias`` converted to ``x.dtype`` a slice of output rows at a time."""
-    out_features, in_features = weight.shape
-    rows = max(1, UPCAST_CHUNK_ELEMENTS // in_features)
-    if rows >= out_features:
-        return F.linear(x, weight.to(x.dtype), bias.to(x.dtype) if bias is not None else None)
+def chunked_linear(x: torch.Tensor, rows: Callable[[int, int], torch.Tensor], out_features: int, in_features: int,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x Wᵀ + b where ``rows(r0, r1)`` gives W[r0:r1] in ``x.dtype``, ``UPCAST_CHUNK_ELEMENTS`` weights at a time.
+
+    Used by every layer whose stored weight is not in the activation dtype (16-bit on an fp32-activation CPU,
+    fp8/int8/int4 in quant.py): only one slice of the converted weight ever exists.
+    """
+    step = max(1, UPCAST_CHUNK_ELEMENTS // in_features)
+    if step >= out_features:
+        return F.linear(x, rows(0, out_features), bias.to(x.dtype) if bias is not None else None)
     out = x.new_empty(*x.shape[:-1], out_features)
-    for r in range(0, out_features, rows):
-        b = bias[r:r + rows].to(x.dtype) if bias is not None else None
-        out[..., r:r + rows] = F.linear(x, weight[r:r + rows].to(x.dtype), b)
+    for r in range(0, out_features, step):
+        b = bias[r:r + step].to(x.dtype) if bias is not None else None
+        out[..., r:r + step] = F.linear(x, rows(r, r + step), b)
     return out
 
 
@@ -35,4 +41,4 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.dtype == x.dtype:
             return F.linear(x, self.weight, self.bias)
-        return upcast_linear(x, self.weight, self.bias)
+        return chunked_linear(x, lambda r0, r1: self.weight[r0:r1].to(x.dtype), self.out_features, self.in_features, self.bias)

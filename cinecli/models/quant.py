@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .layers import Linear
+from .layers import Linear, chunked_linear
 
 FORMATS = ("fp8", "int8", "int4")
 FP8 = torch.float8_e4m3fn
@@ -104,8 +103,9 @@ class QuantLinear(Linear):
         return dequantize(self.weight, self.weight_scale, self.fmt, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantized(x.dtype)  # transient: one layer's weight at a time
-        return F.linear(x, w, self.bias.to(x.dtype) if self.bias is not None else None)
+        # dequantized a slice of output rows at a time: never a whole full-precision weight in memory
+        rows = lambda r0, r1: dequantize(self.weight[r0:r1], self.weight_scale[r0:r1], self.fmt, x.dtype)  # noqa: E731
+        return chunked_linear(x, rows, self.out_features, self.in_features, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"
