@@ -40,8 +40,7 @@ class Worker:
 
         key = preset.backbone.name
         if key not in self.generators:
-            refs = dict(preset.backbone.components())
-            paths = resolve_all(refs, f"cine models pull {preset.name}")
+            paths = resolve_all(preset.backbone.components(), f"cine models pull {preset.name}")
             device = choose_device(self.opts.device)
             self.generators[key] = Generator(preset.backbone, paths, device, choose_dtype(self.opts.dtype, device),
                                              quantize=self.opts.quantize)

@@ -9,7 +9,6 @@ Expected failures print one line and exit with the codes of ``cinecli.errors`` (
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -47,19 +46,6 @@ app = typer.Typer(
     help="Turn a photo into a short cinematic clip. Effects: bullet-time (bulletti), dolly-zoom (hitchcock), "
          "slow-motion (slowmo); `cine effects` lists them all.",
 )
-
-
-def default_output(image: str, effect: str, output: Optional[str]) -> str:
-    """``-o`` rules: none → ./<stem>.<effect>.mp4; DIR/ or an existing folder → DIR/<stem>.<effect>.mp4."""
-    stem = "stdin" if image == "-" else Path(image).stem
-    name = f"{stem}.{effect}.mp4"
-    if output is None:
-        return name
-    if output == "-":
-        return output
-    if output.endswith(("/", os.sep)) or Path(output).is_dir():
-        return str(Path(output) / name)
-    return output
 
 
 @app.command("run")

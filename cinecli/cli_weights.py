@@ -23,11 +23,7 @@ def _refs_for(target: str) -> dict[str, object]:
     names = catalog.names() if target == "all" else [catalog.resolve(target).name]
     refs = {}
     for name in names:
-        preset = catalog.resolve(name)
-        comps = dict(preset.backbone.components())
-        if preset.effect is not None:
-            comps[f"effect:{preset.effect.name}"] = preset.effect.source
-        for label, ref in comps.items():
+        for label, ref in catalog.resolve(name).weights().items():
             refs.setdefault(str(ref), (label, ref))
     return {label: ref for label, ref in refs.values()}
 

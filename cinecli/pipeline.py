@@ -10,6 +10,7 @@ freed before the DiT loads; CLIP and the VAE are small and stay.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import secrets
 from dataclasses import dataclass, field, replace
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import __version__, prompt_cache
-from .devices import activation_dtype, choose_device, choose_dtype
+from .devices import activation_dtype
 from .errors import UsageError
 from .image import fit_image, read_image, target_size, to_tensor
 from .preset import Backbone, Preset, SamplerSpec
@@ -132,14 +133,7 @@ class Generator:
     _vae: object = None
     _clip: object = None
 
-    @classmethod
-    def create(cls, backbone: Backbone, paths: dict[str, Path], device: str = "auto", dtype: str = "auto") -> Generator:
-        dev = choose_device(device)
-        return cls(backbone, paths, dev, choose_dtype(dtype, dev))
-
     def _stage(self, name: str):
-        import contextlib
-
         return self.timings.stage(name) if self.timings is not None else contextlib.nullcontext()
 
     # --- components -----------------------------------------------------------------------------------------------

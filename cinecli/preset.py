@@ -107,6 +107,17 @@ class Preset:
     def effective_sampler(self) -> SamplerSpec:
         return self.sampler or self.backbone.sampler
 
+    def weights(self, fast_decode: bool = False) -> dict[str, WeightRef]:
+        """Every weight reference a run of this preset needs, by component label."""
+        refs = self.backbone.components()
+        if self.effect is not None:
+            refs[f"effect:{self.effect.name}"] = self.effect.source
+        if fast_decode:
+            if self.backbone.tiny_vae is None:
+                raise PresetError(f"backbone {self.backbone.name} names no tiny_vae for --fast-decode")
+            refs["tiny_vae"] = self.backbone.tiny_vae
+        return refs
+
 
 # --- where TOML files live --------------------------------------------------------------------------------------------
 def builtin_dir(kind: str) -> Path:

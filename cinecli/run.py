@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,11 +54,8 @@ def weights_needed(preset: Preset) -> dict[str, dict]:
     """Each component's reference, whether it is present locally, and its size on disk (no network, no loading)."""
     from .weights.hub import locate
 
-    refs = dict(preset.backbone.components())
-    if preset.effect is not None:
-        refs[f"effect:{preset.effect.name}"] = preset.effect.source
     out = {}
-    for name, ref in refs.items():
+    for name, ref in preset.weights().items():
         found = locate(ref)
         size = sum(f.stat().st_size for f in found.files if f.is_file()) if found.path else None
         out[name] = {"ref": str(ref), "present": found.path is not None, "bytes": size,
@@ -88,9 +86,19 @@ def _human(n: int | None) -> str:
     return str(n)
 
 
-def run_one(opts: RunOptions, console) -> dict | None:
-    from .cli import default_output
+def default_output(image: str, effect: str, output: str | None) -> str:
+    """``-o`` rules: none → ./<stem>.<effect>.mp4; DIR/ or an existing folder → DIR/<stem>.<effect>.mp4."""
+    name = f"{'stdin' if image == '-' else Path(image).stem}.{effect}.mp4"
+    if output is None:
+        return name
+    if output == "-":
+        return output
+    if output.endswith(("/", os.sep)) or Path(output).is_dir():
+        return str(Path(output) / name)
+    return output
 
+
+def run_one(opts: RunOptions, console) -> dict | None:
     if opts.fit not in FITS:
         raise UsageError(f"unknown --fit '{opts.fit}' (use {', '.join(FITS)})")
     timings = Timings()
@@ -104,6 +112,10 @@ def run_one(opts: RunOptions, console) -> dict | None:
                           fit=opts.fit, last_frame=opts.last_frame, prompt=opts.prompt, negative_prompt=opts.negative_prompt,
                           steps=opts.steps, effect_strength=opts.strength)
         the_plan = plan(request, image.size)
+        if opts.quantize:
+            from .models.recipes import get_recipe
+
+            get_recipe(opts.quantize)  # a typo fails now, not after loading the backbone
         if opts.last_frame is not None:
             if not preset.backbone.supports_last_frame:
                 raise UsageError(f"backbone {preset.backbone.name} does not support --last-frame "
@@ -120,14 +132,7 @@ def run_one(opts: RunOptions, console) -> dict | None:
         from .report import build_report, summary_table, write_report
         from .weights.hub import resolve_all
 
-        refs = dict(preset.backbone.components())
-        if preset.effect is not None:
-            refs[f"effect:{preset.effect.name}"] = preset.effect.source
-        if opts.fast_decode:
-            if preset.backbone.tiny_vae is None:
-                raise UsageError(f"backbone {preset.backbone.name} names no tiny_vae for --fast-decode")
-            refs["tiny_vae"] = preset.backbone.tiny_vae
-        paths = resolve_all(refs, pull_hint(preset))
+        paths = resolve_all(preset.weights(opts.fast_decode), pull_hint(preset))
         device = choose_device(opts.device)
         timings.device = device
         gen = Generator(preset.backbone, paths, device, choose_dtype(opts.dtype, device), timings=timings, quantize=opts.quantize,
