@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from test_dit import inputs, rel_err
-from test_lora import known_delta, write_style
+from test_lora import ALPHA, RANK, known_delta, write_style
 from typer.testing import CliRunner
 from wan_fixtures import random_state_dict, tiny_config
 
@@ -196,3 +196,22 @@ def test_nan_latents_stop_with_the_recipe_named(stack, tmp_path):
     assert r.exit_code == 5, r.output
     assert "NaN/Inf" in r.stderr and "'fp8'" in r.stderr and "--quantize int8" in r.stderr
     assert not (tmp_path / "nan.mp4").exists()
+
+
+def test_backbone_lora_merged_into_quantized_layers_is_requantized(tmp_path):
+    from cinecli.models.adapters import merge_into
+
+    cfg = tiny_config("i2v")
+    sd = random_state_dict(cfg)
+    pairs = known_delta(cfg, targets=["blocks.0.ffn.0", "blocks.1.self_attn.q"])
+    write_style("diff", pairs, tmp_path / "distill.safetensors")  # full .diff weight deltas, as lightx2v ships
+    model = load_dit(sd, dtype="fp32")
+    quantize_dit(model, RECIPES["hybrid"])
+    merge_into(model, tmp_path / "distill.safetensors")
+    for module, fmt in (("blocks.0.ffn.0", "int4g64"), ("blocks.1.self_attn.q", "fp8")):
+        down, up = pairs[module]
+        w = sd[f"{module}.weight"]
+        q = QuantLinear.from_linear(torch.nn.Linear(w.shape[1], w.shape[0]), fmt)
+        merged = dequantize(*quantize(w, fmt), fmt, torch.float32) + ALPHA / RANK * up @ down  # dequantize, add, requantize
+        q.weight.data, q.weight_scale.data = quantize(merged, fmt)
+        assert torch.equal(model.get_submodule(module).dequantized(), q.dequantized()), module

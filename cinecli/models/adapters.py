@@ -43,25 +43,30 @@ def _param(model: nn.Module, name: str) -> torch.Tensor:
     return getattr(module, leaf)
 
 
+def _add_delta(model: nn.Module, name: str, delta: torch.Tensor, strength: float) -> None:
+    """param ← param + strength·delta in fp32, cast back; a quantized weight is dequantized, added, requantized."""
+    module_name, _, leaf = name.rpartition(".")
+    layer = model.get_submodule(module_name) if module_name else model
+    layer = getattr(layer, "base_layer", layer)
+    if isinstance(layer, QuantLinear) and leaf == "weight":
+        merged = layer.dequantized(torch.float32) + strength * delta.float().to(layer.weight.device)
+        layer.weight.data, layer.weight_scale.data = quantize(merged, layer.fmt)
+        return
+    p = getattr(layer, leaf)
+    p.copy_((p.float() + strength * delta.float().to(p.device)).to(p.dtype))
+
+
 @torch.no_grad()
 def merge_into(model: nn.Module, lora: Source | LoraFile, strength: float = 1.0, what: str = "LoRA") -> LoraFile:
     """Add ``strength`` × every delta of ``lora`` into the model's weights, permanently (fp32 math, cast back)."""
     lora = _load(lora)
     check_fit(lora, _param_shapes(model), what)
     for module, lr in lora.low_rank.items():
-        layer = model.get_submodule(module)
-        if isinstance(layer, QuantLinear):  # dequantize, add, quantize again in the same format
-            merged = layer.dequantized(torch.float32) + strength * lr.delta(torch.float32).to(layer.weight.device)
-            layer.weight.data, layer.weight_scale.data = quantize(merged, layer.fmt)
-        else:
-            weight = _param(model, f"{module}.weight")
-            weight.copy_((weight.float() + strength * lr.delta(torch.float32).to(weight.device)).to(weight.dtype))
+        _add_delta(model, f"{module}.weight", lr.delta(torch.float32), strength)
         if lr.bias is not None:
-            bias = _param(model, f"{module}.bias")
-            bias.copy_((bias.float() + strength * lr.bias.float().to(bias.device)).to(bias.dtype))
+            _add_delta(model, f"{module}.bias", lr.bias, strength)
     for name, delta in lora.full.items():
-        p = _param(model, name)
-        p.copy_((p.float() + strength * delta.float().to(p.device)).to(p.dtype))
+        _add_delta(model, name, delta, strength)
     return lora
 
 
@@ -83,6 +88,11 @@ class Effects:
             raise ValueError(f"effect {name} is already loaded")
         lora = _load(lora)
         check_fit(lora, _param_shapes(self.model), f"LoRA {name}")
+        quantized = [p for p in lora.full if p.endswith(".weight") and isinstance(
+            getattr(self.model.get_submodule(p.rpartition(".")[0]), "base_layer", self.model.get_submodule(p.rpartition(".")[0])), QuantLinear)]
+        if quantized:
+            raise WeightsError(f"LoRA {name} has full weight deltas (.diff) for quantized layers (e.g. {quantized[0]}): "
+                               "use it on the 16-bit backbone, or merge it before quantizing")
         modules = sorted(lora.low_rank)
         if modules:
             ranks = {re.escape(m): lora.low_rank[m].rank for m in modules}
@@ -125,11 +135,9 @@ class Effects:
         for pname, original in self._originals.items():  # undo the previous effect's full deltas exactly
             _param(self.model, pname).copy_(original)
         if name is not None:
-            strength = self.strengths[name]
             for pname, delta in self.loaded[name].full.items():
-                p = _param(self.model, pname)
                 if pname not in self._originals:
-                    self._originals[pname] = p.detach().clone()
-                p.copy_((self._originals[pname].float() + strength * delta.float().to(p.device)).to(p.dtype))
+                    self._originals[pname] = _param(self.model, pname).detach().clone()
+                _add_delta(self.model, pname, delta, self.strengths[name])
         self._activate_layers(name)
         self.active = name
