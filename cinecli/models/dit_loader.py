@@ -59,8 +59,10 @@ def load_dit(
 
     Accepts original Wan keys, diffusers folders/keys, ComfyUI prefixes (``model.diffusion_model.``,
     ``diffusion_model.``), sharded ``*.safetensors.index.json`` and ``.pth`` (weights only). ``dtype`` is the
-    weight dtype (default: ``choose_dtype('auto')`` for the device); norms, modulation, time embedding and
-    head stay float32. Activations run in ``dtype`` where the device multiplies it natively, else float32. Returns the model in eval mode; its forward maps
+    weight dtype (default: ``choose_dtype('auto')`` for the device); norms and modulation stay float32 and the
+    time embedding, residual stream and head compute in float32. Activations run in ``dtype`` where the device
+    multiplies it natively, else float32. Pre-quantized checkpoints (``cine quantize`` output, ComfyUI fp8 /
+    fp8_scaled, lightx2v fp8/int8) keep their quantized weights. Returns the model in eval mode; its forward maps
     x [B,16,F,H,W], t [B], context [B,L≤512,4096], clip_fea [B,257|514,1280], y [B,20,F,H,W] → velocity fp32.
     """
     device = choose_device(device)
