@@ -51,6 +51,22 @@ class Worker:
         timings.device = gen.device
         return gen
 
+    def encode_prompts(self, items: list[Item]) -> None:
+        """Encode every prompt of the batch up front, one text-encoder load per backbone, before any DiT loads."""
+        from .pipeline import Request, final_prompt
+        from .timing import Timings
+
+        by_backbone: dict[str, tuple[object, list[str]]] = {}
+        for item in items:
+            preset = self.catalog.resolve(item.effect if self.opts.preset_file is None else None, backbone=self.opts.backbone)
+            entry = by_backbone.setdefault(preset.backbone.name, (preset, []))
+            entry[1].append(final_prompt(Request(image=item.input, preset=preset, prompt=item.prompt)))
+        for preset, prompts in by_backbone.values():
+            try:
+                self.generator(preset, Timings()).encode_prompts(prompts)
+            except CineError:
+                pass  # e.g. missing weights: each item reports it
+
     def process(self, item: Item) -> dict:
         """Make one item's video; never raises for a per-item problem (it becomes a failed record)."""
         from .image import read_image
@@ -138,6 +154,7 @@ def emit(opts: BatchOptions, record: dict, record_in_manifest: bool = True) -> N
 
 def run_local(opts: BatchOptions, todo: list[Item], console) -> list[dict]:
     worker = Worker(opts)
+    worker.encode_prompts(todo)
     records = []
     progress = None
     if console.is_terminal and not opts.quiet:

@@ -74,6 +74,15 @@ def round_frames(frames: int) -> int:
     return max(1, min(MAX_FRAMES, 4 * round((frames - 1) / 4) + 1))
 
 
+def final_prompt(request: Request) -> str:
+    """The prompt a request runs with: the user's or the preset's, with the effect's trigger words in front."""
+    prompt = request.prompt or request.preset.prompt
+    trigger = request.preset.effect.trigger if request.preset.effect else ""
+    if trigger and trigger not in prompt:
+        prompt = f"{trigger}, {prompt}"  # effect LoRAs only fire on their trigger words
+    return prompt
+
+
 def plan(request: Request, image_size: tuple[int, int]) -> Plan:
     preset = request.preset
     notices = []
@@ -93,10 +102,7 @@ def plan(request: Request, image_size: tuple[int, int]) -> Plan:
             sampler = replace(sampler, timesteps=tuple(1000 * (1 - i / request.steps) for i in range(request.steps)))
         else:
             sampler = replace(sampler, steps=request.steps)
-    prompt = request.prompt or preset.prompt
-    trigger = preset.effect.trigger if preset.effect else ""
-    if trigger and trigger not in prompt:
-        prompt = f"{trigger}, {prompt}"  # effect LoRAs only fire on their trigger words
+    prompt = final_prompt(request)
     width, height = target_size(*image_size, preset.max_area)
     seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
     return Plan(width, height, frames, request.fps or preset.fps, seed, prompt,
@@ -144,17 +150,31 @@ class Generator:
             cached = prompt_cache.lookup(identity, prompt)
         if cached is not None:
             return cached.to(self.device)
-        with self._stage("load text_encoder"):  # imports inside the stage: their cost is part of loading
-            from .models.text_encoder import load_text_encoder
+        return self.encode_prompts([prompt], identity)[0].to(self.device)
 
-            enc = load_text_encoder(self.paths["text_encoder"], tokenizer=self.paths["tokenizer"], device=self.device,
-                                    dtype=self.dtype)
-        with self._stage("text encode"), torch.no_grad():
-            context = enc.encode([prompt])[0]
-            del enc
-            gc.collect()  # free the encoder before the DiT loads
-            prompt_cache.store(identity, prompt, context)
-        return context
+    def encode_prompts(self, prompts: list[str], identity: str | None = None) -> list[torch.Tensor]:
+        """Encode and cache every prompt not cached yet with one text-encoder load, then free the encoder.
+
+        Batches call this for all their prompts before the DiT loads, so the 11 GB encoder and the DiT are never
+        resident together and load once per batch, not once per new prompt.
+        """
+        identity = identity or prompt_cache.encoder_identity(self.paths["text_encoder"])
+        found = {p: prompt_cache.lookup(identity, p) for p in dict.fromkeys(prompts)}
+        todo = [p for p, context in found.items() if context is None]
+        if todo:
+            with self._stage("load text_encoder"):  # imports inside the stage: their cost is part of loading
+                from .models.text_encoder import load_text_encoder
+
+                enc = load_text_encoder(self.paths["text_encoder"], tokenizer=self.paths["tokenizer"], device=self.device,
+                                        dtype=self.dtype)
+            with self._stage("text encode"), torch.no_grad():
+                for i in range(0, len(todo), 16):  # 16 prompts per encoder call bounds its activations
+                    for p, context in zip(todo[i:i + 16], enc.encode(todo[i:i + 16])):
+                        found[p] = context.cpu()
+                        prompt_cache.store(identity, p, context)
+                del enc
+                gc.collect()  # free the encoder before the DiT loads
+        return [found[p] for p in prompts]
 
     @property
     def clip(self):

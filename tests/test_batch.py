@@ -67,7 +67,7 @@ def test_folder_with_bad_images_then_rerun_does_no_work(preset, env, tmp_path):
     photos(src, 3, sub=1)
     (src / "notes.jpg").write_text("not an image")
     (src / "empty.png").write_bytes(b"")
-    (src / "face0.txt").write_text("a cinematic portrait")  # sidecar prompt for sub/face0? no: for face0 at the root
+    (src / "sub" / "face0.txt").write_text("a cinematic portrait")  # a sidecar prompt for sub/face0.png
     r = cine("batch", src, "-r", "--preset", preset, "-o", out, "--frames", "5", "--json")
     assert r.exit_code == 8, r.output  # some items failed
     streamed = [json.loads(line) for line in r.stdout.splitlines()]
@@ -76,6 +76,10 @@ def test_folder_with_bad_images_then_rerun_does_no_work(preset, env, tmp_path):
     assert {k for k, v in lines.items() if v["status"] == "ok"} == {"face1.png", "face2.png", "sub/face0.png"}
     assert "not an image" in lines["notes.jpg"]["error"] and "0 bytes" in lines["empty.png"]["error"]
     assert lines["notes.jpg"]["stage"] == "read image"
+    # prompts (the preset's and face0's sidecar) were encoded before the DiT loaded, not item by item
+    assert all("load text_encoder" not in x["timings"] for x in lines.values())
+    sidecar = json.loads(cine("info", out / "sub" / "face0.selftest.mp4", "--json").stdout)["cine"]["prompt"]
+    assert sidecar == "a cinematic portrait"
     for rel in ("face1.png", "face2.png", "sub/face0.png"):
         video = out / Path(rel).parent / f"{Path(rel).stem}.selftest.mp4"
         assert frames_of(video) == 5 and len(lines[rel]["output_sha256"]) == 64
