@@ -9,7 +9,7 @@ import sys
 import click
 import typer
 
-from .errors import EXIT_DEVICE, EXIT_FAILURE, EXIT_INTERRUPTED, CineError
+from .errors import EXIT_BROKEN_PIPE, EXIT_DEVICE, EXIT_FAILURE, EXIT_INTERRUPTED, CineError
 
 
 def stderr_console(quiet: bool = False):
@@ -37,6 +37,10 @@ def handle_errors(fn):
             if debug:
                 raise
             fail(str(exc).splitlines()[0], exc.exit_code)
+        except BrokenPipeError:  # `cine … | head`: the reader left; go quietly, as tools killed by SIGPIPE do
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            raise typer.Exit(EXIT_BROKEN_PIPE)
         except KeyboardInterrupt:
             sys.stderr.write("cine: interrupted\n")
             raise typer.Exit(EXIT_INTERRUPTED)

@@ -14,6 +14,7 @@ EXIT_NUMERIC = 5  # generation produced NaN/Inf (e.g. a quantization recipe too 
 EXIT_OUTPUT = 6  # the output exists (no --overwrite), or cannot be written
 EXIT_DEVICE = 7  # the requested device is not available, or ran out of memory
 EXIT_INTERRUPTED = 130  # Ctrl-C; temp files are removed
+EXIT_BROKEN_PIPE = 141  # the reader of stdout went away (`cine info x.mp4 | head -1`), as for SIGPIPE
 
 
 class CineError(Exception):
