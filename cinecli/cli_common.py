@@ -9,7 +9,13 @@ import sys
 import click
 import typer
 
-from .errors import EXIT_BROKEN_PIPE, EXIT_DEVICE, EXIT_FAILURE, EXIT_INTERRUPTED, CineError
+from .errors import (
+    EXIT_BROKEN_PIPE,
+    EXIT_DEVICE,
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    CineError,
+)
 
 
 def stderr_console(quiet: bool = False):
