@@ -215,3 +215,12 @@ def test_backbone_lora_merged_into_quantized_layers_is_requantized(tmp_path):
         merged = dequantize(*quantize(w, fmt), fmt, torch.float32) + ALPHA / RANK * up @ down  # dequantize, add, requantize
         q.weight.data, q.weight_scale.data = quantize(merged, fmt)
         assert torch.equal(model.get_submodule(module).dequantized(), q.dequantized()), module
+
+
+def test_fp8_bit_decoding_is_exact_for_every_code():
+    from cinecli.models.quant import fp8_bits_to_half
+
+    codes = torch.arange(256, dtype=torch.uint8).view(FP8)
+    expected = codes.float()
+    finite = ~torch.isnan(expected)
+    assert torch.equal(fp8_bits_to_half(codes).float()[finite] * 256, expected[finite])
