@@ -13,6 +13,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,7 +75,8 @@ def collect(inputs: list[str], recursive: bool) -> list[tuple[str, str]]:
                     p = Path(line.strip())
                     add(p, p.name if p.is_absolute() else p.as_posix())
         elif any(c in spec for c in "*?["):
-            root = Path(glob.escape(spec.split("*")[0].split("?")[0].split("[")[0])).parent
+            prefix = re.split(r"[*?\[]", spec, maxsplit=1)[0]  # the literal part: paths are relative to its folder
+            root = Path(prefix) if prefix.endswith(("/", os.sep)) else Path(prefix).parent
             for match in sorted(glob.glob(spec, recursive=True)):
                 p = Path(match)
                 if p.is_file():

@@ -188,3 +188,15 @@ def test_out_of_memory_on_one_item_is_recorded_and_the_batch_goes_on(preset, env
     failed = lines["face1.png"]
     assert failed["status"] == "failed" and failed["stage"] == "denoise step 2/4"
     assert "out of memory in stage 'denoise step 2/4'" in failed["error"] and "1 frames" in failed["error"]
+
+
+def test_inputs_from_folders_globs_and_files(tmp_path):
+    from cinecli.batch import collect
+
+    photos(tmp_path / "shoot", 3, sub=1)
+    (tmp_path / "shoot" / "notes.md").write_text("not a photo")
+    assert [rel for _, rel in collect([str(tmp_path / "shoot")], False)] == ["face1.png", "face2.png"]
+    assert [rel for _, rel in collect([str(tmp_path / "shoot")], True)] == ["face1.png", "face2.png", "sub/face0.png"]
+    assert [rel for _, rel in collect([str(tmp_path / "shoot") + "/**/*.png"], False)] == ["face1.png", "face2.png", "sub/face0.png"]
+    single = collect([str(tmp_path / "shoot" / "face1.png"), str(tmp_path / "shoot" / "face1.png")], False)
+    assert [rel for _, rel in single] == ["face1.png"]  # the same photo twice is one item

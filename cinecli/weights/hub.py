@@ -69,7 +69,12 @@ def _cached(ref: WeightRef) -> Resolved:
     files = sorted(p for p in root.rglob("*") if p.is_file() and fnmatch.fnmatch(p.relative_to(root).as_posix(), _pattern(file)))
     if not files:
         return Resolved(ref, None)
-    path = files[0] if len(files) == 1 and not file.endswith("/") else root / file if file.endswith("/") else root
+    if file.endswith("/"):
+        path = root / file  # a folder (a tokenizer, a diffusers component)
+    elif len(files) == 1:
+        path = files[0]  # a file, or the one match of a glob
+    else:
+        path = root  # several matches: the loaders pick from the folder
     if file.endswith(".safetensors.index.json"):
         index = root / file
         shards = sorted({index.parent / s for s in json.loads(index.read_text())["weight_map"].values()})
