@@ -10,6 +10,7 @@ import typer
 
 from .cli_common import fail, handle_errors, stderr_console
 from .errors import EXIT_WEIGHTS, UsageError
+from .report import human_bytes
 
 models_app = typer.Typer(no_args_is_help=True, help="Download, list, verify and remove the weights presets need.")
 lora_app = typer.Typer(no_args_is_help=True, help="Look inside LoRA files.")
@@ -26,12 +27,6 @@ def _refs_for(target: str) -> dict[str, object]:
         for label, ref in catalog.resolve(name).weights().items():
             refs.setdefault(str(ref), (label, ref))
     return {label: ref for label, ref in refs.values()}
-
-
-def _human(n: int | None) -> str:
-    from .run import _human as human
-
-    return human(n)
 
 
 @models_app.command("list")
@@ -51,7 +46,7 @@ def models_list(target: str = typer.Argument("all", help="An effect, or all."),
     for name, comps in rows.items():
         print(f"{name}:")
         for label, w in comps.items():
-            print(f"  {'present' if w['present'] else 'missing'} {_human(w['bytes']):>9s}  {label:28s} {w['ref']}")
+            print(f"  {'present' if w['present'] else 'missing'} {human_bytes(w['bytes']):>9s}  {label:28s} {w['ref']}")
 
 
 @models_app.command("pull")
@@ -76,8 +71,8 @@ def models_pull(target: str = typer.Argument(..., help="An effect (or alias), or
     total = sum(sum(s.values()) for s in sizes.values())
     console = stderr_console()
     for label, files in sizes.items():
-        console.print(f"{label}: {todo[label]} — {len(files)} file(s), {_human(sum(files.values()))}")
-    console.print(f"total to download: {_human(total)}")
+        console.print(f"{label}: {todo[label]} — {len(files)} file(s), {human_bytes(sum(files.values()))}")
+    console.print(f"total to download: {human_bytes(total)}")
     if dry_run:
         return
     if not yes and console.is_terminal and not typer.confirm("download?", err=True):
@@ -139,7 +134,7 @@ def models_rm(target: str = typer.Argument(..., help="An effect (or alias), or a
         print("nothing to remove")
         return
     size = sum(p.stat().st_size for f in found for p in f.files if p.exists())
-    if not yes and not typer.confirm(f"remove {len(found)} downloaded file set(s), {_human(size)}?", err=True):
+    if not yes and not typer.confirm(f"remove {len(found)} downloaded file set(s), {human_bytes(size)}?", err=True):
         raise typer.Exit(1)
     data = lock.read_lock()
     for f in found:
@@ -150,7 +145,7 @@ def models_rm(target: str = typer.Argument(..., help="An effect (or alias), or a
                 blob.unlink()
         data["refs"].pop(lock.key(f.ref), None)
     lock.write_lock(data)
-    print(f"removed {_human(size)}")
+    print(f"removed {human_bytes(size)}")
 
 
 @lora_app.command("inspect")

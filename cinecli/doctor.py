@@ -9,22 +9,13 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import json
-import os
 import platform
 import tempfile
 from pathlib import Path
 
-from . import __version__
+from . import __version__, dirs
 
 PACKAGES = ("torch", "transformers", "peft", "safetensors", "huggingface_hub", "av", "pillow", "typer", "rich", "platformdirs")
-
-
-def cine_cache_dir() -> Path:
-    if "CINE_CACHE_DIR" in os.environ:
-        return Path(os.environ["CINE_CACHE_DIR"])
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("cine"))
 
 
 def environment() -> dict:
@@ -33,7 +24,7 @@ def environment() -> dict:
 
     from .devices import native_matmul
     from .models.attention import backend_for
-    from .preset import Catalog, user_dir
+    from .preset import Catalog
     from .run import weights_needed
 
     versions = {"cine": __version__, "python": platform.python_version()}
@@ -65,7 +56,7 @@ def environment() -> dict:
         "attention_backend": backend_for(probe),
         "codecs": {"libx264": "libx264" in av.codecs_available, "ffmpeg": ".".join(map(str, av.library_versions.get("libavformat", ())))},
         "cache": {"hf_hub_cache": constants.HF_HUB_CACHE, "hf_hub_offline": bool(constants.HF_HUB_OFFLINE),
-                  "cine_cache": str(cine_cache_dir()), "user_presets": str(user_dir())},
+                  "cine_cache": str(dirs.cache_dir()), "user_presets": str(dirs.config_dir())},
         "weights": weights,
     }
 
@@ -79,7 +70,7 @@ def selftest(device: str = "auto", console=None) -> dict:
     from .video import read_info
 
     hf_logging.disable_progress_bar()
-    preset = write_backbone(cine_cache_dir() / "selftest")
+    preset = write_backbone(dirs.cache_dir() / "selftest")
     with tempfile.TemporaryDirectory(prefix="cine-doctor-") as tmp:
         photo = Path(tmp) / "photo.png"
         sample_image().save(photo)

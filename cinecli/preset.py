@@ -19,6 +19,7 @@ from pathlib import Path
 
 import tomllib
 
+from .dirs import config_dir
 from .errors import (
     UsageError as PresetError,  # an unknown effect or a malformed preset is a usage problem
 )
@@ -133,12 +134,6 @@ def builtin_dir(kind: str) -> Path:
     return Path(__file__).resolve().parents[1] / kind
 
 
-def user_dir() -> Path:
-    from platformdirs import user_config_dir
-
-    return Path(user_config_dir("cine"))
-
-
 def _read_toml(path: Path) -> dict:
     try:
         return tomllib.loads(path.read_text())
@@ -188,8 +183,8 @@ class Catalog:
         dirs = [builtin_dir("presets")]
         lora_dirs = [builtin_dir("loras")]
         if search_user_dir:
-            dirs.append(user_dir() / "presets")
-            lora_dirs.append(user_dir() / "loras")
+            dirs.append(config_dir() / "presets")
+            lora_dirs.append(config_dir() / "loras")
         self.backbones: dict[str, tuple[dict, Path]] = {}
         self.cards: dict[str, tuple[dict, Path]] = {}
         self.presets: dict[str, tuple[dict, Path]] = {}

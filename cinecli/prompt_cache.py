@@ -15,13 +15,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import dirs
+
 
 def cache_dir() -> Path:
-    if "CINE_CACHE_DIR" in os.environ:
-        return Path(os.environ["CINE_CACHE_DIR"]) / "prompts"
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("cine")) / "prompts"
+    return dirs.cache_dir() / "prompts"
 
 
 def encoder_identity(path: Path) -> str:

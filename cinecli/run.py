@@ -13,6 +13,7 @@ from .errors import UsageError
 from .image import FITS, read_image
 from .pipeline import Generator, Plan, Request, metadata, plan
 from .preset import Catalog, Preset
+from .report import human_bytes
 from .timing import Timings
 from .video import STDOUT, check_writable, frames_to_uint8, write_mp4
 
@@ -76,14 +77,6 @@ def memory_estimate(p: Plan, weights: dict[str, dict]) -> dict[str, int]:
     return {"weights_bytes": resident, "activations_bytes": activations, "peak_bytes": max(resident + activations, size("text_encoder"))}
 
 
-def _human(n: int | None) -> str:
-    if n is None:
-        return "?"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-    return str(n)
 
 
 def default_output(image: str, effect: str, output: str | None) -> str:
@@ -176,9 +169,9 @@ def _dry_run(opts: RunOptions, preset: Preset, p: Plan, image_size, output: str)
              f"  {p.width}x{p.height} (photo {image_size[0]}x{image_size[1]}, --fit {opts.fit}), {p.frames} frames @ {p.fps} fps, "
              f"seed {p.seed}, {p.sampler.kind} sampler {p.sampler.num_steps} steps", f"  prompt: {p.prompt}", "  weights:"]
     for name, w in weights.items():
-        lines.append(f"    {name:24s} {'present' if w['present'] else 'MISSING':8s} {_human(w['bytes']):>9s}  {w['ref']}")
+        lines.append(f"    {name:24s} {'present' if w['present'] else 'MISSING':8s} {human_bytes(w['bytes']):>9s}  {w['ref']}")
     mem = doc["memory_estimate"]
-    lines.append(f"  memory estimate: ~{_human(mem['peak_bytes'])} peak ({_human(mem['weights_bytes'])} weights)")
+    lines.append(f"  memory estimate: ~{human_bytes(mem['peak_bytes'])} peak ({human_bytes(mem['weights_bytes'])} weights)")
     if doc["missing"]:
         lines.append(f"  missing weights download on first run, or now with: {pull_hint(preset)}")
     sys.stderr.write("\n".join(lines) + "\n")

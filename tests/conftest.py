@@ -1,4 +1,29 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent))  # test helpers (wan_fixtures) import as top-level modules
+
+
+@pytest.fixture(scope="session")
+def backbone(tmp_path_factory) -> Path:
+    """The tiny self-test stack in the real file layouts, written once per session; returns its preset file."""
+    from transformers.utils import logging
+
+    from cinecli.selftest import write_backbone
+
+    logging.disable_progress_bar()
+    return write_backbone(tmp_path_factory.mktemp("selftest"))
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch) -> dict:
+    """Isolated cine caches, config and HF home; offline; no colour; no launcher shard variables."""
+    values = {"CINE_CACHE_DIR": str(tmp_path / "cache"), "XDG_CONFIG_HOME": str(tmp_path / "config"),
+              "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "NO_COLOR": "1"}
+    for k, v in values.items():
+        monkeypatch.setenv(k, v)
+    for k in ("RANK", "WORLD_SIZE", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"):
+        monkeypatch.delenv(k, raising=False)
+    return values

@@ -17,26 +17,7 @@ from typer.testing import CliRunner
 from cinecli.batch import BatchOptions, in_shard, item_seed, parse_shard, plan_items
 from cinecli.cli import app
 from cinecli.preset import Catalog
-from cinecli.selftest import sample_image, write_backbone
-
-
-@pytest.fixture(scope="module")
-def preset(tmp_path_factory) -> Path:
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
-    return write_backbone(tmp_path_factory.mktemp("stack"))
-
-
-@pytest.fixture
-def env(tmp_path, monkeypatch) -> dict:
-    values = {"CINE_CACHE_DIR": str(tmp_path / "cache"), "XDG_CONFIG_HOME": str(tmp_path / "cfg"), "HF_HUB_OFFLINE": "1",
-              "NO_COLOR": "1"}
-    for k, v in values.items():
-        monkeypatch.setenv(k, v)
-    for k in ("RANK", "WORLD_SIZE", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"):
-        monkeypatch.delenv(k, raising=False)
-    return values
+from cinecli.selftest import sample_image
 
 
 def photos(folder: Path, n: int, sub: int = 0) -> list[Path]:
@@ -62,13 +43,13 @@ def frames_of(path: Path) -> int:
         return sum(1 for _ in c.decode(video=0))
 
 
-def test_folder_with_bad_images_then_rerun_does_no_work(preset, env, tmp_path):
+def test_folder_with_bad_images_then_rerun_does_no_work(backbone, env, tmp_path):
     src, out = tmp_path / "in", tmp_path / "out"
     photos(src, 3, sub=1)
     (src / "notes.jpg").write_text("not an image")
     (src / "empty.png").write_bytes(b"")
     (src / "sub" / "face0.txt").write_text("a cinematic portrait")  # a sidecar prompt for sub/face0.png
-    r = cine("batch", src, "-r", "--preset", preset, "-o", out, "--frames", "5", "--json")
+    r = cine("batch", src, "-r", "--preset", backbone, "-o", out, "--frames", "5", "--json")
     assert r.exit_code == 8, r.output  # some items failed
     streamed = [json.loads(line) for line in r.stdout.splitlines()]
     lines = {x["rel"]: x for x in manifest(out)}
@@ -84,18 +65,18 @@ def test_folder_with_bad_images_then_rerun_does_no_work(preset, env, tmp_path):
         video = out / Path(rel).parent / f"{Path(rel).stem}.selftest.mp4"
         assert frames_of(video) == 5 and len(lines[rel]["output_sha256"]) == 64
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.mp4")}
-    again = cine("batch", src, "-r", "--preset", preset, "-o", out, "--frames", "5", "--json")
+    again = cine("batch", src, "-r", "--preset", backbone, "-o", out, "--frames", "5", "--json")
     statuses = {json.loads(x)["rel"]: json.loads(x)["status"] for x in again.stdout.splitlines()}
     assert statuses["face1.png"] == statuses["sub/face0.png"] == "skipped" and statuses["empty.png"] == "failed"
     assert mtimes == {p: p.stat().st_mtime_ns for p in out.rglob("*.mp4")}
-    changed = cine("batch", src, "-r", "--preset", preset, "-o", out, "--frames", "9", "--json")  # new parameters: redo
+    changed = cine("batch", src, "-r", "--preset", backbone, "-o", out, "--frames", "9", "--json")  # new parameters: redo
     assert {json.loads(x)["rel"]: json.loads(x)["status"] for x in changed.stdout.splitlines()}["face1.png"] == "ok"
 
 
-def test_sigkill_mid_batch_leaves_no_partial_file_and_resume_finishes(preset, env, tmp_path):
+def test_sigkill_mid_batch_leaves_no_partial_file_and_resume_finishes(backbone, env, tmp_path):
     src, out = tmp_path / "in", tmp_path / "out"
     photos(src, 4)
-    cmd = [sys.executable, "-m", "cinecli", "batch", str(src), "--preset", str(preset), "-o", str(out), "--frames", "5", "-q"]
+    cmd = [sys.executable, "-m", "cinecli", "batch", str(src), "--preset", str(backbone), "-o", str(out), "--frames", "5", "-q"]
     proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 240
     while time.time() < deadline and not (out / "manifest.jsonl").exists():
@@ -107,24 +88,24 @@ def test_sigkill_mid_batch_leaves_no_partial_file_and_resume_finishes(preset, en
     assert 1 <= len(done) < 4
     files = [p for p in out.rglob("*") if p.is_file() and p.name != "manifest.jsonl"]
     assert len(files) == len(done) and all(frames_of(p) == 5 for p in files)  # complete videos only, nothing partial
-    r = cine("batch", src, "--preset", preset, "-o", out, "--frames", "5", "--json")
+    r = cine("batch", src, "--preset", backbone, "-o", out, "--frames", "5", "--json")
     assert r.exit_code == 0, r.output
     statuses = [json.loads(x)["status"] for x in r.stdout.splitlines()]
     assert statuses.count("skipped") == len(done) and statuses.count("ok") == 4 - len(done)
 
 
-def test_shards_cover_every_item_once_with_the_same_seeds(preset, env, tmp_path):
+def test_shards_cover_every_item_once_with_the_same_seeds(backbone, env, tmp_path):
     src = tmp_path / "in"
     photos(src, 6, sub=2)
-    catalog = Catalog(extra_preset=preset)
+    catalog = Catalog(extra_preset=backbone)
     opts = lambda shard: BatchOptions(inputs=[str(src)], effects=["x"], outdir=tmp_path / "o", recursive=True,  # noqa: E731
-                                      preset_file=preset, shard=shard, seed=11)
+                                      preset_file=backbone, shard=shard, seed=11)
     whole = {(i.rel, i.effect): i.seed for i in plan_items(opts((0, 1)), catalog)}
     parts = [{(i.rel, i.effect): i.seed for i in plan_items(opts((k, 3)), catalog)} for k in range(3)]
     assert sum(len(p) for p in parts) == len(whole) == 6
     assert {k: v for p in parts for k, v in p.items()} == whole
     for k in (0, 1):
-        assert cine("batch", src, "-r", "--preset", preset, "-o", tmp_path / "sharded", "--shard", f"{k}/2", "--seed", "11",
+        assert cine("batch", src, "-r", "--preset", backbone, "-o", tmp_path / "sharded", "--shard", f"{k}/2", "--seed", "11",
                     "--frames", "1").exit_code == 0
     made = {x["rel"]: x["seed"] for x in manifest(tmp_path / "sharded")}
     assert made == {rel: seed for (rel, _), seed in whole.items()}
@@ -139,16 +120,16 @@ def test_shard_detection_from_launchers():
     assert sum(in_shard(f"p{i}.jpg", (k, 4)) for i in range(50) for k in range(4)) == 50
 
 
-def test_stdin_paths_and_json_stream(preset, env, tmp_path):
+def test_stdin_paths_and_json_stream(backbone, env, tmp_path):
     src, out = tmp_path / "in", tmp_path / "out"
     files = photos(src, 2)
-    r = cine("batch", "-", "--preset", preset, "-o", out, "--frames", "1", "--json", input="\n".join(map(str, files)) + "\n")
+    r = cine("batch", "-", "--preset", backbone, "-o", out, "--frames", "1", "--json", input="\n".join(map(str, files)) + "\n")
     assert r.exit_code == 0, r.output
     records = [json.loads(x) for x in r.stdout.splitlines()]
     assert [x["status"] for x in records] == ["ok", "ok"] and all(Path(x["output"]).exists() for x in records)
 
 
-def test_ray_runs_the_same_items(preset, env, tmp_path):
+def test_ray_runs_the_same_items(backbone, env, tmp_path):
     try:
         import ray  # noqa: F401
         import ray.data  # noqa: F401
@@ -156,16 +137,16 @@ def test_ray_runs_the_same_items(preset, env, tmp_path):
         pytest.skip("Ray is not installed here (pip install 'cinecli[ray]')")
     src, out = tmp_path / "in", tmp_path / "out"
     photos(src, 2)
-    r = cine("batch", src, "--preset", preset, "-o", out, "--frames", "1", "--ray", "--json")
+    r = cine("batch", src, "--preset", backbone, "-o", out, "--frames", "1", "--ray", "--json")
     assert r.exit_code == 0, r.output
     records = manifest(out)
     assert sorted(x["rel"] for x in records) == ["face0.png", "face1.png"] and all(x["status"] == "ok" for x in records)
     assert all(frames_of(Path(x["output"])) == 1 for x in records)
-    again = cine("batch", src, "--preset", preset, "-o", out, "--frames", "1", "--ray", "--json")
+    again = cine("batch", src, "--preset", backbone, "-o", out, "--frames", "1", "--ray", "--json")
     assert [json.loads(x)["status"] for x in again.stdout.splitlines()] == ["skipped", "skipped"]
 
 
-def test_out_of_memory_on_one_item_is_recorded_and_the_batch_goes_on(preset, env, tmp_path, monkeypatch):
+def test_out_of_memory_on_one_item_is_recorded_and_the_batch_goes_on(backbone, env, tmp_path, monkeypatch):
     import torch
 
     from cinecli.pipeline import Generator
@@ -181,7 +162,7 @@ def test_out_of_memory_on_one_item_is_recorded_and_the_batch_goes_on(preset, env
     monkeypatch.setattr(Generator, "generate", generate)
     src, out = tmp_path / "in", tmp_path / "out"
     photos(src, 3)
-    r = cine("batch", src, "--preset", preset, "-o", out, "--frames", "1")
+    r = cine("batch", src, "--preset", backbone, "-o", out, "--frames", "1")
     assert r.exit_code == 8, r.output
     lines = {x["rel"]: x for x in manifest(out)}
     assert lines["face0.png"]["status"] == lines["face2.png"]["status"] == "ok"

@@ -17,28 +17,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cinecli.cli import app
-from cinecli.selftest import sample_image, write_backbone
+from cinecli.selftest import sample_image
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def backbone(tmp_path_factory) -> Path:
-    """The self-test stack, written once per session; returns its preset file."""
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
-    return write_backbone(tmp_path_factory.mktemp("selftest"))
-
-
-@pytest.fixture
-def env(tmp_path, monkeypatch) -> dict:
-    """Isolated caches and config, offline, no colour."""
-    values = {"CINE_CACHE_DIR": str(tmp_path / "cache"), "XDG_CONFIG_HOME": str(tmp_path / "config"),
-              "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "NO_COLOR": "1"}
-    for k, v in values.items():
-        monkeypatch.setenv(k, v)
-    return values
 
 
 @pytest.fixture

@@ -146,12 +146,8 @@ def test_checkpoints_from_the_wild(tmp_path):
 
 
 @pytest.fixture
-def stack(tmp_path, monkeypatch):
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
-    for k, v in {"CINE_CACHE_DIR": str(tmp_path / "cache"), "XDG_CONFIG_HOME": str(tmp_path / "cfg"), "HF_HUB_OFFLINE": "1"}.items():
-        monkeypatch.setenv(k, v)
+def stack(tmp_path, env):
+    """A private copy of the self-test stack: these tests write quantized and broken files beside it."""
     preset = write_backbone(tmp_path / "stack")
     photo = tmp_path / "p.png"
     sample_image().save(photo)

@@ -38,7 +38,7 @@ def fake_hub_repo(cache: Path, repo: str, files: dict[str, Path]) -> Path:
 
 
 @pytest.fixture
-def hub(tmp_path, monkeypatch):
+def hub(tmp_path, monkeypatch, env):
     """A tiny backbone and two LoRAs in a fake hub cache, and user config that points the real presets at them."""
     from transformers.utils import logging
 
@@ -69,11 +69,8 @@ sampler = {{ kind = "distill", timesteps = [1000, 750, 500, 250], shift = 5.0 }}
     (config / "loras" / "lightx2v.toml").write_text(f'name = "lightx2v-i2v-480p-4step"\nsource = {{ repo = "{LORA_REPO}", file = "distill.safetensors" }}\n')
     (config / "loras" / "bullet.toml").write_text(f'name = "bullet-time"\ntrigger = "rw360xz"\n'
                                                  f'source = {{ repo = "{LORA_REPO}", file = "bullet/*.safetensors" }}\n')
-    env = {"HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "hf"), "XDG_CONFIG_HOME": str(tmp_path / "config"),
-           "CINE_CACHE_DIR": str(tmp_path / "cine-cache"), "CINE_DATA_DIR": str(tmp_path / "cine-data"),
-           "HF_HUB_OFFLINE": "1", "NO_COLOR": "1"}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))  # on top of the isolated, offline `env`
+    monkeypatch.setenv("CINE_DATA_DIR", str(tmp_path / "cine-data"))
     import huggingface_hub.constants as constants
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))  # read at import time; the tests import it earlier

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 
 import torch
@@ -11,7 +10,7 @@ from ..devices import activation_dtype, choose_device, choose_dtype
 from ..errors import WeightsError
 from ..weights import Source, iter_tensors, read_config, read_shapes
 from ..weights.files import component_folder, describe, read_dtypes
-from ..weights.keys import normalize_dit_keys
+from ..weights.keys import block_count, normalize_dit_keys
 from .load import assign_tensors, build_empty
 from .quant import swap_in
 from .recipes import read_metadata
@@ -25,7 +24,6 @@ def infer_config(shapes: dict[str, tuple[int, ...]], config_json: dict | None = 
     """A DiTConfig from canonical key shapes; ``num_heads`` from config.json when present, else dim/128."""
     try:
         dim, in_dim, *patch = shapes["patch_embedding.weight"]
-        layers = {int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))}
         ffn_dim = shapes["blocks.0.ffn.0.weight"][0]
         out_dim = shapes["head.head.weight"][0] // (patch[0] * patch[1] * patch[2])
         text_dim = shapes["text_embedding.0.weight"][1]
@@ -42,7 +40,7 @@ def infer_config(shapes: dict[str, tuple[int, ...]], config_json: dict | None = 
     heads = cfg.get("num_heads") or cfg.get("num_attention_heads") or dim // 128  # every release uses head_dim 128
     image_dim = shapes.get("img_emb.proj.1.weight", (0, 1280))[1]
     return DiTConfig(
-        model_type=model_type, dim=dim, ffn_dim=ffn_dim, num_heads=heads, num_layers=max(layers) + 1 if layers else 0,
+        model_type=model_type, dim=dim, ffn_dim=ffn_dim, num_heads=heads, num_layers=block_count(shapes, "blocks."),
         in_dim=in_dim, out_dim=out_dim, patch_size=tuple(patch), text_dim=text_dim, freq_dim=freq_dim,
         image_dim=image_dim, eps=cfg.get("eps", 1e-6),
     )

@@ -36,7 +36,7 @@ from ..weights.files import (
     read_config,
     read_shapes,
 )
-from ..weights.keys import compile_rules, normalize_keys
+from ..weights.keys import block_count, compile_rules, normalize_first
 from .load import assign_tensors, build_empty
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -124,15 +124,11 @@ def image_encoder_key_map(keys: Sequence[str]) -> dict[str, str]:
     Keys of other components (the text tower, ``log_scale``, ``visual_projection``) and the projection head are
     left out; fused qkv keys map to ``...self_attn.qkv_proj.*`` (split on load).
     """
-    keys = list(keys)
     layouts = ((HF_CLIP_MARKERS, ()), (WAN_CLIP_MARKERS, WAN_CLIP_RULES), (OPEN_CLIP_MARKERS, OPEN_CLIP_RULES))
-    for markers, rules in layouts:
-        try:
-            names = normalize_keys(keys, markers, rules)
-        except KeyError:
-            continue
-        return {k: v for k, v in names.items() if not _CLIP_SKIPPED.match(v)}
-    raise WeightsError("no CLIP vision tower found (no patch_embedding, cls_embedding or ln_pre key)")
+    names = normalize_first(keys, layouts)
+    if names is None:
+        raise WeightsError("no CLIP vision tower found (no patch_embedding, cls_embedding or ln_pre key)")
+    return {k: v for k, v in names.items() if not _CLIP_SKIPPED.match(v)}
 
 
 def convert_to_tower(items: Iterable[tuple[str, Tensor]]) -> Iterator[tuple[str, Tensor]]:
@@ -170,10 +166,9 @@ def infer_image_config(shapes: Mapping[str, tuple[int, ...]], config_json: dict 
         dim_mlp = shapes["encoder.layers.0.mlp.fc1.weight"][0]
     except (KeyError, ValueError) as exc:
         raise WeightsError(f"not a CLIP vision checkpoint: missing or odd tensor {exc}") from None
-    layers = {int(m.group(1)) for k in shapes if (m := re.match(r"encoder\.layers\.(\d+)\.", k))}
     inferred = ImageEncoderConfig(
         image_size=math.isqrt(num_tokens - 1) * patch_size, patch_size=patch_size, dim=dim,
-        num_heads=max(dim // 64, 1), dim_mlp=dim_mlp, num_layers=max(layers) + 1, in_channels=in_channels,
+        num_heads=max(dim // 64, 1), dim_mlp=dim_mlp, num_layers=block_count(shapes, "encoder.layers."), in_channels=in_channels,
     )
     for named in IMAGE_ENCODER_CONFIGS.values():
         if all(getattr(named, f) == getattr(inferred, f) for f in _SHAPE_FIELDS) and inferred.num_layers in (

@@ -36,7 +36,7 @@ from ..weights.files import (
     read_config,
     read_shapes,
 )
-from ..weights.keys import compile_rules, normalize_keys
+from ..weights.keys import block_count, compile_rules, normalize_first
 from .load import assign_tensors, build_empty
 
 try:  # optional, as in the reference: fixes mojibake before the html/whitespace cleaning
@@ -110,14 +110,10 @@ def text_encoder_key_map(keys: Sequence[str]) -> dict[str, str]:
     Keys of other components (another prefix), the decoder and the lm head are left out; a tied embedding
     stored twice maps both copies to ``shared.weight``.
     """
-    keys = list(keys)
-    for markers, rules in ((WAN_T5_MARKERS, WAN_T5_RULES), (HF_T5_MARKERS, HF_T5_RULES)):
-        try:
-            names = normalize_keys(keys, markers, rules)
-        except KeyError:
-            continue
-        return {k: v for k, v in names.items() if not _T5_SKIPPED.match(v)}
-    raise WeightsError("no umT5 encoder found (no token_embedding.weight or encoder.final_layer_norm.weight key)")
+    names = normalize_first(keys, ((WAN_T5_MARKERS, WAN_T5_RULES), (HF_T5_MARKERS, HF_T5_RULES)))
+    if names is None:
+        raise WeightsError("no umT5 encoder found (no token_embedding.weight or encoder.final_layer_norm.weight key)")
+    return {k: v for k, v in names.items() if not _T5_SKIPPED.match(v)}
 
 
 def infer_text_config(shapes: Mapping[str, tuple[int, ...]], config_json: dict | None = None) -> TextEncoderConfig:
@@ -143,10 +139,9 @@ def infer_text_config(shapes: Mapping[str, tuple[int, ...]], config_json: dict |
         dim_ffn = shapes["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"][0]
     except (KeyError, ValueError) as exc:
         raise WeightsError(f"not a umT5 encoder checkpoint: missing or odd tensor {exc}") from None
-    layers = {int(m.group(1)) for k in shapes if (m := re.match(r"encoder\.block\.(\d+)\.", k))}
     inferred = TextEncoderConfig(
         vocab_size=vocab_size, dim=dim, head_dim=inner // num_heads, num_heads=num_heads, dim_ffn=dim_ffn,
-        num_layers=max(layers) + 1, num_buckets=num_buckets,
+        num_layers=block_count(shapes, "encoder.block."), num_buckets=num_buckets,
     )
     for named in TEXT_ENCODER_CONFIGS.values():
         if all(getattr(named, f) == getattr(inferred, f) for f in _SHAPE_FIELDS):

@@ -42,6 +42,23 @@ def rename(key: str, rules: Rules) -> str:
     return key
 
 
+def block_count(keys: Iterable[str], prefix: str) -> int:
+    """How many numbered blocks ``<prefix>N.`` the keys hold (highest index + 1; 0 for none)."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    return max((int(m.group(1)) + 1 for k in keys if (m := pattern.match(k))), default=0)
+
+
+def normalize_first(keys: Iterable[str], layouts: Sequence[tuple[Sequence[str], Rules]]) -> dict[str, str] | None:
+    """``normalize_keys`` with the first (markers, rules) layout whose marker the keys hold; None if none does."""
+    keys = list(keys)
+    for markers, rules in layouts:
+        try:
+            return normalize_keys(keys, markers, rules)
+        except KeyError:
+            continue
+    return None
+
+
 def normalize_keys(keys: Iterable[str], markers: Sequence[str], rules: Rules = ()) -> dict[str, str]:
     """Map each source key of one component to its canonical name: ``{source_key: canonical_key}``.
 

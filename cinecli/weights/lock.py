@@ -17,16 +17,13 @@ import json
 import os
 from pathlib import Path
 
+from .. import dirs
 from ..errors import WeightsError
 from ..preset import WeightRef
 
 
 def lock_path() -> Path:
-    if "CINE_DATA_DIR" in os.environ:
-        return Path(os.environ["CINE_DATA_DIR"]) / "weights.lock.json"
-    from platformdirs import user_data_dir
-
-    return Path(user_data_dir("cine")) / "weights.lock.json"
+    return dirs.data_dir() / "weights.lock.json"
 
 
 def key(ref: WeightRef) -> str:
