@@ -8,8 +8,8 @@ import torch
 
 from ..devices import activation_dtype, choose_device, choose_dtype
 from ..errors import WeightsError
-from ..weights import Source, iter_tensors, read_config, read_shapes
-from ..weights.files import component_folder, describe, read_dtypes
+from ..weights import Source, iter_tensors, read_config
+from ..weights.files import component_folder, describe, read_header
 from ..weights.keys import block_count, normalize_dit_keys
 from .load import assign_tensors, build_empty
 from .quant import swap_in
@@ -66,7 +66,8 @@ def load_dit(
     device = choose_device(device)
     dtype = choose_dtype(dtype if dtype is not None else "auto", device)
     source = component_folder(source, "transformer")
-    shapes = read_shapes(source, DIT_PATTERNS)
+    header = read_header(source, DIT_PATTERNS)  # one read of the headers for shapes and stored dtypes
+    shapes = {k: shape for k, (shape, _) in header.items()}
     try:
         names = normalize_dit_keys(shapes)
     except KeyError:
@@ -80,7 +81,7 @@ def load_dit(
     cfg = config or infer_config(canonical_shapes, read_config(source))
     model = build_empty(lambda: WanDiT(cfg))
     # Pre-quantized layers: ours (metadata), or float8/int8 weights from ComfyUI / lightx2v files.
-    layers = quant_meta["layers"] if quant_meta else wild_quant_layers(model, {names[k]: v for k, v in read_dtypes(source, DIT_PATTERNS).items() if k in names})
+    layers = quant_meta["layers"] if quant_meta else wild_quant_layers(model, {names[k]: header[k][1] for k in names})
     swap_in(model, layers, meta=True)
 
     def dtype_for(name: str, tensor: torch.Tensor) -> torch.dtype:

@@ -110,22 +110,32 @@ def iter_tensors(source: Source, patterns: Sequence[str] = ("*.safetensors", "*.
             raise WeightsError(f"unknown weight file type: {path} (expected .safetensors or .pth)")
 
 
-def read_shapes(source: Source, patterns: Sequence[str] = ("*.safetensors", "*.pth")) -> dict[str, tuple[int, ...]]:
-    """Keys and shapes of a source without reading tensor data (used to infer configs)."""
+_SAFETENSORS_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I8": torch.int8, "U8": torch.uint8,
+                      "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+
+
+def read_header(source: Source, patterns: Sequence[str] = ("*.safetensors", "*.pth")) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """``{key: (shape, stored dtype)}`` of a source without reading tensor data (configs, pre-quantized layers)."""
     if isinstance(source, Mapping):
-        return {k: tuple(v.shape) for k, v in source.items()}
-    shapes: dict[str, tuple[int, ...]] = {}
+        return {k: (tuple(v.shape), v.dtype) for k, v in source.items()}
+    header: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     for path in resolve_files(source, patterns):
         if path.suffix == ".safetensors":
             try:
                 with safe_open(str(path), framework="pt", device="cpu") as f:
                     for key in f.keys():
-                        shapes[key] = tuple(f.get_slice(key).get_shape())
+                        info = f.get_slice(key)
+                        header[key] = (tuple(info.get_shape()), _SAFETENSORS_DTYPES.get(info.get_dtype(), torch.float32))
             except (SafetensorError, OSError) as exc:
                 raise WeightsError(f"unreadable safetensors file {path}: {exc}") from None
         else:
-            shapes.update((k, tuple(v.shape)) for k, v in _load_pickle(path).items())
-    return shapes
+            header.update((k, (tuple(v.shape), v.dtype)) for k, v in _load_pickle(path).items())
+    return header
+
+
+def read_shapes(source: Source, patterns: Sequence[str] = ("*.safetensors", "*.pth")) -> dict[str, tuple[int, ...]]:
+    """Keys and shapes of a source without reading tensor data (used to infer configs)."""
+    return {k: shape for k, (shape, _) in read_header(source, patterns).items()}
 
 
 def read_config(source: Source, name: str = "config.json") -> dict | None:
@@ -140,23 +150,6 @@ def read_config(source: Source, name: str = "config.json") -> dict | None:
         return json.loads(candidate.read_text())
     except ValueError as exc:
         raise WeightsError(f"unreadable config {candidate}: {exc}") from None
-
-
-def read_dtypes(source: Source, patterns: Sequence[str] = ("*.safetensors", "*.pth")) -> dict[str, torch.dtype]:
-    """Keys and stored dtypes without reading tensor data (finds pre-quantized layers: float8 / int8 weights)."""
-    if isinstance(source, Mapping):
-        return {k: v.dtype for k, v in source.items()}
-    dtypes: dict[str, torch.dtype] = {}
-    names = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I8": torch.int8, "U8": torch.uint8,
-             "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
-    for path in resolve_files(source, patterns):
-        if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                for key in f.keys():
-                    dtypes[key] = names.get(f.get_slice(key).get_dtype(), torch.float32)
-        else:
-            dtypes.update((k, v.dtype) for k, v in _load_pickle(path).items())
-    return dtypes
 
 
 def component_folder(source: Source, subfolder: str) -> Source:
