@@ -37,7 +37,7 @@ def main() -> None:
     (tmp / "in").mkdir()
     for i in range(args.items):  # distinct photos and sizes, as a real folder of portraits has
         sample_image(64 + 16 * (i % 3), 48 + 16 * (i % 2)).rotate(i * 5).save(tmp / "in" / f"p{i:03d}.png")
-    opts = BatchOptions(inputs=[str(tmp / "in")], effects=["x"], outdir=tmp / "out", preset_file=preset, frames=args.frames,
+    opts = BatchOptions(inputs=[str(tmp / "in")], effects=[], outdir=tmp / "out", preset_file=preset, frames=args.frames,
                         device="cpu", dtype="fp32")
     opts.outdir.mkdir()
     items = plan_items(opts, Catalog(extra_preset=preset))

@@ -160,7 +160,9 @@ def file_sha256(path: Path) -> str:
 
 # --- planning ----------------------------------------------------------------------------------------------------------
 def plan_items(opts: BatchOptions, catalog) -> list[Item]:
-    presets = {e: catalog.resolve(e if opts.preset_file is None else None, backbone=opts.backbone) for e in opts.effects}
+    # With --preset FILE the file is the one effect (resolve(None) reads it); otherwise each named effect.
+    effects = opts.effects if opts.preset_file is None else [None]
+    presets = {e: catalog.resolve(e, backbone=opts.backbone) for e in effects}
     items = []
     for path, rel in collect(opts.inputs, opts.recursive):
         if not in_shard(rel, opts.shard):

@@ -36,17 +36,18 @@ class Worker:
     def generator(self, preset, timings):
         from .devices import choose_device, choose_dtype
         from .pipeline import Generator
+        from .run import pull_hint
         from .weights.hub import resolve_all
 
         key = preset.backbone.name
         if key not in self.generators:
-            paths = resolve_all(preset.backbone.components(), f"cine models pull {preset.name}")
+            paths = resolve_all(preset.weights(), pull_hint(preset))
             device = choose_device(self.opts.device)
             self.generators[key] = Generator(preset.backbone, paths, device, choose_dtype(self.opts.dtype, device),
                                              quantize=self.opts.quantize)
         gen = self.generators[key]
-        if preset.effect is not None and f"effect:{preset.effect.name}" not in gen.paths:
-            gen.paths.update(resolve_all({f"effect:{preset.effect.name}": preset.effect.source}, f"cine models pull {preset.name}"))
+        if preset.effect is not None and f"effect:{preset.effect.name}" not in gen.paths:  # another effect, same backbone
+            gen.paths.update(resolve_all(preset.weights(), pull_hint(preset)))
         gen.timings = timings
         timings.device = gen.device
         return gen

@@ -54,7 +54,7 @@ def batch(
     if outdir.exists() and not outdir.is_dir():
         raise UsageError(f"-o {outdir} exists and is not a folder")
     opts = BatchOptions(
-        inputs=inputs, effects=[e.strip() for e in effects.split(",") if e.strip()] if effects else ["(preset)"],
+        inputs=inputs, effects=[e.strip() for e in effects.split(",") if e.strip()] if effects else [],
         outdir=outdir, recursive=recursive, name=name, seed=seed, frames=frames, fps=fps, steps=steps, fit=fit,
         device=device, dtype=dtype, quantize=quantize_recipe, backbone=backbone, preset_file=preset_file,
         overwrite=overwrite, shard=parse_shard(shard), crf=crf, as_json=as_json, quiet=quiet,

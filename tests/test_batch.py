@@ -98,7 +98,7 @@ def test_shards_cover_every_item_once_with_the_same_seeds(backbone, env, tmp_pat
     src = tmp_path / "in"
     photos(src, 6, sub=2)
     catalog = Catalog(extra_preset=backbone)
-    opts = lambda shard: BatchOptions(inputs=[str(src)], effects=["x"], outdir=tmp_path / "o", recursive=True,  # noqa: E731
+    opts = lambda shard: BatchOptions(inputs=[str(src)], effects=[], outdir=tmp_path / "o", recursive=True,  # noqa: E731
                                       preset_file=backbone, shard=shard, seed=11)
     whole = {(i.rel, i.effect): i.seed for i in plan_items(opts((0, 1)), catalog)}
     parts = [{(i.rel, i.effect): i.seed for i in plan_items(opts((k, 3)), catalog)} for k in range(3)]
