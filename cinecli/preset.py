@@ -260,7 +260,7 @@ class Catalog:
         name = data.get("name", path.stem)
         try:
             bb = self.backbone(backbone or data["backbone"], base)
-            return Preset(
+            preset = Preset(
                 name=name, backbone=bb, prompt=data["prompt"],
                 effect=self.card(data["effect"], base) if data.get("effect") else None,
                 effect_strength=data.get("effect_strength"), negative_prompt=data.get("negative_prompt", ""),
@@ -270,3 +270,9 @@ class Catalog:
             )
         except KeyError as exc:
             raise PresetError(f"preset {path} lacks the required field {exc}") from None
+        except (TypeError, ValueError) as exc:  # e.g. frames = "many"
+            raise PresetError(f"preset {path}: a field has the wrong type ({exc})") from None
+        from .checks import check_preset
+
+        check_preset(preset)  # the same rules as the options: frames = 0 fails like --frames 0
+        return preset
