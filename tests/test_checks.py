@@ -193,3 +193,41 @@ def test_help_version_and_did_you_mean(env):
         assert r.exit_code == 0 and r.stdout.splitlines()[0] == usage, r.stdout
         assert not re.search(r"<(str|int|float|path)>|\{(image|inputs|PHOTO)\}", r.stdout), r.stdout
     assert "--seed N" in cine("run", "--help").stdout
+
+
+# --- photos of extreme shape ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("size,words", [((4000, 10), "photo 4000x10 is smaller than 16 px"),
+                                        ((4000, 100), "photo 4000x100 has an aspect ratio of 40.0:1; cine takes up to 4:1"),
+                                        ((20000, 8), "photo 20000x8"), ((1, 1), "photo 1x1 is smaller than 16 px")])
+def test_extreme_photo_shapes_are_refused_with_the_numbers(env, tmp_path, size, words):
+    from PIL import Image
+
+    path = tmp_path / "odd.png"
+    Image.new("RGB", size, (90, 120, 200)).save(path)
+    r = CliRunner().invoke(app, ["bullet-time", str(path), "--dry-run"], catch_exceptions=False)
+    assert r.exit_code == 3, r.output
+    assert r.stderr.strip().splitlines() == [f"cine: error: {r.stderr.strip().removeprefix('cine: error: ')}"]
+    assert words in r.stderr
+
+
+def test_frame_sizes_keep_the_pixel_budget_and_warn_on_enlarging(env, tmp_path):
+    import json
+
+    from PIL import Image
+
+    from cinecli.image import MAX_ASPECT, target_size
+
+    for budget in (32 * 32, 4096, 480 * 832, 720 * 1280):
+        for long in (16, 17, 63, 100, 1000, 4000, 20000):
+            for short in {max(16, round(long / MAX_ASPECT)), max(16, long // 2), long}:
+                for w, h in ((long, short), (short, long)):
+                    if max(w, h) / min(w, h) > MAX_ASPECT:
+                        continue
+                    fw, fh = target_size(w, h, budget)
+                    assert fw * fh <= budget and fw % 16 == 0 and fh % 16 == 0, (w, h, budget, fw, fh)
+    small = tmp_path / "small.png"
+    Image.new("RGB", (40, 30), (90, 120, 200)).save(small)
+    r = CliRunner().invoke(app, ["bullet-time", str(small), "--dry-run", "--json"], catch_exceptions=False)
+    doc = json.loads(r.stdout)
+    scale = max(doc["width"] / 40, doc["height"] / 30)
+    assert f"warning: photo 40x30 is enlarged {scale:.1f}x to {doc['width']}x{doc['height']}; expect a soft video" in r.stderr
