@@ -231,3 +231,31 @@ def test_frame_sizes_keep_the_pixel_budget_and_warn_on_enlarging(env, tmp_path):
     doc = json.loads(r.stdout)
     scale = max(doc["width"] / 40, doc["height"] / 30)
     assert f"warning: photo 40x30 is enlarged {scale:.1f}x to {doc['width']}x{doc['height']}; expect a soft video" in r.stderr
+
+
+# --- one broken user preset does not break the others -----------------------------------------------------------------
+def test_malformed_user_preset_is_skipped_with_a_warning(env, files):
+    import json
+
+    user = files["tmp"] / "config" / "cine" / "presets"  # XDG_CONFIG_HOME from the env fixture
+    user.mkdir(parents=True)
+    (user / "broken.toml").write_text('name = "broken\nprompt = [')
+    (user / "zero.toml").write_text('name = "zero"\nbackbone = "wan2.1-i2v-14b-480p-4step"\nprompt = "p"\nframes = 0\n')
+    (user / "mine.toml").write_text('name = "mine"\nbackbone = "wan2.1-i2v-14b-480p-4step"\nprompt = "a slow orbit"\n')
+    r = cine("effects", "--json")
+    assert r.exit_code == 0, r.output
+    assert {e["effect"] for e in json.loads(r.stdout)} == {"bullet-time", "dolly-zoom", "slow-motion", "mine"}
+    assert f"cine: warning: skipping user preset 'broken': malformed TOML in {user / 'broken.toml'}" in r.stderr
+    assert f"skipping user preset 'zero': preset {user / 'zero.toml'}: frames = 0" in r.stderr
+    assert cine("slowmo", files["photo"], "--dry-run").exit_code == 0
+    assert cine("mine", files["photo"], "--dry-run").exit_code == 0
+    assert cine("models", "list", "--json").exit_code == 0
+    doctor = cine("doctor", "--no-selftest", "--json")
+    assert doctor.exit_code == 0, doctor.output
+    problems = json.loads(doctor.stdout)["environment"]["preset_problems"]
+    assert set(problems) == {"broken", "zero"} and "malformed TOML" in problems["broken"]
+    assert "skipped user preset broken" in cine("doctor", "--no-selftest").stdout
+    # named explicitly, a skipped preset says why; as --preset FILE a malformed file stays an error
+    assert "malformed TOML" in cine("broken", files["photo"]).stderr
+    r = cine("run", files["photo"], "--preset", user / "broken.toml")
+    assert r.exit_code == 2 and "malformed TOML" in r.stderr
