@@ -21,7 +21,7 @@ import torch
 from . import __version__, prompt_cache
 from .devices import image_encoder_dtype
 from .errors import UsageError
-from .image import fit_image, read_image, target_size, to_tensor
+from .image import enlarge_notice, fit_image, read_image, target_size, to_tensor
 from .preset import Backbone, Preset, SamplerSpec
 from .sampler import choose_sampler, sample
 from .timing import Timings
@@ -110,6 +110,7 @@ def plan(request: Request, image_size: tuple[int, int]) -> Plan:
             sampler = replace(sampler, steps=request.steps)
     prompt = final_prompt(request)
     width, height = target_size(*image_size, preset.max_area)
+    notices += enlarge_notice(image_size, (width, height))
     seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
     return Plan(width, height, frames, request.fps or preset.fps, seed, prompt,
                 preset.negative_for(sampler, request.negative_prompt), sampler, notices)

@@ -14,6 +14,7 @@ taken relative to the TOML file that holds them.
 from __future__ import annotations
 
 import difflib
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,6 +143,9 @@ class Preset:
         return refs
 
 
+_WARNED: set[str] = set()
+
+
 # --- where TOML files live --------------------------------------------------------------------------------------------
 def builtin_dir(kind: str) -> Path:
     """``presets`` or ``loras`` shipped with cine: inside the wheel (cinecli/presets) or the source tree."""
@@ -212,22 +216,54 @@ class Catalog:
         self.backbones: dict[str, tuple[dict, Path]] = {}
         self.cards: dict[str, tuple[dict, Path]] = {}
         self.presets: dict[str, tuple[dict, Path]] = {}
+        self.problems: dict[str, str] = {}  # user files skipped (name → why): one bad file must not break the rest
+        self.extra: tuple[dict, Path] | None = None
+        shadowed: dict[str, tuple[dict, Path]] = {}
         for d in dirs:  # later directories shadow earlier ones
             for path in sorted(d.glob("*.toml")) if d.is_dir() else []:
-                data = _read_toml(path)
+                if (data := self._read(path, user=d != dirs[0])) is None:
+                    continue
                 if path.name == "backbones.toml":
                     self.backbones.update({k: (v, path.parent) for k, v in data.items()})
                 else:
-                    self.presets[data.get("name", path.stem)] = (data, path)
+                    name = data.get("name", path.stem)
+                    if name in self.presets:
+                        shadowed[name] = self.presets[name]
+                    self.presets[name] = (data, path)
         for d in lora_dirs:
             for path in sorted(d.glob("*.toml")) if d.is_dir() else []:
-                data = _read_toml(path)
-                self.cards[data.get("name", path.stem)] = (data, path.parent)
-        self.extra: tuple[dict, Path] | None = None
+                if (data := self._read(path, user=d != lora_dirs[0])) is not None:
+                    self.cards[data.get("name", path.stem)] = (data, path.parent)
+        for name, (_, path) in list(self.presets.items()):  # user presets must resolve, or they are set aside
+            if search_user_dir and path.parent != dirs[0]:
+                try:
+                    self.resolve(name)
+                except (PresetError, AttributeError, KeyError, TypeError, ValueError) as exc:  # sampler = "x", …
+                    self._skip(name, str(exc) if isinstance(exc, PresetError) else f"preset {path}: {exc!r}")
+                    if name in shadowed:
+                        self.presets[name] = shadowed[name]
+                    else:
+                        del self.presets[name]
         if extra_preset is not None:
             if not Path(extra_preset).is_file():
                 raise PresetError(f"preset file not found: {extra_preset}")
             self.extra = (_read_toml(Path(extra_preset)), Path(extra_preset))
+
+    def _read(self, path: Path, user: bool) -> dict | None:
+        """A TOML file's data; a broken user file is skipped with a warning (a shipped one is a bug: it raises)."""
+        try:
+            return _read_toml(path)
+        except PresetError as exc:
+            if not user:
+                raise
+            self._skip(path.stem, str(exc))
+            return None
+
+    def _skip(self, name: str, problem: str) -> None:
+        self.problems[name] = problem
+        if problem not in _WARNED:  # many Catalogs per process (CLI, run, batch workers): one warning each
+            _WARNED.add(problem)
+            sys.stderr.write(f"cine: warning: skipping user preset '{name}': {problem.splitlines()[0]}\n")
 
     def names(self) -> list[str]:
         return sorted(self.presets)
@@ -275,6 +311,8 @@ class Catalog:
                 raise PresetError("no effect given")
             aliases = self.aliases()
             key = effect.strip().lower()
+            if key not in aliases and key in self.problems:
+                raise PresetError(self.problems[key])
             if key not in aliases:
                 close = difflib.get_close_matches(key, list(aliases), n=1, cutoff=0.5)
                 hint = f"; did you mean '{aliases[close[0]]}'?" if close else ""
@@ -284,7 +322,7 @@ class Catalog:
         name = data.get("name", path.stem)
         try:
             bb = self.backbone(backbone or data["backbone"], base)
-            return Preset(
+            preset = Preset(
                 name=name, backbone=bb, prompt=data["prompt"],
                 effect=self.card(data["effect"], base) if data.get("effect") else None,
                 effect_strength=data.get("effect_strength"), negative_prompt=data.get("negative_prompt"),
@@ -294,3 +332,9 @@ class Catalog:
             )
         except KeyError as exc:
             raise PresetError(f"preset {path} lacks the required field {exc}") from None
+        except (TypeError, ValueError) as exc:  # e.g. frames = "many"
+            raise PresetError(f"preset {path}: a field has the wrong type ({exc})") from None
+        from .checks import check_preset
+
+        check_preset(preset)  # the same rules as the options: frames = 0 fails like --frames 0
+        return preset

@@ -9,8 +9,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .checks import check_options, unused_option_warnings
 from .errors import UsageError
-from .image import FITS, read_image
+from .image import read_image
 from .pipeline import Generator, Plan, Request, metadata, plan, sampler_settings
 from .preset import Catalog, Preset
 from .report import human_bytes
@@ -94,8 +95,7 @@ def default_output(image: str, effect: str, output: str | None) -> str:
 
 
 def run_one(opts: RunOptions, console) -> dict | None:
-    if opts.fit not in FITS:
-        raise UsageError(f"unknown --fit '{opts.fit}' (use {', '.join(FITS)})")
+    check_options(opts)  # every value against checks.RULES, before anything is read or loaded
     timings = Timings()
     with timings.stage("resolve"):
         catalog = Catalog(extra_preset=opts.preset_file)
@@ -108,6 +108,7 @@ def run_one(opts: RunOptions, console) -> dict | None:
                           steps=opts.steps, effect_strength=opts.strength, sampler=opts.sampler,
                           distill_step=opts.distill_step)
         the_plan = plan(request, image.size)
+        the_plan.notices += unused_option_warnings(vars(opts), preset)
         if opts.quantize:
             from .models.recipes import get_recipe
 
