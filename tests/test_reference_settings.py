@@ -103,7 +103,7 @@ def test_distill_step_option_is_recorded_and_changes_the_video(backbone, env, ph
 
 def test_bad_sampler_options_are_one_line_usage_errors(backbone, cfg_preset, env, photo, tmp_path):
     for preset, args, text in [(cfg_preset(), ("--distill-step", "euler"), "applies to the distill sampler"),
-                               (backbone, ("--sampler", "heun"), "unknown --sampler"),
+                               (backbone, ("--sampler", "heun"), "--sampler heun: must be one of distill, euler, unipc"),
                                (cfg_preset(), ("--sampler", "distill"), "not step-distilled")]:
         r = cine("run", photo, "--preset", preset, "-o", tmp_path / "x.mp4", *args)
         assert r.exit_code == 2 and text in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
