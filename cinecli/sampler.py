@@ -17,11 +17,12 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
 from .errors import NumericError, UsageError
-from .preset import SamplerSpec
+from .preset import DISTILL_STEPS, SAMPLER_KINDS, SamplerSpec
 
 # denoise(x [B,16,F,H,W] fp32, t [B] float, cond: bool) → velocity [B,16,F,H,W] fp32
 Denoise = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]
@@ -66,10 +67,6 @@ def unipc_scheduler(spec: SamplerSpec):
 
 def choose_sampler(spec: SamplerSpec, kind: str | None, step: str | None, backbone: str) -> tuple[SamplerSpec, list[str]]:
     """Apply the run options ``--sampler`` and ``--distill-step`` to a backbone's or preset's sampler → (spec, notices)."""
-    from dataclasses import replace
-
-    from .preset import DISTILL_STEPS, SAMPLER_KINDS
-
     notices = []
     if kind is not None and kind != spec.kind:
         if kind not in SAMPLER_KINDS:

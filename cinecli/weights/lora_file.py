@@ -95,6 +95,10 @@ class LoraFile:
             "tensors": self.tensors, "ignored": dict(self.ignored),
         }
 
+    def ignored_counts(self) -> str:
+        """'LoHa 10, lora_mid 4': what is not applied, by kind."""
+        return ", ".join(f"{k} {c}" for k, c in self.ignored.most_common())
+
     def _ignore(self, kind: str, keys: list[str]) -> None:
         self.ignored[kind] += len(keys)
         self.ignored_keys += keys
@@ -161,8 +165,7 @@ def check_ignored(lora: LoraFile, what: str) -> None:
     """Refuse a file most of whose tensors would not be applied (one line, exit 4): it would not be the LoRA."""
     n = sum(lora.ignored.values())
     if 2 * n > lora.tensors:
-        kinds = ", ".join(f"{k} {c}" for k, c in lora.ignored.most_common())
-        raise WeightsError(f"{what}: {n} of {lora.tensors} tensors would be ignored ({kinds}); cine applies LoRA "
+        raise WeightsError(f"{what}: {n} of {lora.tensors} tensors would be ignored ({lora.ignored_counts()}); cine applies LoRA "
                            "(lora_down/up, lora_A/B, alpha), DoRA (dora_scale) and diff tensors — convert it to one of those")
 
 
@@ -170,8 +173,8 @@ def warn_ignored(lora: LoraFile, what: str) -> None:
     """Every load of a file with tensors that are not applied says so, with counts (ComfyUI: "lora key not loaded")."""
     n = sum(lora.ignored.values())
     if n:
-        kinds = ", ".join(f"{k} {c}" for k, c in lora.ignored.most_common())
-        log.warning(f"warning: {what}: {n} of {lora.tensors} tensors not loaded ({kinds}; e.g. {lora.ignored_keys[0]})")
+        log.warning(f"warning: {what}: {n} of {lora.tensors} tensors not loaded ({lora.ignored_counts()}; "
+                    f"e.g. {lora.ignored_keys[0]})")
 
 
 def check_fit(lora: LoraFile, shapes: dict[str, tuple[int, ...]], what: str) -> None:
