@@ -95,6 +95,9 @@ def default_output(image: str, effect: str, output: str | None) -> str:
 def run_one(opts: RunOptions, console) -> dict | None:
     check_options(opts)  # every value against checks.RULES, before anything is read or loaded
     timings = Timings()
+    if not console.is_terminal and not opts.quiet:  # logs and Slurm files get a line per stage (a terminal: a spinner)
+        timings.on_stage_end = lambda name, s: console.print(f"cine: [{timings.total():7.1f} s] {name}: {s:.2f} s",
+                                                             markup=False, highlight=False)
     with timings.stage("resolve"):
         catalog = Catalog(extra_preset=opts.preset_file)
         preset = catalog.resolve(opts.effect if opts.preset_file is None else None, backbone=opts.backbone)

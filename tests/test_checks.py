@@ -259,3 +259,18 @@ def test_malformed_user_preset_is_skipped_with_a_warning(env, files):
     assert "malformed TOML" in cine("broken", files["photo"]).stderr
     r = cine("run", files["photo"], "--preset", user / "broken.toml")
     assert r.exit_code == 2 and "malformed TOML" in r.stderr
+
+
+# --- logs: one record per line, progress per stage -----------------------------------------------------------------------
+def test_non_terminal_stderr_has_unwrapped_lines_and_stage_progress(backbone, env, files):
+    r = cine("run", files["photo"], "--preset", backbone, "--steps", "2", "--dry-run")
+    warning = [line for line in r.stderr.splitlines() if line.startswith("warning: this backbone is distilled")]
+    assert len(warning) == 1 and len(warning[0]) > 80 and warning[0].endswith("usually look worse"), r.stderr
+    out = files["tmp"] / "clip.mp4"
+    r = cine("run", files["photo"], "--preset", backbone, "-o", out, "--seed", "1")
+    assert r.exit_code == 0, r.output
+    stages = [line.split("] ", 1)[1].rsplit(":", 1)[0] for line in r.stderr.splitlines() if line.startswith("cine: [")]
+    assert stages[0] == "resolve" and stages[-1] == "mp4 encode", r.stderr
+    assert {"load dit", "denoise step 1/4", "denoise step 4/4", "vae decode"} <= set(stages)
+    assert not [line for line in cine("run", files["photo"], "--preset", backbone, "-o", out, "--overwrite", "-q").stderr.splitlines()
+                if line.startswith("cine: [")]  # -q: nothing but the path
