@@ -20,10 +20,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, is_dataclass
 
 from .errors import UsageError
+from .pipeline import MAX_FRAMES
 
 Rule = Callable[[object], "str | None"]  # a value → None when good, else what is wrong (one short phrase)
-
-MAX_FRAMES = 161  # 2x the frame count Wan2.1 was trained on (pipeline.round_frames clamps to the same)
 
 
 def number(low: float, high: float, integer: bool = True) -> Rule:
