@@ -23,7 +23,10 @@ from .errors import (
 def stderr_console(quiet: bool = False):
     from rich.console import Console
 
-    return Console(stderr=True, quiet=quiet, no_color=bool(os.environ.get("NO_COLOR")) or None)
+    console = Console(stderr=True, quiet=quiet, no_color=bool(os.environ.get("NO_COLOR")) or None)
+    if not console.is_terminal:
+        console.soft_wrap = True  # logs, CI, Slurm files: one record per line, never wrapped at 80 columns
+    return console
 
 
 def fail(message: str, code: int) -> None:

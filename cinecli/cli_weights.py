@@ -109,15 +109,19 @@ def models_verify(as_json: bool = typer.Option(False, "--json")) -> None:
 @models_app.command("path")
 @handle_errors
 def models_path(target: str = typer.Argument(..., help="An effect (or alias).")) -> None:
-    """Print the local path of each weight component of an effect (missing ones say so on stderr)."""
+    """Print the local path of each weight component of an effect (missing ones say so on stderr; exit 4)."""
     from .weights.hub import locate
 
+    missing = 0
     for label, ref in _refs_for(target).items():
         found = locate(ref)
         if found.path is None:
+            missing += 1
             stderr_console().print(f"{label}: missing ({ref})", highlight=False)
         else:
             print(f"{label}\t{found.path}")
+    if missing:
+        raise typer.Exit(EXIT_WEIGHTS)  # scripts can test `cine models path X` before a run
 
 
 @models_app.command("rm")

@@ -118,10 +118,8 @@ def run_one(opts: RunOptions, console) -> dict | None:
                 raise UsageError(f"backbone {preset.backbone.name} does not support --last-frame "
                                  "(try --backbone wan2.1-fun-1.3b-inp)")
             read_image(opts.last_frame)  # validate now, not after loading models
-    for notice in the_plan.notices:
-        console.print(f"[yellow]{notice}[/]" if notice.startswith("warning") else notice, markup=True, highlight=False)
-
     if opts.dry_run:
+        _print_notices(console, the_plan)
         return _dry_run(opts, preset, the_plan, image.size, output)
 
     with timings.stage("resolve weights"):
@@ -134,6 +132,14 @@ def run_one(opts: RunOptions, console) -> dict | None:
         timings.device = device
         gen = Generator(preset.backbone, paths, device, choose_dtype(opts.dtype, device), timings=timings, quantize=opts.quantize,
                         fast_decode=opts.fast_decode)
+    _print_notices(console, the_plan)  # after the checks that fail in one line (bad values, input, missing weights)
+    if not console.is_terminal and not opts.quiet:  # logs and Slurm files: a line per stage (a terminal: the spinner)
+        def progress(name: str, seconds: float) -> None:
+            console.print(f"cine: [{timings.total():7.1f} s] {name}: {seconds:.2f} s", markup=False, highlight=False)
+
+        for name, seconds in timings.stages.items():
+            progress(name, seconds)
+        timings.on_stage_end = progress
     with console.status(f"{preset.name}: {the_plan.frames} frames {the_plan.width}x{the_plan.height} on {device}") if console.is_terminal else contextlib.nullcontext():
         video = gen.generate(request, the_plan, image)
     with timings.stage("mp4 encode"):
@@ -156,6 +162,11 @@ def run_one(opts: RunOptions, console) -> dict | None:
     elif written != STDOUT:
         print(written)
     return report
+
+
+def _print_notices(console, the_plan: Plan) -> None:
+    for notice in the_plan.notices:
+        console.print(f"[yellow]{notice}[/]" if notice.startswith("warning") else notice, markup=True, highlight=False)
 
 
 def _dry_run(opts: RunOptions, preset: Preset, p: Plan, image_size, output: str) -> dict:

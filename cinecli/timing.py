@@ -11,7 +11,7 @@ import os
 import resource
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -77,6 +77,7 @@ class Timings:
 
     _active: str | None = None
     last_stage: str | None = None  # the most recent stage entered: where a failure happened
+    on_stage_end: Callable[[str, float], None] | None = None  # (name, seconds): progress lines where no spinner shows
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -90,8 +91,11 @@ class Timings:
             yield
         finally:
             synchronize(self.device)
-            self.stages[name] = self.stages.get(name, 0.0) + time.perf_counter() - t0
+            seconds = time.perf_counter() - t0
+            self.stages[name] = self.stages.get(name, 0.0) + seconds
             self._active = None
+            if self.on_stage_end is not None:
+                self.on_stage_end(name, seconds)
 
     def total(self) -> float:
         """Wall time since the Timings was created."""
