@@ -97,8 +97,6 @@ def plan(request: Request, image_size: tuple[int, int]) -> Plan:
     sampler, sampler_notices = choose_sampler(preset.effective_sampler, request.sampler, request.distill_step,
                                               preset.backbone.name)
     notices += sampler_notices
-    if request.negative_prompt is not None and not sampler.uses_cfg:
-        notices.append(f"--negative-prompt is not used: the {sampler.kind} sampler here runs without CFG")
     if request.steps is not None:
         if request.steps < 1:
             raise UsageError(f"--steps must be at least 1, got {request.steps}")

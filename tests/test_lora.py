@@ -152,12 +152,11 @@ def dora_reference(base_sd, pairs, mags, strength):
     sd = {k: v.clone() for k, v in base_sd.items()}
     for m, (down, up) in pairs.items():
         merged = sd[f"{m}.weight"] + strength * ALPHA / RANK * up @ down
-        sd[f"{m}.weight"] = mags[m][:, None] * merged / merged.norm(dim=1, keepdim=True)
+        sd[f"{m}.weight"] = mags[m][:, None] * merged / merged.norm(dim=1, keepdim=True) if m in mags else merged
     return load_dit(sd, dtype="fp32")
 
 
-@pytest.mark.parametrize("style", ["original", "diffusers"])
-@pytest.mark.parametrize("strength", [1.0, 0.6])
+@pytest.mark.parametrize("style,strength", [("original", 1.0), ("diffusers", 0.6)])
 def test_dora_is_applied_merged_and_unmerged(style, strength, tmp_path):
     from safetensors.torch import load_file
 
@@ -166,7 +165,7 @@ def test_dora_is_applied_merged_and_unmerged(style, strength, tmp_path):
     pairs = known_delta(cfg, seed=3, targets=TARGETS[:6])
     g = torch.Generator().manual_seed(4)
     mags = {m: base_sd[f"{m}.weight"].norm(dim=1) * (1 + 0.5 * torch.rand(base_sd[f"{m}.weight"].shape[0], generator=g))
-            for m in pairs}
+            for m in list(pairs)[: 6 if style == "diffusers" else 3]}  # original: DoRA and plain modules in one file
     path = tmp_path / "dora.safetensors"
     write_style(style, pairs, path)
     sd = load_file(str(path))
@@ -176,7 +175,7 @@ def test_dora_is_applied_merged_and_unmerged(style, strength, tmp_path):
         else:
             sd["transformer." + to_diffusers_key(m + ".weight")[: -len(".weight")] + ".lora_magnitude_vector"] = mag
     save_file(sd, str(path))
-    assert read_lora(path).summary()["dora_modules"] == len(pairs) and not read_lora(path).ignored
+    assert read_lora(path).summary()["dora_modules"] == len(mags) and not read_lora(path).ignored
     args = inputs(cfg)
     with torch.no_grad():
         expected = dora_reference(base_sd, pairs, mags, strength)(*args)

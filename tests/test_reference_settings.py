@@ -76,12 +76,18 @@ def test_shipped_cfg_backbone_uses_the_reference_negative_prompt_and_shift(env, 
     r = cine("bullet-time", photo, "--backbone", "wan2.1-fun-1.3b-inp", "--dry-run", "--json")
     doc = json.loads(r.stdout)
     assert doc["negative_prompt"] == WAN_NEG
-    # 2. VideoX-Fun config/wan2.1/wan_civitai.yaml scheduler_kwargs.shift 5.0 with its default "Flow" sampler
-    assert doc["sampler"] == {"kind": "euler", "steps": 50, "shift": 5.0, "guidance": 6.0}
     distilled = json.loads(cine("bullet-time", photo, "--dry-run", "--json", "--negative-prompt", "x").stdout)
     assert distilled["negative_prompt"] == ""  # no CFG pass: nothing encodes it, and the file says so
     i2v = cine("bullet-time", photo, "--dry-run", "--json", "--sampler", "euler").stdout
     assert json.loads(i2v)["sampler"]["kind"] == "euler"
+
+
+# --- 2. Wan2.1-Fun-1.3B-InP's shift ------------------------------------------------------------------------------
+def test_fun_inp_samples_with_its_authors_settings(env, photo):
+    """VideoX-Fun examples/wan2.1_fun/predict_i2v.py: sampler "Flow" from config/wan2.1/wan_civitai.yaml (shift 5.0),
+    50 steps, guidance 6.0."""
+    doc = json.loads(cine("slowmo", photo, "--backbone", "wan2.1-fun-1.3b-inp", "--dry-run", "--json").stdout)
+    assert doc["sampler"] == {"kind": "euler", "steps": 50, "shift": 5.0, "guidance": 6.0}
 
 
 # --- 3. distill step ----------------------------------------------------------------------------------------------
@@ -97,7 +103,7 @@ def test_distill_step_option_is_recorded_and_changes_the_video(backbone, env, ph
 
 def test_bad_sampler_options_are_one_line_usage_errors(backbone, cfg_preset, env, photo, tmp_path):
     for preset, args, text in [(cfg_preset(), ("--distill-step", "euler"), "applies to the distill sampler"),
-                               (backbone, ("--sampler", "heun"), "unknown --sampler"),
+                               (backbone, ("--sampler", "heun"), "--sampler heun: must be one of distill, euler, unipc"),
                                (cfg_preset(), ("--sampler", "distill"), "not step-distilled")]:
         r = cine("run", photo, "--preset", preset, "-o", tmp_path / "x.mp4", *args)
         assert r.exit_code == 2 and text in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output

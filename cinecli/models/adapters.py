@@ -15,6 +15,7 @@ W ← m ⊙ (W + strength·ΔW) / ‖W + strength·ΔW‖, which is what peft co
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch
 import torch.nn as nn
@@ -130,7 +131,9 @@ class Effects:
             config = LoraConfig(r=max(ranks.values()), lora_alpha=max(ranks.values()), target_modules=group,
                                 rank_pattern=ranks, alpha_pattern=ranks, lora_dropout=0.0, init_lora_weights=False,
                                 use_dora=use_dora)
-            inject_adapter_in_model(config, self.model, adapter_name=name)
+            with warnings.catch_warnings():  # several adapters on one model is what Effects is for
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                inject_adapter_in_model(config, self.model, adapter_name=name)
         if modules:
             dtype = getattr(self.model, "dtype", torch.float32)  # adapters compute in the activation dtype
             with torch.no_grad():
