@@ -64,6 +64,7 @@ def run(
     steps: Optional[int] = typer.Option(None, "--steps", help="Override the sampler's step count (distilled presets warn)."),
     fit: str = typer.Option("crop", "--fit", help="How the photo meets the frame: crop, pad or stretch."),
     last_frame: Optional[str] = typer.Option(None, "--last-frame", help="End image (backbones that support it)."),
+    slowdown: Optional[str] = typer.Option(None, "--slowdown", help="Synthesize frames after decoding: 2, 3 or 4x longer at the same fps, or off (slow-motion: 2)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("auto", "--dtype", help="Weight dtype: auto, bf16, fp16 or fp32."),
     crf: int = typer.Option(18, "--crf", help="H.264 quality (lower is better, 18 is visually lossless)."),
@@ -82,6 +83,7 @@ def run(
     """Make a clip from PHOTO with an effect: cine bullet-time photo.jpg -o out.mp4"""
     set_offline(offline)
     from .run import RunOptions, run_one
+    from .slowdown import parse_slowdown
 
     if as_json and output == "-":
         raise UsageError("--json prints to stdout, which -o - already uses for the video; use --report FILE")
@@ -92,7 +94,7 @@ def run(
         negative_prompt=negative_prompt, seed=seed, frames=frames, fps=fps, steps=steps, fit=fit, last_frame=last_frame,
         device=device, dtype=dtype, crf=crf, overwrite=overwrite, report_file=report_file, as_json=as_json,
         quiet=quiet, dry_run=dry_run, metadata=not no_metadata, quantize=quantize_recipe, strength=strength,
-        fast_decode=fast_decode,
+        fast_decode=fast_decode, slowdown=parse_slowdown(slowdown),
     )
     run_one(opts, stderr_console(quiet))
 
