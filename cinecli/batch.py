@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UsageError
+from .checks import parse_shard  # noqa: F401 - launcher variables are checked with every other value
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 MANIFEST = "manifest.jsonl"
@@ -127,26 +127,6 @@ def item_seed(base: int, rel: str) -> int:
 def in_shard(rel: str, shard: tuple[int, int]) -> bool:
     index, count = shard
     return stable_int("shard:" + rel) % count == index
-
-
-def parse_shard(value: str | None, env: dict | None = None) -> tuple[int, int]:
-    """``i/N``, else torchrun/accelerate (RANK, WORLD_SIZE), else a Slurm array, else (0, 1)."""
-    env = os.environ if env is None else env
-    if value:
-        try:
-            i, n = (int(x) for x in value.split("/"))
-        except ValueError:
-            raise UsageError(f"--shard {value}: expected i/N, e.g. 0/4") from None
-    elif "WORLD_SIZE" in env and "RANK" in env:
-        i, n = int(env["RANK"]), int(env["WORLD_SIZE"])
-    elif "SLURM_ARRAY_TASK_COUNT" in env and "SLURM_ARRAY_TASK_ID" in env:
-        i = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
-        n = int(env["SLURM_ARRAY_TASK_COUNT"])
-    else:
-        return 0, 1
-    if not 0 <= i < n:
-        raise UsageError(f"shard {i}/{n} is out of range (0 ≤ i < N)")
-    return i, n
 
 
 # --- the manifest ----------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import torch
 from . import __version__, prompt_cache
 from .devices import activation_dtype
 from .errors import UsageError
-from .image import check_pair, fit_image, read_image, target_size, to_tensor
+from .image import check_pair, enlarge_notice, fit_image, read_image, target_size, to_tensor
 from .preset import Backbone, Preset, SamplerSpec
 from .sampler import sample
 from .slowdown import DEFAULT_METHOD as INTERPOLATION
@@ -112,6 +112,7 @@ def plan(request: Request, image_size: tuple[int, int]) -> Plan:
             sampler = replace(sampler, steps=request.steps)
     prompt = final_prompt(request)
     width, height = target_size(*image_size, preset.max_area)
+    notices += enlarge_notice(image_size, (width, height))
     seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
     return Plan(width, height, frames, request.fps or preset.fps, seed, prompt,
                 request.negative_prompt if request.negative_prompt is not None else preset.negative_prompt, sampler, notices,

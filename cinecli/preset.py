@@ -14,6 +14,7 @@ taken relative to the TOML file that holds them.
 from __future__ import annotations
 
 import difflib
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,6 +122,9 @@ class Preset:
         return refs
 
 
+_WARNED: set[str] = set()
+
+
 # --- where TOML files live --------------------------------------------------------------------------------------------
 def builtin_dir(kind: str) -> Path:
     """``presets`` or ``loras`` shipped with cine: inside the wheel (cinecli/presets) or the source tree."""
@@ -177,12 +181,13 @@ def parse_card(raw: dict, base: Path, name: str) -> LoraCard:
     )
 
 
-def _slowdown(value, path: Path) -> int:
-    from .slowdown import SLOWDOWNS
+def _slowdown(value: object, path: Path) -> int:
+    """A preset's ``slowdown`` (2, 3, 4 or "off"; checked by the --slowdown rule) → the factor; absent → 1."""
+    from .checks import check_fields
+    from .slowdown import parse_slowdown
 
-    if isinstance(value, bool) or value not in (1, *SLOWDOWNS):
-        raise PresetError(f"preset {path}: slowdown must be 1, {', '.join(map(str, SLOWDOWNS))}, got {value!r}")
-    return int(value)
+    check_fields({"slowdown": value}, f"preset {path}")
+    return parse_slowdown(value) or 1
 
 
 class Catalog:
@@ -197,22 +202,54 @@ class Catalog:
         self.backbones: dict[str, tuple[dict, Path]] = {}
         self.cards: dict[str, tuple[dict, Path]] = {}
         self.presets: dict[str, tuple[dict, Path]] = {}
+        self.problems: dict[str, str] = {}  # user files skipped (name → why): one bad file must not break the rest
+        self.extra: tuple[dict, Path] | None = None
+        shadowed: dict[str, tuple[dict, Path]] = {}
         for d in dirs:  # later directories shadow earlier ones
             for path in sorted(d.glob("*.toml")) if d.is_dir() else []:
-                data = _read_toml(path)
+                if (data := self._read(path, user=d != dirs[0])) is None:
+                    continue
                 if path.name == "backbones.toml":
                     self.backbones.update({k: (v, path.parent) for k, v in data.items()})
                 else:
-                    self.presets[data.get("name", path.stem)] = (data, path)
+                    name = data.get("name", path.stem)
+                    if name in self.presets:
+                        shadowed[name] = self.presets[name]
+                    self.presets[name] = (data, path)
         for d in lora_dirs:
             for path in sorted(d.glob("*.toml")) if d.is_dir() else []:
-                data = _read_toml(path)
-                self.cards[data.get("name", path.stem)] = (data, path.parent)
-        self.extra: tuple[dict, Path] | None = None
+                if (data := self._read(path, user=d != lora_dirs[0])) is not None:
+                    self.cards[data.get("name", path.stem)] = (data, path.parent)
+        for name, (_, path) in list(self.presets.items()):  # user presets must resolve, or they are set aside
+            if search_user_dir and path.parent != dirs[0]:
+                try:
+                    self.resolve(name)
+                except (PresetError, AttributeError, KeyError, TypeError, ValueError) as exc:  # sampler = "x", …
+                    self._skip(name, str(exc) if isinstance(exc, PresetError) else f"preset {path}: {exc!r}")
+                    if name in shadowed:
+                        self.presets[name] = shadowed[name]
+                    else:
+                        del self.presets[name]
         if extra_preset is not None:
             if not Path(extra_preset).is_file():
                 raise PresetError(f"preset file not found: {extra_preset}")
             self.extra = (_read_toml(Path(extra_preset)), Path(extra_preset))
+
+    def _read(self, path: Path, user: bool) -> dict | None:
+        """A TOML file's data; a broken user file is skipped with a warning (a shipped one is a bug: it raises)."""
+        try:
+            return _read_toml(path)
+        except PresetError as exc:
+            if not user:
+                raise
+            self._skip(path.stem, str(exc))
+            return None
+
+    def _skip(self, name: str, problem: str) -> None:
+        self.problems[name] = problem
+        if problem not in _WARNED:  # many Catalogs per process (CLI, run, batch workers): one warning each
+            _WARNED.add(problem)
+            sys.stderr.write(f"cine: warning: skipping user preset '{name}': {problem.splitlines()[0]}\n")
 
     def names(self) -> list[str]:
         return sorted(self.presets)
@@ -260,6 +297,8 @@ class Catalog:
                 raise PresetError("no effect given")
             aliases = self.aliases()
             key = effect.strip().lower()
+            if key not in aliases and key in self.problems:
+                raise PresetError(self.problems[key])
             if key not in aliases:
                 close = difflib.get_close_matches(key, list(aliases), n=1, cutoff=0.5)
                 hint = f"; did you mean '{aliases[close[0]]}'?" if close else ""
@@ -269,14 +308,20 @@ class Catalog:
         name = data.get("name", path.stem)
         try:
             bb = self.backbone(backbone or data["backbone"], base)
-            return Preset(
+            preset = Preset(
                 name=name, backbone=bb, prompt=data["prompt"],
                 effect=self.card(data["effect"], base) if data.get("effect") else None,
                 effect_strength=data.get("effect_strength"), negative_prompt=data.get("negative_prompt", ""),
                 frames=int(data.get("frames", 49)), fps=int(data.get("fps", 16)), max_area=int(data.get("max_area", 480 * 832)),
-                slowdown=_slowdown(data.get("slowdown", 1), path),
+                slowdown=_slowdown(data.get("slowdown"), path),
                 sampler=parse_sampler(data.get("sampler")), aliases=tuple(data.get("aliases", ())),
                 description=data.get("description", ""), source=path,
             )
         except KeyError as exc:
             raise PresetError(f"preset {path} lacks the required field {exc}") from None
+        except (TypeError, ValueError) as exc:  # e.g. frames = "many"
+            raise PresetError(f"preset {path}: a field has the wrong type ({exc})") from None
+        from .checks import check_preset
+
+        check_preset(preset)  # the same rules as the options: frames = 0 fails like --frames 0
+        return preset

@@ -9,12 +9,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .checks import check_options, unused_option_warnings
 from .errors import UsageError
-from .image import FITS, check_pair, read_image
+from .image import check_pair, read_image
 from .pipeline import Generator, Plan, Request, metadata, plan
 from .preset import Catalog, Preset
 from .report import human_bytes
-from .slowdown import slow_down
+from .slowdown import parse_slowdown, slow_down
 from .timing import Timings
 from .video import STDOUT, check_writable, frames_to_uint8, write_mp4
 
@@ -46,7 +47,7 @@ class RunOptions:
     quantize: str | None = None
     strength: float | None = None
     fast_decode: bool = False
-    slowdown: int | None = None  # parsed --slowdown (slowdown.parse_slowdown); None: the preset's
+    slowdown: str | None = None  # --slowdown as given: 2, 3, 4 or off (checks.RULES); None: the preset's
 
 
 def pull_hint(preset: Preset) -> str:
@@ -94,8 +95,7 @@ def default_output(image: str, effect: str, output: str | None) -> str:
 
 
 def run_one(opts: RunOptions, console) -> dict | None:
-    if opts.fit not in FITS:
-        raise UsageError(f"unknown --fit '{opts.fit}' (use {', '.join(FITS)})")
+    check_options(opts)  # every value against checks.RULES, before anything is read or loaded
     timings = Timings()
     with timings.stage("resolve"):
         catalog = Catalog(extra_preset=opts.preset_file)
@@ -105,8 +105,9 @@ def run_one(opts: RunOptions, console) -> dict | None:
         image = read_image(opts.image)
         request = Request(image=opts.image, preset=preset, output=output, seed=opts.seed, frames=opts.frames, fps=opts.fps,
                           fit=opts.fit, last_frame=opts.last_frame, prompt=opts.prompt, negative_prompt=opts.negative_prompt,
-                          steps=opts.steps, effect_strength=opts.strength, slowdown=opts.slowdown)
+                          steps=opts.steps, effect_strength=opts.strength, slowdown=parse_slowdown(opts.slowdown))
         the_plan = plan(request, image.size)
+        the_plan.notices += unused_option_warnings(vars(opts), preset)
         if opts.quantize:
             from .models.recipes import get_recipe
 

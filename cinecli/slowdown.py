@@ -45,16 +45,24 @@ DEFAULT_METHOD = "mci-bidir-aobmc"  # chosen by bench/slowdown.py (module docstr
 _RATE = 24  # nominal input rate for the filter graph; only the ratio N matters
 
 
+def slowdown_problem(value: object) -> str | None:
+    """The rule for ``--slowdown`` and a preset's ``slowdown`` (checks.RULES): 2, 3, 4 or off.
+
+    1 is refused rather than read as "none": ``off`` says that without looking like a typo of a factor.
+    """
+    text = str(value).strip().lower()
+    if not isinstance(value, bool) and (text == "off" or (text.isdigit() and int(text) in SLOWDOWNS)):
+        return None
+    return f"must be {', '.join(map(str, SLOWDOWNS))} or off"
+
+
 def parse_slowdown(value: str | int | None) -> int | None:
-    """``--slowdown`` → 2, 3 or 4; ``off`` → 1 (no up-sampling); None → None (the preset decides). Else UsageError."""
+    """A checked ``--slowdown`` → 2, 3 or 4; ``off`` → 1 (no up-sampling); None → None (the preset decides)."""
     if value is None:
         return None
-    text = str(value).strip().lower()
-    if text in ("off", "none", "no"):
-        return 1
-    if text.isdigit() and int(text) in SLOWDOWNS:
-        return int(text)
-    raise UsageError(f"--slowdown must be {', '.join(map(str, SLOWDOWNS))} or off, got '{value}'")
+    if problem := slowdown_problem(value):
+        raise UsageError(f"--slowdown {value}: {problem}")
+    return 1 if str(value).strip().lower() == "off" else int(value)
 
 
 def output_frames(frames: int, factor: int) -> int:

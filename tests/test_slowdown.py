@@ -79,7 +79,7 @@ def test_bad_slowdown_exits_2_before_loading(env, photo, monkeypatch, value):
     monkeypatch.setattr(models, "load_dit", boom)
     monkeypatch.setattr(pipeline.Generator, "generate", boom)
     line = one_line_error(cine("slow-motion", photo, "--slowdown", value), 2)
-    assert "--slowdown must be 2, 3, 4 or off" in line
+    assert f"--slowdown {value}: must be 2, 3, 4 or off" in line
     assert "--slowdown" in one_line_error(cine("batch", photo, "-e", "slowmo", "-o", photo.parent / "o", "--slowdown", value), 2)
 
 
@@ -89,6 +89,12 @@ def test_slow_motion_preset_defaults_to_2x(env, photo):
     off = json.loads(cine("slowmo", photo, "--dry-run", "--json", "--slowdown", "off").stdout)
     assert off["slowdown"] == 1 and off["output_frames"] == 49
     assert json.loads(cine("bullet-time", photo, "--dry-run", "--json").stdout)["slowdown"] == 1
+    preset = photo.parent / "mine.toml"
+    for value, expected in (('"off"', 1), ("3", 3)):
+        preset.write_text(f'name = "mine"\nbackbone = "wan2.1-fun-1.3b-inp"\nprompt = "slow"\nslowdown = {value}\n')
+        assert json.loads(cine("run", photo, "--preset", preset, "--dry-run", "--json").stdout)["slowdown"] == expected
+    preset.write_text('name = "mine"\nbackbone = "wan2.1-fun-1.3b-inp"\nprompt = "slow"\nslowdown = 1\n')
+    assert "slowdown = 1: must be 2, 3, 4 or off" in one_line_error(cine("run", photo, "--preset", preset, "--dry-run"), 2)
     burst = cine("slow-motion", photo, "--last-frame", photo, "--backbone", "wan2.1-fun-1.3b-inp", "--dry-run", "--json")
     assert burst.exit_code == 0, burst.output
     assert json.loads(burst.stdout)["last_frame"] == str(photo)

@@ -109,7 +109,8 @@ OPEN_CLIP_RULES = compile_rules([
 ])
 HF_CLIP_MARKERS = ("embeddings.patch_embedding.weight",)
 # Projection heads (Wan ``head``, open_clip ``proj``) map CLS to the joint space; the features used are before them.
-_CLIP_SKIPPED = re.compile(r"^(head|proj)$")
+# ``embeddings.position_ids`` is an arange buffer older transformers saved (some clip_vision_h copies hold it).
+_CLIP_SKIPPED = re.compile(r"^(head|proj|embeddings\.position_ids)$")
 
 # Which files of a folder hold the tower: Wan repo root, ComfyUI names, transformers / open_clip names.
 IMAGE_ENCODER_PATTERNS = (
