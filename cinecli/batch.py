@@ -182,7 +182,7 @@ def plan_items(opts: BatchOptions, catalog) -> list[Item]:
             stat = Path(path).stat() if Path(path).exists() else None
             last = last_frames.get(path)
             params = {"effect": preset.name, "backbone": preset.backbone.name, "dit": str(preset.backbone.dit),
-                      "prompt": prompt or preset.prompt, "negative": preset.negative_prompt, "seed": seed,
+                      "prompt": prompt or preset.prompt, "negative": preset.negative_for(preset.effective_sampler), "seed": seed,
                       "frames": opts.frames or preset.frames, "fps": opts.fps or preset.fps, "steps": opts.steps,
                       "fit": opts.fit, "quantize": opts.quantize, "crf": opts.crf, "name": name,
                       "input": [stat.st_size, stat.st_mtime_ns] if stat else None,

@@ -12,7 +12,7 @@ from pathlib import Path
 from .checks import check_options, unused_option_warnings
 from .errors import UsageError
 from .image import check_pair, read_image
-from .pipeline import Generator, Plan, Request, metadata, plan
+from .pipeline import Generator, Plan, Request, metadata, plan, sampler_settings
 from .preset import Catalog, Preset
 from .report import human_bytes
 from .slowdown import parse_slowdown, slow_down
@@ -47,6 +47,8 @@ class RunOptions:
     quantize: str | None = None
     strength: float | None = None
     fast_decode: bool = False
+    sampler: str | None = None  # --sampler distill|euler|unipc
+    distill_step: str | None = None  # --distill-step renoise|euler
     slowdown: str | None = None  # --slowdown as given: 2, 3, 4 or off (checks.RULES); None: the preset's
 
 
@@ -105,7 +107,8 @@ def run_one(opts: RunOptions, console) -> dict | None:
         image = read_image(opts.image)
         request = Request(image=opts.image, preset=preset, output=output, seed=opts.seed, frames=opts.frames, fps=opts.fps,
                           fit=opts.fit, last_frame=opts.last_frame, prompt=opts.prompt, negative_prompt=opts.negative_prompt,
-                          steps=opts.steps, effect_strength=opts.strength, slowdown=parse_slowdown(opts.slowdown))
+                          steps=opts.steps, effect_strength=opts.strength, sampler=opts.sampler,
+                          distill_step=opts.distill_step, slowdown=parse_slowdown(opts.slowdown))
         the_plan = plan(request, image.size)
         the_plan.notices += unused_option_warnings(vars(opts), preset)
         if opts.quantize:
@@ -143,7 +146,8 @@ def run_one(opts: RunOptions, console) -> dict | None:
              "slowdown": the_plan.slowdown, "output_frames": the_plan.output_frames,
              "latent": list(the_plan.latent_shape), "tokens": the_plan.tokens, "input": list(image.size)}
     job = {"effect": preset.name, "input": str(opts.image), "seed": the_plan.seed, "prompt": the_plan.prompt,
-           "backbone": preset.backbone.name, "steps": the_plan.sampler.num_steps, "sampler": the_plan.sampler.kind}
+           "backbone": preset.backbone.name, "steps": the_plan.sampler.num_steps, "sampler": the_plan.sampler.kind,
+           **sampler_settings(the_plan.sampler), "negative_prompt": the_plan.negative_prompt}
     report = build_report(timings, job=job, sizes=sizes, device=device, dtype=gen.dtype,
                           quantization=gen.quant_recipe, output=written)
     if opts.report_file:
@@ -163,7 +167,8 @@ def _dry_run(opts: RunOptions, preset: Preset, p: Plan, image_size, output: str)
         "dry_run": True, "effect": preset.name, "input": str(opts.image), "input_size": list(image_size), "output": output,
         "width": p.width, "height": p.height, "frames": p.frames, "fps": p.fps, "seed": p.seed, "prompt": p.prompt,
         "slowdown": p.slowdown, "output_frames": p.output_frames, "last_frame": opts.last_frame,
-        "sampler": {"kind": p.sampler.kind, "steps": p.sampler.num_steps, "shift": p.sampler.shift},
+        "sampler": {"kind": p.sampler.kind, "steps": p.sampler.num_steps, **sampler_settings(p.sampler)},
+        "negative_prompt": p.negative_prompt,
         "backbone": preset.backbone.name, "weights": weights, "memory_estimate": memory_estimate(p, weights),
         "missing": [w["ref"] for w in weights.values() if not w["present"]],
     }
