@@ -81,6 +81,12 @@ def _fits() -> tuple[str, ...]:
     return FITS
 
 
+def _slowdown_problem(value: object) -> str | None:
+    from .slowdown import slowdown_problem
+
+    return slowdown_problem(value)
+
+
 # The table. Keys are RunOptions/BatchOptions attribute names and preset/sampler field names; the option is
 # --key with _ → - (OPTION_NAMES says otherwise). Rules that need another module look it up when called.
 RULES: dict[str, Rule] = {
@@ -100,6 +106,7 @@ RULES: dict[str, Rule] = {
     "fit": lambda v: one_of(*_fits())(v),
     "sampler": lambda v: one_of(*_sampler_choices()[0])(v),
     "distill_step": lambda v: one_of(*_sampler_choices()[1])(v),
+    "slowdown": lambda v: _slowdown_problem(v),  # 2, 3, 4 or off (cinecli/slowdown.py)
 }
 OPTION_NAMES = {"quantize": "--quantize"}
 

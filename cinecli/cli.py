@@ -102,6 +102,7 @@ def run(
     steps: Optional[int] = typer.Option(None, "--steps", help="Override the sampler's step count (distilled presets warn)."),
     fit: str = typer.Option("crop", "--fit", help="How the photo meets the frame: crop, pad or stretch."),
     last_frame: Optional[str] = typer.Option(None, "--last-frame", help="End image (backbones that support it)."),
+    slowdown: Optional[str] = typer.Option(None, "--slowdown", help="Synthesize frames after decoding: 2, 3 or 4x longer at the same fps, or off (slow-motion: 2)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("auto", "--dtype", help="Weight dtype: auto, bf16, fp16 or fp32."),
     crf: int = typer.Option(18, "--crf", help="H.264 quality (lower is better, 18 is visually lossless)."),
@@ -136,7 +137,7 @@ def run(
         negative_prompt=negative_prompt, seed=seed, frames=frames, fps=fps, steps=steps, fit=fit, last_frame=last_frame,
         device=device, dtype=dtype, crf=crf, overwrite=overwrite, report_file=report_file, as_json=as_json,
         quiet=quiet, dry_run=dry_run, metadata=not no_metadata, quantize=quantize_recipe, strength=strength,
-        fast_decode=fast_decode, sampler=sampler, distill_step=distill_step,
+        fast_decode=fast_decode, sampler=sampler, distill_step=distill_step, slowdown=slowdown,
     )
     run_one(opts, stderr_console(quiet))
 

@@ -21,9 +21,11 @@ import torch
 from . import __version__, prompt_cache
 from .devices import image_encoder_dtype
 from .errors import UsageError
-from .image import enlarge_notice, fit_image, read_image, target_size, to_tensor
+from .image import check_pair, enlarge_notice, fit_image, read_image, target_size, to_tensor
 from .preset import Backbone, Preset, SamplerSpec
 from .sampler import choose_sampler, sample
+from .slowdown import DEFAULT_METHOD as INTERPOLATION
+from .slowdown import output_frames as upsampled_frames
 from .timing import Timings
 
 MAX_FRAMES = 161  # 2x the frame count Wan2.1 was trained on; longer clips degrade and waste memory
@@ -45,6 +47,7 @@ class Request:
     effect_strength: float | None = None
     sampler: str | None = None  # --sampler: distill | euler | unipc (None: the preset's or backbone's)
     distill_step: str | None = None  # --distill-step: renoise | euler (None: the backbone's)
+    slowdown: int | None = None  # None: the preset's
 
 
 @dataclass
@@ -60,6 +63,11 @@ class Plan:
     negative_prompt: str
     sampler: SamplerSpec
     notices: list[str] = field(default_factory=list)
+    slowdown: int = 1  # frames synthesized after decoding: frames → (frames − 1)·slowdown + 1, same fps
+
+    @property
+    def output_frames(self) -> int:
+        return upsampled_frames(self.frames, self.slowdown)
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
@@ -111,7 +119,8 @@ def plan(request: Request, image_size: tuple[int, int]) -> Plan:
     notices += enlarge_notice(image_size, (width, height))
     seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
     return Plan(width, height, frames, request.fps or preset.fps, seed, prompt,
-                preset.negative_for(sampler, request.negative_prompt), sampler, notices)
+                preset.negative_for(sampler, request.negative_prompt), sampler, notices,
+                slowdown=request.slowdown or preset.slowdown)
 
 
 def condition_mask(frames: int, lat_h: int, lat_w: int, last_frame: bool) -> torch.Tensor:
@@ -268,7 +277,9 @@ class Generator:
             first = to_tensor(fit_image(image, (p.width, p.height), request.fit))  # [3, H, W]
             last = None
             if request.last_frame is not None:
-                last = to_tensor(fit_image(read_image(request.last_frame), (p.width, p.height), request.fit))
+                end = read_image(request.last_frame)
+                check_pair(image.size, end.size, request.last_frame)  # a burst pair: same orientation, fitted alike
+                last = to_tensor(fit_image(end, (p.width, p.height), request.fit))
         text = self.text_context(p.prompt)
         negative = self.text_context(p.negative_prompt) if p.sampler.uses_cfg else None
 
@@ -328,4 +339,7 @@ def metadata(request: Request, the_plan: Plan, gen: Generator) -> dict:
         **sampler_settings(the_plan.sampler),
         "fps": the_plan.fps, "width": the_plan.width, "height": the_plan.height,
         "dtype": str(gen.dtype).removeprefix("torch."), "quantization": gen.quant_recipe,
+        "slowdown": the_plan.slowdown, "output_frames": the_plan.output_frames,
+        "interpolation": INTERPOLATION if the_plan.slowdown > 1 else None,
+        "last_frame": Path(str(request.last_frame)).name if request.last_frame is not None else None,
     }
