@@ -38,16 +38,17 @@ class Worker:
         from .pipeline import Generator
         from .run import pull_hint
         from .weights.hub import resolve_all
+        from .weights.scan import local_refs
 
         key = preset.backbone.name
         if key not in self.generators:
-            paths = resolve_all(preset.weights(), pull_hint(preset))
+            paths = resolve_all(local_refs(preset), pull_hint(preset))
             device = choose_device(self.opts.device)
             self.generators[key] = Generator(preset.backbone, paths, device, choose_dtype(self.opts.dtype, device),
                                              quantize=self.opts.quantize)
         gen = self.generators[key]
         if preset.effect is not None and f"effect:{preset.effect.name}" not in gen.paths:  # another effect, same backbone
-            gen.paths.update(resolve_all(preset.weights(), pull_hint(preset)))
+            gen.paths.update(resolve_all(local_refs(preset), pull_hint(preset)))
         gen.timings = timings
         timings.device = gen.device
         return gen

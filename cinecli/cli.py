@@ -18,7 +18,7 @@ from typer.core import TyperGroup
 
 from . import __version__
 from .cli_batch import batch
-from .cli_common import PlainCommand, fail, handle_errors, set_offline, stderr_console
+from .cli_common import MODELS_DIR_HELP, PlainCommand, fail, handle_errors, set_models_dir, set_offline, stderr_console
 from .cli_quant import quantize
 from .cli_weights import lora_app, models_app
 from .errors import EXIT_USAGE, CineError, UsageError
@@ -112,6 +112,7 @@ def run(
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress; only the output path on stdout."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show the resolved job and the weights it needs; load nothing."),
     offline: bool = typer.Option(False, "--offline", help="Never touch the network (as HF_HUB_OFFLINE=1)."),
+    models_dir: Optional[Path] = typer.Option(None, "--models-dir", help=MODELS_DIR_HELP),
     no_metadata: bool = typer.Option(False, "--no-metadata", help="Do not embed the settings in the MP4."),
     quantize_recipe: Optional[str] = typer.Option(None, "--quantize", help="Quantize the DiT at load: hybrid, compact, fp8, int8 or none."),
     strength: Optional[float] = typer.Option(None, "--strength", help="Effect LoRA strength (default: the LoRA card's)."),
@@ -123,6 +124,7 @@ def run(
 ) -> None:
     """Make a clip from PHOTO with an effect: cine bullet-time photo.jpg -o out.mp4"""
     set_offline(offline)
+    set_models_dir(models_dir)
     from .checks import check_choices
     from .run import RunOptions, run_one
 
@@ -208,6 +210,8 @@ def doctor(
     code = run_doctor(as_json=as_json, run_selftest=selftest, device=device, console=stderr_console())
     raise typer.Exit(code)
 
+
+from . import cli_scan  # noqa: E402,F401 - registers `cine models scan`
 
 app.add_typer(models_app, name="models")
 app.add_typer(lora_app, name="lora")

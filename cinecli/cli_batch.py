@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from .batch import LAST_FRAME_PATTERN
-from .cli_common import handle_errors, set_offline, stderr_console
+from .cli_common import MODELS_DIR_HELP, handle_errors, set_models_dir, set_offline, stderr_console
 from .errors import UsageError
 
 
@@ -40,6 +40,7 @@ def batch(
     as_json: bool = typer.Option(False, "--json", help="Stream one JSON line per item on stdout as items finish."),
     quiet: bool = typer.Option(False, "-q", "--quiet"),
     offline: bool = typer.Option(False, "--offline"),
+    models_dir: Optional[Path] = typer.Option(None, "--models-dir", help=MODELS_DIR_HELP),
     debug: bool = typer.Option(False, "--debug"),
 ) -> None:
     """Turn many photos into clips with one model load; resumable, isolated per item, shardable.
@@ -47,6 +48,7 @@ def batch(
     Exit codes: 0 every item made (or already done), 8 some items failed (see manifest.jsonl), 130 interrupted.
     """
     set_offline(offline)
+    set_models_dir(models_dir)
     from .batch import BatchOptions, parse_shard
     from .batch_run import run_batch
     from .checks import check_choices, check_options

@@ -60,12 +60,16 @@ def weights_needed(preset: Preset) -> dict[str, dict]:
     """Each component's reference, whether it is present locally, and its size on disk (no network, no loading)."""
     from .weights.hub import locate
 
+    from .weights.scan import local_refs
+
     out = {}
-    for name, ref in preset.weights().items():
+    asked = preset.weights()
+    for name, ref in local_refs(preset, hash_files=False).items():  # models-dir files in place of missing hub ones
         found = locate(ref)
         size = sum(f.stat().st_size for f in found.files if f.is_file()) if found.path else None
+        source = "models dir" if ref != asked.get(name) else "local path" if ref.path else "hub cache" if found.path else "hub"
         out[name] = {"ref": str(ref), "present": found.path is not None, "bytes": size,
-                     "path": str(found.path) if found.path else None}
+                     "path": str(found.path) if found.path else None, "source": source}
     return out
 
 
@@ -129,7 +133,9 @@ def run_one(opts: RunOptions, console) -> dict | None:
         from .report import build_report, summary_table, write_report
         from .weights.hub import resolve_all
 
-        paths = resolve_all(preset.weights(opts.fast_decode), pull_hint(preset))
+        from .weights.scan import local_refs
+
+        paths = resolve_all(local_refs(preset, opts.fast_decode), pull_hint(preset))
         device = choose_device(opts.device)
         timings.device = device
         gen = Generator(preset.backbone, paths, device, choose_dtype(opts.dtype, device), timings=timings, quantize=opts.quantize,
