@@ -45,6 +45,10 @@ class RunOptions:
     quantize: str | None = None
     strength: float | None = None
     fast_decode: bool = False
+    offload: str = "auto"  # DiT blocks: auto (the memory plan decides; resident until it does), none, blocks
+
+
+OFFLOADS = ("auto", "none", "blocks")
 
 
 def pull_hint(preset: Preset) -> str:
@@ -94,6 +98,8 @@ def default_output(image: str, effect: str, output: str | None) -> str:
 def run_one(opts: RunOptions, console) -> dict | None:
     if opts.fit not in FITS:
         raise UsageError(f"unknown --fit '{opts.fit}' (use {', '.join(FITS)})")
+    if opts.offload not in OFFLOADS:
+        raise UsageError(f"unknown --offload '{opts.offload}' (use {', '.join(OFFLOADS)})")
     timings = Timings()
     with timings.stage("resolve"):
         catalog = Catalog(extra_preset=opts.preset_file)
@@ -129,7 +135,7 @@ def run_one(opts: RunOptions, console) -> dict | None:
         device = choose_device(opts.device)
         timings.device = device
         gen = Generator(preset.backbone, paths, device, choose_dtype(opts.dtype, device), timings=timings, quantize=opts.quantize,
-                        fast_decode=opts.fast_decode)
+                        fast_decode=opts.fast_decode, stream_blocks=opts.offload == "blocks")
     with console.status(f"{preset.name}: {the_plan.frames} frames {the_plan.width}x{the_plan.height} on {device}") if console.is_terminal else contextlib.nullcontext():
         video = gen.generate(request, the_plan, image)
     with timings.stage("mp4 encode"):
