@@ -161,39 +161,60 @@ def _status(pid: int) -> tuple[int, int, int] | None:
     return kb("VmRSS"), kb("RssAnon"), kb("RssFile")
 
 
-def measured(cmd: list[str], env: dict[str, str], log: Path) -> tuple[list[dict], int, str]:
-    """Run ``cmd``, sampling its RSS; → (per-stage rows in order, exit code, stderr tail)."""
-    log.unlink(missing_ok=True)
-    samples: list[tuple[float, int, int, int]] = []
-    proc = subprocess.Popen(cmd, env={**env, "CINE_STAGE_LOG": str(log)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    err: list[str] = []
-    reader = threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True)
-    reader.start()
-    while proc.poll() is None:
-        s = _status(proc.pid)
-        if s:
-            samples.append((time.time(), *s))
-        time.sleep(0.05)
-    reader.join()
-    proc.stdout.read()
-    events = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+def stage_rows(samples: list[tuple[float, int, int, int]], events: list[dict]) -> list[dict]:
+    """Samples (t, rss, anon, file) + stage start/end events → one row per stage, in order, and the whole process."""
     rows, open_at = [], {}
     for ev in events:
         if ev["event"] == "start":
             open_at[ev["stage"]] = ev["t"]
             continue
         t0, t1 = open_at.pop(ev["stage"], ev["t"]), ev["t"]
-        inside = [s for s in samples if t0 <= s[0] <= t1] or [min(samples, key=lambda s: abs(s[0] - t1))] if samples else []
-        peak = max(inside, key=lambda s: s[1]) if inside else (0, 0, 0, 0)
-        end = min(samples, key=lambda s: abs(s[0] - t1)) if samples else (0, 0, 0, 0)
+        # a stage shorter than the sampling interval gets the sample nearest its end (if one is that near)
+        near = [s for s in samples if abs(s[0] - t1) <= 0.2]
+        inside = [s for s in samples if t0 <= s[0] <= t1] or near[:1]
+        if not inside:
+            rows.append({"stage": ev["stage"], "seconds": t1 - t0, "peak_rss": None, "peak_anon": None,
+                         "peak_file": None, "end_rss": None})
+            continue
+        peak = max(inside, key=lambda s: s[1])
+        end = min(near or inside, key=lambda s: abs(s[0] - t1))
         rows.append({"stage": ev["stage"], "seconds": t1 - t0, "peak_rss": peak[1], "peak_anon": peak[2],
                      "peak_file": peak[3], "end_rss": end[1]})
-    overall = max((s[1] for s in samples), default=0)
+    for stage, t0 in open_at.items():  # still running (a run cut short): peak so far
+        inside = [s for s in samples if s[0] >= t0]
+        if inside:
+            peak = max(inside, key=lambda s: s[1])
+            rows.append({"stage": f"{stage} (unfinished)", "seconds": inside[-1][0] - t0, "peak_rss": peak[1],
+                         "peak_anon": peak[2], "peak_file": peak[3], "end_rss": inside[-1][1]})
     rows.append({"stage": "(whole process)", "seconds": (samples[-1][0] - samples[0][0]) if samples else 0,
-                 "peak_rss": overall, "peak_anon": max((s[2] for s in samples), default=0),
+                 "peak_rss": max((s[1] for s in samples), default=0), "peak_anon": max((s[2] for s in samples), default=0),
                  "peak_file": max((s[3] for s in samples), default=0), "end_rss": samples[-1][1] if samples else 0})
-    return rows, proc.returncode, "".join(err[-20:])
+    return rows
+
+
+def _read_jsonl(path: Path) -> list:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def measured(cmd: list[str], env: dict[str, str], log: Path) -> tuple[list[dict], int, str]:
+    """Run ``cmd``, sampling its RSS into ``log``.samples; → (per-stage rows in order, exit code, stderr tail)."""
+    samples_file = log.with_suffix(".samples")
+    for f in (log, samples_file):
+        f.unlink(missing_ok=True)
+    proc = subprocess.Popen(cmd, env={**env, "CINE_STAGE_LOG": str(log)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True)
+    reader.start()
+    with open(samples_file, "w") as out:  # on disk as it goes: a run cut short still has its table (--from-logs)
+        while proc.poll() is None:
+            s = _status(proc.pid)
+            if s:
+                out.write(json.dumps([time.time(), *s]) + "\n")
+            time.sleep(0.05)
+    reader.join()
+    proc.stdout.read()
+    return stage_rows(_read_jsonl(samples_file), _read_jsonl(log)), proc.returncode, "".join(err[-20:])
 
 
 def baseline_rss(env: dict[str, str]) -> int:
@@ -229,12 +250,27 @@ def _gb(b: float | None) -> str:
     return "n/a" if b is None else f"{b / GB:.2f}"
 
 
+def print_table(rows: list[dict], plan: dict[str, dict], base: int, label: str) -> None:
+    print("\n| stage | s | planned host peak GB | planned device peak GB | measured peak RSS GB | anon GB | file GB | RSS at end GB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        p = plan.get(r["stage"], {})
+        print(f"| {r['stage']} | {r['seconds']:.0f} | {_gb(p.get('host_peak_bytes'))} | {_gb(p.get('device_peak_bytes'))} | "
+              f"{_gb(r['peak_rss'])} | {_gb(r['peak_anon'])} | {_gb(r['peak_file'])} | {_gb(r['end_rss'])} |")
+    whole = rows[-1]["peak_rss"]
+    print(f"\ncached-prompt run: peak {whole / GB:.2f} GB = baseline {base / GB:.2f} GB + {(whole - base) / GB:.2f} GB "
+          f"(target: + 1.80 GB); {label}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, default=49)
     ap.add_argument("--quantize", default="hybrid")
     ap.add_argument("--write-only", action="store_true")
     ap.add_argument("--json", type=Path, help="also write the table here")
+    ap.add_argument("--from-logs", action="store_true",
+                    help="print the table of the last run from its logs under $CINE_BENCH_DIR (also a run cut short)")
+    ap.add_argument("--samples", type=Path, help="with --from-logs: RSS samples of the run from another sampler")
     ap.add_argument("--child-encode", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child_encode:
@@ -248,6 +284,12 @@ def main() -> None:
             "--frames", str(args.frames), "--quantize", args.quantize, "--device", "cpu", "--seed", "0",
             "-o", str(ROOT / f"out-{args.frames}.mp4"), "--overwrite", "-q"]
     plan = planned(cine, env)
+    label = f"{args.frames} frames 832x480, --quantize {args.quantize}"
+    if args.from_logs:
+        samples = _read_jsonl(args.samples or ROOT / "stages-run.samples")
+        rows = stage_rows([tuple(s[:4]) for s in samples], _read_jsonl(ROOT / "stages-run.jsonl"))
+        text = stage_rows([tuple(s[:4]) for s in _read_jsonl(ROOT / "stages-text.samples")], _read_jsonl(ROOT / "stages-text.jsonl"))
+        return print_table(text[:-1] + rows, plan, base, label + " (from the logs of the last run)")
     print(f"baseline `import torch, cinecli`: {base / GB:.2f} GB RSS; command: {' '.join(cine)}", flush=True)
     text_rows, rc, err = measured([sys.executable, __file__, "--child-encode", str(preset)], env, ROOT / "stages-text.jsonl")
     if rc:
@@ -256,16 +298,8 @@ def main() -> None:
     rows, rc, err = measured(cine, env, ROOT / "stages-run.jsonl")
     if rc:
         print(f"cine run failed ({rc}) after {time.time() - t0:.0f} s:\n{err}", file=sys.stderr)
-    rows = [r for r in text_rows if r["stage"] != "(whole process)"] + rows
-    print(f"\n| stage | s | planned host peak GB | measured peak RSS GB | anon GB | file GB | RSS at end GB |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        p = plan.get(r["stage"], {})
-        print(f"| {r['stage']} | {r['seconds']:.0f} | {_gb(p.get('host_peak_bytes'))} | {_gb(r['peak_rss'])} | "
-              f"{_gb(r['peak_anon'])} | {_gb(r['peak_file'])} | {_gb(r['end_rss'])} |")
-    whole = rows[-1]["peak_rss"]
-    print(f"\ncached-prompt run: peak {whole / GB:.2f} GB = baseline {base / GB:.2f} GB + {(whole - base) / GB:.2f} GB "
-          f"(target + 1.80 GB); {args.frames} frames 832x480, --quantize {args.quantize}, exit {rc}")
+    rows = text_rows[:-1] + rows
+    print_table(rows, plan, base, f"{label}, exit {rc}")
     if args.json:
         args.json.write_text(json.dumps({"baseline_rss": base, "frames": args.frames, "command": cine, "rows": rows,
                                          "plan": plan, "exit": rc}, indent=1))
