@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UsageError
+from .checks import parse_shard  # noqa: F401 - launcher variables are checked with every other value
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 MANIFEST = "manifest.jsonl"
@@ -105,26 +105,6 @@ def in_shard(rel: str, shard: tuple[int, int]) -> bool:
     return stable_int("shard:" + rel) % count == index
 
 
-def parse_shard(value: str | None, env: dict | None = None) -> tuple[int, int]:
-    """``i/N``, else torchrun/accelerate (RANK, WORLD_SIZE), else a Slurm array, else (0, 1)."""
-    env = os.environ if env is None else env
-    if value:
-        try:
-            i, n = (int(x) for x in value.split("/"))
-        except ValueError:
-            raise UsageError(f"--shard {value}: expected i/N, e.g. 0/4") from None
-    elif "WORLD_SIZE" in env and "RANK" in env:
-        i, n = int(env["RANK"]), int(env["WORLD_SIZE"])
-    elif "SLURM_ARRAY_TASK_COUNT" in env and "SLURM_ARRAY_TASK_ID" in env:
-        i = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
-        n = int(env["SLURM_ARRAY_TASK_COUNT"])
-    else:
-        return 0, 1
-    if not 0 <= i < n:
-        raise UsageError(f"shard {i}/{n} is out of range (0 ≤ i < N)")
-    return i, n
-
-
 # --- the manifest ----------------------------------------------------------------------------------------------------
 def read_manifest(outdir: Path) -> dict[tuple[str, str], dict]:
     """Last line per (rel, effect); torn last lines from a killed run are skipped."""
@@ -176,7 +156,7 @@ def plan_items(opts: BatchOptions, catalog) -> list[Item]:
             seed = item_seed(opts.seed, rel)
             stat = Path(path).stat() if Path(path).exists() else None
             params = {"effect": preset.name, "backbone": preset.backbone.name, "dit": str(preset.backbone.dit),
-                      "prompt": prompt or preset.prompt, "negative": preset.negative_prompt, "seed": seed,
+                      "prompt": prompt or preset.prompt, "negative": preset.negative_for(preset.effective_sampler), "seed": seed,
                       "frames": opts.frames or preset.frames, "fps": opts.fps or preset.fps, "steps": opts.steps,
                       "fit": opts.fit, "quantize": opts.quantize, "crf": opts.crf, "name": name,
                       "input": [stat.st_size, stat.st_mtime_ns] if stat else None}

@@ -121,8 +121,8 @@ def _free_memory() -> None:
 def run_batch(opts: BatchOptions, console, ray_address: str | None = None) -> int:
     from .preset import Catalog
 
+    items = plan_items(opts, Catalog(extra_preset=opts.preset_file))  # bad presets fail before OUTDIR is made
     opts.outdir.mkdir(parents=True, exist_ok=True)
-    items = plan_items(opts, Catalog(extra_preset=opts.preset_file))
     manifest = read_manifest(opts.outdir)
     todo, skipped = [], []
     for item in items:

@@ -45,12 +45,12 @@ def batch(
     set_offline(offline)
     from .batch import BatchOptions, parse_shard
     from .batch_run import run_batch
-    from .image import FITS
+    from .checks import check_choices, check_options
 
     if effects is None and preset_file is None:
         raise UsageError("name the effect(s) with -e bullet-time[,slow-motion] or pass --preset FILE")
-    if fit not in FITS:
-        raise UsageError(f"unknown --fit '{fit}' (use {', '.join(FITS)})")
+    check_choices(effects=effects, preset_file=preset_file)
+    check_options(locals())  # every option by its parameter name, against the one table (checks.RULES)
     if outdir.exists() and not outdir.is_dir():
         raise UsageError(f"-o {outdir} exists and is not a folder")
     opts = BatchOptions(

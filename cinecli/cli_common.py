@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 
 import click
 import typer
+from typer.core import TyperCommand
 
 from .errors import (
     EXIT_BROKEN_PIPE,
@@ -67,3 +69,37 @@ def handle_errors(fn):
 def set_offline(offline: bool) -> None:
     if offline:
         os.environ["HF_HUB_OFFLINE"] = "1"  # must be set before huggingface_hub is imported
+
+
+def _plain_metavar(match: re.Match) -> str:
+    return {"str": "TEXT", "int": "N", "float": "NUMBER", "path": "PATH", "file": "FILE"}.get(match[1], match[1].upper())
+
+
+class PlainCommand(TyperCommand):
+    """Help as users of git, hf or ffmpeg read it: ``Usage: cine bullet-time PHOTO [OPTIONS]``, plain metavars
+    (``--seed N``, not Typer's ``--seed <int>``), arguments by their metavar (not ``{image}``)."""
+
+    @staticmethod
+    def _arg_name(param: click.Parameter) -> str:
+        name = param.metavar or param.name.upper()
+        name = name if param.required else f"[{name}]"
+        return name + ("..." if param.nargs != 1 else "")
+
+    def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
+        args = [self._arg_name(p) for p in self.get_params(ctx) if p.param_type_name == "argument"]
+        return [*args, self.options_metavar or "[OPTIONS]"]
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        args, opts = [], []
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            if param.param_type_name == "argument":
+                args.append((self._arg_name(param).strip("[]"), record[1]))
+            else:
+                opts.append((re.sub(r"<([\w|\[\], ]+)>", _plain_metavar, record[0]), record[1]))
+        for title, rows in (("Arguments", args), ("Options", opts)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)

@@ -173,8 +173,9 @@ def lora_inspect(lora: Path = typer.Argument(..., help="A LoRA file (.safetensor
     else:
         print(f"{lora}: {doc['format']}, {doc['targets']} targets ({doc['low_rank_modules']} low-rank, "
               f"{doc['full_deltas']} full deltas), ranks {doc['ranks']}, alphas {doc['alphas']}")
-        if parsed.unknown:
-            print(f"  {len(parsed.unknown)} keys not understood, e.g. {parsed.unknown[0]}")
+        if parsed.ignored:
+            kinds = ", ".join(f"{k} {c}" for k, c in parsed.ignored.most_common())
+            print(f"  {sum(parsed.ignored.values())} of {parsed.tensors} tensors not loaded ({kinds}), e.g. {parsed.ignored_keys[0]}")
         if backbone is not None:
             print(f"  fits {backbone}: {doc['matched']} of {doc['targets']} targets match")
             for t in doc["unmatched"][:10]:

@@ -58,6 +58,7 @@ def environment() -> dict:
         "cache": {"hf_hub_cache": constants.HF_HUB_CACHE, "hf_hub_offline": bool(constants.HF_HUB_OFFLINE),
                   "cine_cache": str(dirs.cache_dir()), "user_presets": str(dirs.config_dir())},
         "weights": weights,
+        "preset_problems": catalog.problems,  # user presets skipped: malformed TOML, bad fields
     }
 
 
@@ -110,6 +111,7 @@ def run_doctor(as_json: bool, run_selftest: bool = True, device: str = "auto", c
     lines.append(f"  attention: {env['attention_backend']}; libx264: {env['codecs']['libx264']}")
     lines.append(f"  caches: HF {env['cache']['hf_hub_cache']} (offline={env['cache']['hf_hub_offline']}), "
                  f"cine {env['cache']['cine_cache']}, user presets {env['cache']['user_presets']}")
+    lines += [f"  skipped user preset {name}: {problem}" for name, problem in env["preset_problems"].items()]
     present = sum(w["present"] for w in env["weights"].values())
     lines.append(f"  weights: {present} of {len(env['weights'])} file sets the presets need are present")
     for ref, w in env["weights"].items():

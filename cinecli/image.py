@@ -20,6 +20,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import InputError, UsageError
 
 MAX_PIXELS = 80_000_000  # a 80 MP photo is already far beyond any budget; more is a decompression bomb
+MAX_ASPECT = 4.0  # long side / short side: Wan2.1 is trained on 16:9 to 9:16; past 4:1 the frame is a sliver
+MIN_SIDE = 16  # one latent patch (8x VAE stride × 2): a smaller photo holds less than one token of picture
+ENLARGE_WARNING = 2.0  # warn when the photo is blown up more than this to fill the frame
 FITS = ("crop", "pad", "stretch")
 
 
@@ -71,12 +74,34 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def check_shape(width: int, height: int) -> None:
+    """Refuse photos no frame can show: thinner than MAX_ASPECT or smaller than MIN_SIDE (exit 3, with the numbers)."""
+    if min(width, height) < MIN_SIDE:
+        raise InputError(f"photo {width}x{height} is smaller than {MIN_SIDE} px on a side; cine needs at least "
+                         f"{MIN_SIDE}x{MIN_SIDE}")
+    aspect = max(width, height) / min(width, height)
+    if aspect > MAX_ASPECT:
+        raise InputError(f"photo {width}x{height} has an aspect ratio of {aspect:.1f}:1; cine takes up to "
+                         f"{MAX_ASPECT:g}:1 (crop the photo first)")
+
+
 def target_size(width: int, height: int, max_area: int, multiple: int = 16) -> tuple[int, int]:
     """(W, H) with W·H ≤ max_area, the photo's aspect ratio, both multiples of 16 (reference rounding)."""
+    check_shape(width, height)
     aspect = height / width
-    h = int(math.sqrt(max_area * aspect) // multiple * multiple)
-    w = int(math.sqrt(max_area / aspect) // multiple * multiple)
-    return max(w, multiple), max(h, multiple)
+    h = max(int(math.sqrt(max_area * aspect) // multiple * multiple), multiple)
+    w = max(int(math.sqrt(max_area / aspect) // multiple * multiple), multiple)
+    while w * h > max_area and max(w, h) > multiple:  # the 16-pixel floor on the short side must not break the budget
+        w, h = (w - multiple, h) if w >= h else (w, h - multiple)
+    return w, h
+
+
+def enlarge_notice(photo: tuple[int, int], frame: tuple[int, int]) -> list[str]:
+    """A warning when the photo has to be blown up to fill the frame (a soft, blocky clip), with the numbers."""
+    scale = max(frame[0] / photo[0], frame[1] / photo[1])
+    if scale <= ENLARGE_WARNING:
+        return []
+    return [f"warning: photo {photo[0]}x{photo[1]} is enlarged {scale:.1f}x to {frame[0]}x{frame[1]}; expect a soft video"]
 
 
 def fit_image(img: Image.Image, size: tuple[int, int], fit: str = "crop") -> Image.Image:

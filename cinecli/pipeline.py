@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 from . import __version__, prompt_cache
-from .devices import activation_dtype
+from .devices import image_encoder_dtype
 from .errors import UsageError
-from .image import fit_image, read_image, target_size, to_tensor
+from .image import enlarge_notice, fit_image, read_image, target_size, to_tensor
 from .preset import Backbone, Preset, SamplerSpec
-from .sampler import sample
+from .sampler import choose_sampler, sample
 from .timing import Timings
 
 VAE_TILE, VAE_TILE_OVERLAP = 256, 32  # pixels; tiles spread evenly (480x832: 2x4 tiles, 1.3x the pixels)
@@ -44,6 +44,8 @@ class Request:
     negative_prompt: str | None = None
     steps: int | None = None
     effect_strength: float | None = None
+    sampler: str | None = None  # --sampler: distill | euler | unipc (None: the preset's or backbone's)
+    distill_step: str | None = None  # --distill-step: renoise | euler (None: the backbone's)
 
 
 @dataclass
@@ -93,7 +95,11 @@ def plan(request: Request, image_size: tuple[int, int]) -> Plan:
     if round_frames(frames) != frames:
         notices.append(f"frames {frames} → {round_frames(frames)} (the model needs 4k+1 frames, at most {MAX_FRAMES})")
         frames = round_frames(frames)
-    sampler = preset.effective_sampler
+    sampler, sampler_notices = choose_sampler(preset.effective_sampler, request.sampler, request.distill_step,
+                                              preset.backbone.name)
+    notices += sampler_notices
+    if request.negative_prompt is not None and not sampler.uses_cfg:
+        notices.append(f"--negative-prompt is not used: the {sampler.kind} sampler here runs without CFG")
     if request.steps is not None:
         if request.steps < 1:
             raise UsageError(f"--steps must be at least 1, got {request.steps}")
@@ -105,9 +111,10 @@ def plan(request: Request, image_size: tuple[int, int]) -> Plan:
             sampler = replace(sampler, steps=request.steps)
     prompt = final_prompt(request)
     width, height = target_size(*image_size, preset.max_area)
+    notices += enlarge_notice(image_size, (width, height))
     seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
     return Plan(width, height, frames, request.fps or preset.fps, seed, prompt,
-                request.negative_prompt if request.negative_prompt is not None else preset.negative_prompt, sampler, notices)
+                preset.negative_for(sampler, request.negative_prompt), sampler, notices)
 
 
 def condition_mask(frames: int, lat_h: int, lat_w: int, last_frame: bool) -> torch.Tensor:
@@ -192,7 +199,7 @@ class Generator:
                 from .models.image_encoder import load_image_encoder
 
                 self._clip = load_image_encoder(self.paths["image_encoder"], device=self.device,
-                                                dtype=activation_dtype(self.device, self.dtype))
+                                                dtype=image_encoder_dtype(self.device, self.dtype))
         return self._clip
 
     @property
@@ -282,7 +289,7 @@ class Generator:
             if request.last_frame is not None:
                 last = to_tensor(fit_image(read_image(request.last_frame), (p.width, p.height), request.fit))
         text = self.text_context(p.prompt)
-        negative = self.text_context(p.negative_prompt) if p.sampler.kind != "distill" and p.sampler.guidance != 1.0 else None
+        negative = self.text_context(p.negative_prompt) if p.sampler.uses_cfg else None
 
         dit, clip, vae = self.dit, self.clip, self.vae  # loads (each its own stage) before the stages that use them
         if self.fast_decode:
@@ -323,6 +330,13 @@ class Generator:
             return vae.decode(latents, tile_size=self.vae_tile, tile_overlap=VAE_TILE_OVERLAP)[0].float().cpu()  # [3, T, H, W]
 
 
+def sampler_settings(spec: SamplerSpec) -> dict:
+    """The sampler settings that change the video beyond its kind and steps (MP4 metadata and report)."""
+    if spec.kind == "distill":
+        return {"distill_step": spec.step, "shift": spec.shift}
+    return {"shift": spec.shift, "guidance": spec.guidance}
+
+
 def metadata(request: Request, the_plan: Plan, gen: Generator) -> dict:
     """What goes into the MP4 (and `cine info` shows)."""
     preset = request.preset
@@ -331,6 +345,7 @@ def metadata(request: Request, the_plan: Plan, gen: Generator) -> dict:
         "negative_prompt": the_plan.negative_prompt, "backbone": gen.backbone.name, "dit": str(gen.backbone.dit),
         "loras": [c.name for c in gen.backbone.merge] + ([preset.effect.name] if preset.effect else []),
         "steps": the_plan.sampler.num_steps, "sampler": the_plan.sampler.kind, "frames": the_plan.frames,
+        **sampler_settings(the_plan.sampler),
         "fps": the_plan.fps, "width": the_plan.width, "height": the_plan.height,
         "dtype": str(gen.dtype).removeprefix("torch."), "quantization": gen.quant_recipe,
     }

@@ -9,9 +9,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .checks import check_options, unused_option_warnings
 from .errors import UsageError
-from .image import FITS, read_image
-from .pipeline import Generator, Plan, Request, metadata, plan
+from .image import read_image
+from .pipeline import Generator, Plan, Request, metadata, plan, sampler_settings
 from .preset import Catalog, Preset
 from .report import human_bytes
 from .timing import Timings
@@ -45,10 +46,9 @@ class RunOptions:
     quantize: str | None = None
     strength: float | None = None
     fast_decode: bool = False
+    sampler: str | None = None  # --sampler distill|euler|unipc
+    distill_step: str | None = None  # --distill-step renoise|euler
     offload: str = "auto"  # DiT blocks: auto (the memory plan decides; resident until it does), none, blocks
-
-
-OFFLOADS = ("auto", "none", "blocks")
 
 
 def pull_hint(preset: Preset) -> str:
@@ -96,10 +96,7 @@ def default_output(image: str, effect: str, output: str | None) -> str:
 
 
 def run_one(opts: RunOptions, console) -> dict | None:
-    if opts.fit not in FITS:
-        raise UsageError(f"unknown --fit '{opts.fit}' (use {', '.join(FITS)})")
-    if opts.offload not in OFFLOADS:
-        raise UsageError(f"unknown --offload '{opts.offload}' (use {', '.join(OFFLOADS)})")
+    check_options(opts)  # every value against checks.RULES, before anything is read or loaded
     timings = Timings()
     with timings.stage("resolve"):
         catalog = Catalog(extra_preset=opts.preset_file)
@@ -109,8 +106,10 @@ def run_one(opts: RunOptions, console) -> dict | None:
         image = read_image(opts.image)
         request = Request(image=opts.image, preset=preset, output=output, seed=opts.seed, frames=opts.frames, fps=opts.fps,
                           fit=opts.fit, last_frame=opts.last_frame, prompt=opts.prompt, negative_prompt=opts.negative_prompt,
-                          steps=opts.steps, effect_strength=opts.strength)
+                          steps=opts.steps, effect_strength=opts.strength, sampler=opts.sampler,
+                          distill_step=opts.distill_step)
         the_plan = plan(request, image.size)
+        the_plan.notices += unused_option_warnings(vars(opts), preset)
         if opts.quantize:
             from .models.recipes import get_recipe
 
@@ -145,7 +144,8 @@ def run_one(opts: RunOptions, console) -> dict | None:
     sizes = {"width": the_plan.width, "height": the_plan.height, "frames": the_plan.frames, "fps": the_plan.fps,
              "latent": list(the_plan.latent_shape), "tokens": the_plan.tokens, "input": list(image.size)}
     job = {"effect": preset.name, "input": str(opts.image), "seed": the_plan.seed, "prompt": the_plan.prompt,
-           "backbone": preset.backbone.name, "steps": the_plan.sampler.num_steps, "sampler": the_plan.sampler.kind}
+           "backbone": preset.backbone.name, "steps": the_plan.sampler.num_steps, "sampler": the_plan.sampler.kind,
+           **sampler_settings(the_plan.sampler), "negative_prompt": the_plan.negative_prompt}
     report = build_report(timings, job=job, sizes=sizes, device=device, dtype=gen.dtype,
                           quantization=gen.quant_recipe, output=written)
     if opts.report_file:
@@ -164,7 +164,8 @@ def _dry_run(opts: RunOptions, preset: Preset, p: Plan, image_size, output: str)
     doc = {
         "dry_run": True, "effect": preset.name, "input": str(opts.image), "input_size": list(image_size), "output": output,
         "width": p.width, "height": p.height, "frames": p.frames, "fps": p.fps, "seed": p.seed, "prompt": p.prompt,
-        "sampler": {"kind": p.sampler.kind, "steps": p.sampler.num_steps, "shift": p.sampler.shift},
+        "sampler": {"kind": p.sampler.kind, "steps": p.sampler.num_steps, **sampler_settings(p.sampler)},
+        "negative_prompt": p.negative_prompt,
         "backbone": preset.backbone.name, "weights": weights, "memory_estimate": memory_estimate(p, weights),
         "missing": [w["ref"] for w in weights.values() if not w["present"]],
     }
