@@ -234,9 +234,8 @@ class Generator:
                     merge_into(self._dit, self.paths[f"lora:{card.name}"], strength=card.strength, what=f"LoRA {card.name}")
                 recipe = self.quantize or self.backbone.quantize
                 if recipe and recipe != "none" and not self._dit.quant_layers:  # applied at load to a 16-bit checkpoint
-                    from .models.recipes import get_recipe, quantize_dit
-
                     from .models.load import release_source
+                    from .models.recipes import get_recipe, quantize_dit
 
                     quantize_dit(self._dit, get_recipe(recipe))
                     release_source(self._dit)  # unmap the 16-bit file: only the quantized copy stays resident
