@@ -107,6 +107,7 @@ RULES: dict[str, Rule] = {
     "sampler": lambda v: one_of(*_sampler_choices()[0])(v),
     "distill_step": lambda v: one_of(*_sampler_choices()[1])(v),
     "slowdown": lambda v: _slowdown_problem(v),  # 2, 3, 4 or off (cinecli/slowdown.py)
+    "offload": one_of("auto", "none", "blocks"),  # DiT weights: the plan decides, all on the device, streamed blocks
 }
 OPTION_NAMES = {"quantize": "--quantize"}
 

@@ -119,6 +119,7 @@ def run(
     fast_decode: bool = typer.Option(False, "--fast-decode", help="Decode with the tiny VAE (TAEW2.1): faster, softer."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="distill, euler or unipc (default: the backbone's)."),
     distill_step: Optional[str] = typer.Option(None, "--distill-step", help="Distilled backbones: renoise (default) or euler."),
+    offload: str = typer.Option("auto", "--offload", help="DiT weights: auto, none (all on the device) or blocks (streamed from host memory)."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
     effect_word: Optional[str] = typer.Option(None, "--effect-word", hidden=True),  # `cine EFFECT …` (EffectGroup)
 ) -> None:
@@ -139,7 +140,7 @@ def run(
         negative_prompt=negative_prompt, seed=seed, frames=frames, fps=fps, steps=steps, fit=fit, last_frame=last_frame,
         device=device, dtype=dtype, crf=crf, overwrite=overwrite, report_file=report_file, as_json=as_json,
         quiet=quiet, dry_run=dry_run, metadata=not no_metadata, quantize=quantize_recipe, strength=strength,
-        fast_decode=fast_decode, sampler=sampler, distill_step=distill_step, slowdown=slowdown,
+        fast_decode=fast_decode, sampler=sampler, distill_step=distill_step, slowdown=slowdown, offload=offload,
     )
     run_one(opts, stderr_console(quiet))
 

@@ -28,6 +28,7 @@ from .slowdown import DEFAULT_METHOD as INTERPOLATION
 from .slowdown import output_frames as upsampled_frames
 from .timing import Timings
 
+VAE_TILE, VAE_TILE_OVERLAP = 256, 32  # pixels; tiles spread evenly (480x832: 2x4 tiles, 1.3x the pixels)
 MAX_FRAMES = 161  # 2x the frame count Wan2.1 was trained on; longer clips degrade and waste memory
 
 
@@ -147,6 +148,11 @@ class Generator:
     timings: Timings | None = None
     quantize: str | None = None  # recipe to apply at load (overrides the backbone's)
     fast_decode: bool = False  # decode with the tiny VAE (TAEW2.1): much faster, lower fidelity
+    # VAE encode/decode in blended spatial tiles of this many pixels (None: whole frames). Bounds the VAE's
+    # activations (~29 kB per pixel of a tile untiled: 11 GB for a 624x624 frame) whatever the frame size.
+    vae_tile: int | None = VAE_TILE
+    # Keep the DiT blocks in host memory and stream them to the device one block ahead (models/streaming.py).
+    stream_blocks: bool = False
     _tiny: object = None
     _effects: object = None  # models.adapters.Effects on the DiT: effect LoRAs attached unmerged, switched per job
     _dit: object = None
@@ -188,6 +194,9 @@ class Generator:
                         prompt_cache.store(identity, p, context)
                 del enc
                 gc.collect()  # free the encoder before the DiT loads
+                from .models.load import trim_heap
+
+                trim_heap()
         return [found[p] for p in prompts]
 
     @property
@@ -224,16 +233,23 @@ class Generator:
             with self._stage("load dit"):
                 from .models import load_dit
 
-                self._dit = load_dit(self.paths["dit"], device=self.device, dtype=self.dtype)
+                # Streamed blocks load (and quantize) on the host; streaming moves the rest to the device below.
+                self._dit = load_dit(self.paths["dit"], device="cpu" if self.stream_blocks else self.device, dtype=self.dtype)
                 from .models.adapters import Effects, merge_into
 
                 for card in self.backbone.merge:  # backbone LoRAs (the 4-step distillation): merged once
                     merge_into(self._dit, self.paths[f"lora:{card.name}"], strength=card.strength, what=f"LoRA {card.name}")
                 recipe = self.quantize or self.backbone.quantize
                 if recipe and recipe != "none" and not self._dit.quant_layers:  # applied at load to a 16-bit checkpoint
+                    from .models.load import release_source
                     from .models.recipes import get_recipe, quantize_dit
 
                     quantize_dit(self._dit, get_recipe(recipe))
+                    release_source(self._dit)  # unmap the 16-bit file: only the quantized copy stays resident
+                if self.stream_blocks:
+                    from .models.streaming import stream_blocks
+
+                    stream_blocks(self._dit, self.device)
                 self._effects = Effects(self._dit)
         return self._dit
 
@@ -296,7 +312,8 @@ class Generator:
             video[:, 0] = first
             if last is not None:
                 video[:, -1] = last
-            cond_latent = vae.encode(video[None].to(self.device))  # [1, 16, F_lat, lat_h, lat_w]
+            cond_latent = vae.encode(video[None].to(self.device), tile_size=self.vae_tile,
+                                     tile_overlap=VAE_TILE_OVERLAP)  # [1, 16, F_lat, lat_h, lat_w]
             mask = condition_mask(p.frames, lat_h, lat_w, last is not None)[None].to(self.device)
             y = torch.cat([mask, cond_latent.float()], dim=1)  # [1, 20, F_lat, lat_h, lat_w]
             del video
@@ -318,7 +335,7 @@ class Generator:
             with self._stage("vae decode (tiny)"):
                 return tiny.decode(latents)[0].float().cpu()
         with self._stage("vae decode"):
-            return vae.decode(latents)[0].float().cpu()  # [3, T, H, W]
+            return vae.decode(latents, tile_size=self.vae_tile, tile_overlap=VAE_TILE_OVERLAP)[0].float().cpu()  # [3, T, H, W]
 
 
 def sampler_settings(spec: SamplerSpec) -> dict:

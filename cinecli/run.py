@@ -50,6 +50,7 @@ class RunOptions:
     sampler: str | None = None  # --sampler distill|euler|unipc
     distill_step: str | None = None  # --distill-step renoise|euler
     slowdown: str | None = None  # --slowdown as given: 2, 3, 4 or off (checks.RULES); None: the preset's
+    offload: str = "auto"  # DiT blocks: auto (the memory plan decides; resident until it does), none, blocks
 
 
 def pull_hint(preset: Preset) -> str:
@@ -139,7 +140,7 @@ def run_one(opts: RunOptions, console) -> dict | None:
         device = choose_device(opts.device)
         timings.device = device
         gen = Generator(preset.backbone, paths, device, choose_dtype(opts.dtype, device), timings=timings, quantize=opts.quantize,
-                        fast_decode=opts.fast_decode)
+                        fast_decode=opts.fast_decode, stream_blocks=opts.offload == "blocks")
     _print_notices(console, the_plan)  # after the checks that fail in one line (bad values, input, missing weights)
     if not console.is_terminal and not opts.quiet:  # logs and Slurm files: a line per stage (a terminal: the spinner)
         def progress(name: str, seconds: float) -> None:
