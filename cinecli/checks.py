@@ -68,10 +68,22 @@ def _dtypes() -> tuple[str, ...]:
     return ("auto", *DTYPES)
 
 
+def _sampler_choices() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    from .preset import DISTILL_STEPS, SAMPLER_KINDS
+
+    return SAMPLER_KINDS, DISTILL_STEPS
+
+
 def _fits() -> tuple[str, ...]:
     from .image import FITS
 
     return FITS
+
+
+def _slowdown_problem(value: object) -> str | None:
+    from .slowdown import slowdown_problem
+
+    return slowdown_problem(value)
 
 
 # The table. Keys are RunOptions/BatchOptions attribute names and preset/sampler field names; the option is
@@ -91,6 +103,10 @@ RULES: dict[str, Rule] = {
     "device": device_name,
     "dtype": lambda v: one_of(*_dtypes())(v),
     "fit": lambda v: one_of(*_fits())(v),
+    "sampler": lambda v: one_of(*_sampler_choices()[0])(v),
+    "distill_step": lambda v: one_of(*_sampler_choices()[1])(v),
+    "slowdown": lambda v: _slowdown_problem(v),  # 2, 3, 4 or off (cinecli/slowdown.py)
+    "offload": one_of("auto", "none", "blocks"),  # DiT weights: the plan decides, all on the device, streamed blocks
 }
 OPTION_NAMES = {"quantize": "--quantize"}
 
@@ -143,8 +159,8 @@ def unused_option_warnings(values: Mapping[str, object], preset) -> list[str]:
     """Options given that this run would ignore: say so rather than let the user believe they mattered."""
     out = []
     sampler = preset.effective_sampler
-    # the pipeline encodes a negative prompt only for classifier-free guidance (euler sampler, guidance ≠ 1)
-    if values.get("negative_prompt") is not None and (sampler.kind == "distill" or sampler.guidance == 1.0):
+    # the pipeline encodes a negative prompt only for classifier-free guidance (SamplerSpec.uses_cfg)
+    if values.get("negative_prompt") is not None and not sampler.uses_cfg:
         out.append(f"warning: --negative-prompt does nothing here: backbone {preset.backbone.name} samples without "
                    "classifier-free guidance (a distilled sampler)")
     if values.get("strength") is not None and preset.effect is None:

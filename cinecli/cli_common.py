@@ -6,6 +6,7 @@ import functools
 import os
 import re
 import sys
+from pathlib import Path
 
 import click
 import typer
@@ -17,6 +18,7 @@ from .errors import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
     CineError,
+    UsageError,
 )
 
 
@@ -72,6 +74,18 @@ def handle_errors(fn):
 def set_offline(offline: bool) -> None:
     if offline:
         os.environ["HF_HUB_OFFLINE"] = "1"  # must be set before huggingface_hub is imported
+
+
+MODELS_DIR_HELP = "A ComfyUI / Wan2GP / any models folder whose Wan files to use instead of downloading (as CINE_MODELS_DIR)."
+
+
+def set_models_dir(folder: Path | None) -> None:
+    """``--models-dir``: searched first, before CINE_MODELS_DIR's folders and the user config's (weights/scan.py)."""
+    if folder is not None:
+        if not folder.is_dir():
+            raise UsageError(f"--models-dir {folder}: no such folder")
+        rest = os.environ.get("CINE_MODELS_DIR", "")
+        os.environ["CINE_MODELS_DIR"] = os.pathsep.join(p for p in (str(folder.expanduser()), rest) if p)
 
 
 def _plain_metavar(match: re.Match) -> str:

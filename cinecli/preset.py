@@ -53,17 +53,28 @@ class LoraCard:
     url: str = ""
 
 
+SAMPLER_KINDS = ("distill", "euler", "unipc")
+DISTILL_STEPS = ("renoise", "euler")
+
+
 @dataclass(frozen=True)
 class SamplerSpec:
-    kind: str = "distill"  # "distill": x0-prediction + re-noise at fixed timesteps, no CFG; "euler": flow Euler + CFG
+    kind: str = "distill"  # "distill": x0-prediction at fixed timesteps, no CFG; "euler": flow Euler + CFG;
+    # "unipc": diffusers' UniPCMultistepScheduler for flow matching + CFG (the official Wan solver)
     timesteps: tuple[float, ...] = (1000, 750, 500, 250)
     steps: int = 4
     shift: float = 5.0
     guidance: float = 1.0
+    step: str = "renoise"  # distill only: "renoise" (fresh noise each step, as trained) or "euler" (deterministic)
 
     @property
     def num_steps(self) -> int:
         return len(self.timesteps) if self.kind == "distill" else self.steps
+
+    @property
+    def uses_cfg(self) -> bool:
+        """Whether each step runs a second, negative-prompt pass (classifier-free guidance)."""
+        return self.kind != "distill" and self.guidance != 1.0
 
 
 @dataclass(frozen=True)
@@ -81,6 +92,7 @@ class Backbone:
     quantize: str | None = None  # recipe applied at load when the checkpoint is not pre-quantized
     tiny_vae: WeightRef | None = None
     description: str = ""
+    negative_prompt: str = ""  # CFG backbones: the reference default (Wan's sample_neg_prompt), used unless overridden
 
     def components(self) -> dict[str, WeightRef]:
         refs = {"dit": self.dit, "vae": self.vae, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer,
@@ -96,10 +108,11 @@ class Preset:
     prompt: str
     effect: LoraCard | None = None
     effect_strength: float | None = None
-    negative_prompt: str = ""
+    negative_prompt: str | None = None  # None: the backbone's
     frames: int = 49
     fps: int = 16
     max_area: int = 480 * 832
+    slowdown: int = 1  # temporal up-sampling after decoding (cinecli/slowdown.py); 1 = none
     sampler: SamplerSpec | None = None  # None: the backbone's
     aliases: tuple[str, ...] = ()
     description: str = ""
@@ -108,6 +121,16 @@ class Preset:
     @property
     def effective_sampler(self) -> SamplerSpec:
         return self.sampler or self.backbone.sampler
+
+    def negative_for(self, sampler: SamplerSpec, override: str | None = None) -> str:
+        """The negative prompt a run encodes: ``override`` (--negative-prompt), the preset's, else the backbone's;
+        "" when the sampler runs no CFG pass (nothing would read it)."""
+        if not sampler.uses_cfg:
+            return ""
+        for text in (override, self.negative_prompt):
+            if text is not None:
+                return text
+        return self.backbone.negative_prompt
 
     def weights(self, fast_decode: bool = False) -> dict[str, WeightRef]:
         """Every weight reference a run of this preset needs, by component label."""
@@ -166,8 +189,10 @@ def parse_sampler(raw: dict | None) -> SamplerSpec | None:
         spec = SamplerSpec(**{k: tuple(v) if k == "timesteps" else v for k, v in raw.items()})
     except TypeError as exc:
         raise PresetError(f"bad sampler settings {raw!r}: {exc}") from None
-    if spec.kind not in ("distill", "euler"):
-        raise PresetError(f"unknown sampler kind '{spec.kind}' (distill or euler)")
+    if spec.kind not in SAMPLER_KINDS:
+        raise PresetError(f"unknown sampler kind '{spec.kind}' ({', '.join(SAMPLER_KINDS)})")
+    if spec.step not in DISTILL_STEPS:
+        raise PresetError(f"unknown distill step '{spec.step}' ({' or '.join(DISTILL_STEPS)})")
     return spec
 
 
@@ -178,6 +203,15 @@ def parse_card(raw: dict, base: Path, name: str) -> LoraCard:
         fits_dims=tuple(raw.get("fits_dims", ())), model_types=tuple(raw.get("model_types", ("i2v",))),
         description=raw.get("description", ""), url=raw.get("url", ""),
     )
+
+
+def _slowdown(value: object, path: Path) -> int:
+    """A preset's ``slowdown`` (2, 3, 4 or "off"; checked by the --slowdown rule) → the factor; absent → 1."""
+    from .checks import check_fields
+    from .slowdown import parse_slowdown
+
+    check_fields({"slowdown": value}, f"preset {path}")
+    return parse_slowdown(value) or 1
 
 
 class Catalog:
@@ -274,7 +308,7 @@ class Catalog:
             merge=tuple(self.card(c, where) for c in raw.get("merge", ())),
             sampler=parse_sampler(raw.get("sampler")) or SamplerSpec(), quantize=raw.get("quantize"),
             tiny_vae=parse_ref(raw["tiny_vae"], where, f"backbone {name} tiny_vae") if "tiny_vae" in raw else None,
-            description=raw.get("description", ""),
+            description=raw.get("description", ""), negative_prompt=raw.get("negative_prompt", ""),
         )
 
     def resolve(self, effect: str | None, backbone: str | None = None) -> Preset:
@@ -301,8 +335,9 @@ class Catalog:
             preset = Preset(
                 name=name, backbone=bb, prompt=data["prompt"],
                 effect=self.card(data["effect"], base) if data.get("effect") else None,
-                effect_strength=data.get("effect_strength"), negative_prompt=data.get("negative_prompt", ""),
+                effect_strength=data.get("effect_strength"), negative_prompt=data.get("negative_prompt"),
                 frames=int(data.get("frames", 49)), fps=int(data.get("fps", 16)), max_area=int(data.get("max_area", 480 * 832)),
+                slowdown=_slowdown(data.get("slowdown"), path),
                 sampler=parse_sampler(data.get("sampler")), aliases=tuple(data.get("aliases", ())),
                 description=data.get("description", ""), source=path,
             )
