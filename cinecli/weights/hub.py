@@ -12,7 +12,6 @@ import fnmatch
 import json
 import os
 import socket
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -164,6 +163,5 @@ def resolve_all(refs: dict[str, WeightRef], pull_hint: str, allow_download: bool
     for r in found.values():
         check_against_lock(r)
     local = [f for r in found.values() if r.ref.path is not None for f in r.files]
-    for warning in lock.check_local(local):
-        sys.stderr.write(f"cine: warning: {warning}; `cine models verify` checks every file\n")
+    lock.note_local(local)
     return {name: r.path for name, r in found.items()}

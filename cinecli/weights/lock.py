@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 from .. import dirs
@@ -96,7 +97,7 @@ def verify(entry: dict, root: Path, full: bool = True) -> list[str]:
 
 
 # --- local files ---------------------------------------------------------------------------------------------------
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".gguf")  # what is hashed (not configs, tokenizers)
+WEIGHT_SUFFIXES = (".safetensors", ".sft", ".pth", ".pt", ".bin", ".ckpt", ".gguf")  # what is hashed (not configs, tokenizers)
 
 
 def weight_files(files: list[Path]) -> list[Path]:
@@ -113,7 +114,7 @@ def check_local(files: list[Path]) -> list[str]:
     for f in weight_files(files):
         st, name = f.stat(), str(f.resolve())
         old = data["local"].get(name)
-        if old and old["size"] == st.st_size and old["mtime_ns"] == st.st_mtime_ns:
+        if old and old["size"] == st.st_size and old.get("mtime_ns") == st.st_mtime_ns:
             continue  # unchanged: no hashing (a 30 GB DiT would take a minute)
         digest = sha256(f)
         if old and old["sha256"] != digest:
@@ -124,6 +125,12 @@ def check_local(files: list[Path]) -> list[str]:
     if changed:
         write_lock(data)
     return warnings
+
+
+def note_local(files: list[Path]) -> None:
+    """``check_local`` with its warnings on stderr (one line each): what runs call for the local files they use."""
+    for warning in check_local(files):
+        sys.stderr.write(f"cine: warning: {warning}; `cine models verify` checks every file\n")
 
 
 def verify_local(name: str, entry: dict) -> list[str]:
