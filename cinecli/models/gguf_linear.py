@@ -10,8 +10,8 @@ bf16 tokens, 2 threads of a CPU with native bf16 shared with other jobs, all sid
   GGUF Q4_K per call                  38   4.51x
   GGUF Q3_K per call                  29   4.81x
 
-Memory decides: a 14B DiT is ~9 GB as Q4_K and 28 GB as bf16, and Q3/Q4 files exist to fit 8-12 GB cards, so
-converting to bf16 defeats them; converting to cine's INT4 keeps the memory and saves decode time, but changes
+Memory decides: a 14B DiT is ~8 GB as Q4_K (4.5 bits/weight) and 28 GB as bf16, and Q3/Q4 files exist to fit
+8-12 GB cards, so converting to bf16 defeats them; converting to cine's INT4 keeps the memory and saves decode time, but changes
 the weights the user chose (not exact). The decode cost is per call and per weight, so it shrinks relative to
 the matmul as tokens grow (a 480p 49-frame clip is ~20,000 tokens) and on GPUs, where decoding is memory-bound.
 
