@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 _BACKEND: str | None = os.environ.get("CINE_ATTENTION") or None
 _HAS_FLASH = importlib.util.find_spec("flash_attn") is not None
+_USED: set[str] = set()  # backends that ran in this process, for the timing report
 
 
 def set_backend(name: str | None) -> None:
@@ -30,6 +31,11 @@ def set_backend(name: str | None) -> None:
     if name == "flash" and not _HAS_FLASH:
         raise ValueError("attention backend 'flash' needs the flash_attn package")
     _BACKEND = name
+
+
+def used_backends() -> list[str]:
+    """The attention backends that actually ran in this process (named in timing reports)."""
+    return sorted(_USED)
 
 
 def backend_for(q: torch.Tensor) -> str:
@@ -45,7 +51,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
 
     q: [B, Lq, H, D]; k, v: [B, Lk, H, D]; bias: broadcastable to [B, H, Lq, Lk] → [B, Lq, H, D]
     """
-    if bias is None and backend_for(q) == "flash":
+    backend = backend_for(q) if bias is None else "sdpa"
+    _USED.add(backend)
+    if backend == "flash":
         from flash_attn import flash_attn_func  # imported lazily: optional, CUDA only
 
         return flash_attn_func(q, k, v)

@@ -1,7 +1,8 @@
 """Weight-only quantized linear layers: FP8 e4m3 and INT8 per output channel, INT4 group-wise, packed two per byte.
 
 Activations stay 16-bit (or fp32 on CPUs without native bf16); each forward dequantizes the one weight it needs
-into the activation dtype and frees it after the matmul, so no full-precision copy of the model ever exists.
+into the activation dtype and frees it after the matmul, so no full-precision copy of the model ever exists
+(a layer called over many token chunks holds its one dequantized weight for the chunks: layers.weights_held).
 
 ``QuantLinear`` subclasses ``layers.Linear`` (so ``nn.Linear``): peft wraps it like any linear layer and calls
 its forward for the base output, which is why effect LoRAs work on quantized backbones unchanged — the adapter
@@ -18,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .layers import Linear, chunked_linear
+from .layers import Linear
 
 FORMATS = ("fp8", "int8", "int4")
 FP8 = torch.float8_e4m3fn
@@ -109,10 +110,10 @@ class QuantLinear(Linear):
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.weight, self.weight_scale, self.fmt, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # dequantized a slice of output rows at a time: never a whole full-precision weight in memory
-        rows = lambda r0, r1: dequantize(self.weight[r0:r1], self.weight_scale[r0:r1], self.fmt, x.dtype)  # noqa: E731
-        return chunked_linear(x, rows, self.out_features, self.in_features, self.bias)
+    def rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+        # Linear.forward asks for a slice of output rows at a time (never a whole full-precision weight in
+        # memory), or for all rows once inside layers.weights_held
+        return dequantize(self.weight[r0:r1], self.weight_scale[r0:r1], self.fmt, dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"
