@@ -181,6 +181,7 @@ def main() -> None:
     p.add_argument("--activations", choices=["auto", "fp32"], default="auto",
                    help="fp32: the activation path of CPUs without native bf16, forced (cine variants)")
     p.add_argument("--compile", action="store_true", help="regional torch.compile of cine's blocks")
+    p.add_argument("--fp8-matmul", action="store_true", help="FP8 GEMMs for fp8 layers (CUDA sm90+; CINE_FP8_MATMUL=1)")
     p.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--no-profile", dest="profile", action="store_false", help="skip the profiler breakdown")
@@ -191,6 +192,10 @@ def main() -> None:
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
     args.height, args.width = (int(v) for v in args.size.lower().split("x"))
+    if args.fp8_matmul:
+        import os
+
+        os.environ["CINE_FP8_MATMUL"] = "1"  # read at import by cinecli.models.quant, in the child processes
 
     full = DIT_CONFIGS[MODELS[args.model]]
     cfg = replace(full, num_layers=args.layers or full.num_layers)
@@ -205,8 +210,9 @@ def main() -> None:
     print(f"speed: {args.model} (dim {cfg.dim}, {cfg.num_layers} of {full.num_layers} layers timed), {args.frames} frames "
           f"{args.height}x{args.width} = {tokens} tokens, {device}"
           f"{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}, {torch.get_num_threads()} threads, "
-          f"activations {args.activations}{', compiled blocks' if args.compile else ''}, busy processes {args.busy}; "
-          f"bf16 peak {peak:.1f} TFLOP/s ({peak_src})", flush=True)
+          f"activations {args.activations}{', compiled blocks' if args.compile else ''}"
+          f"{', FP8 GEMMs' if args.fp8_matmul else ''}, busy processes {args.busy}; "
+          f"bf16 peak {peak:.3g} TFLOP/s ({peak_src})", flush=True)
     make_checkpoint(MODELS[args.model], args.cache, cfg)
     scale = full.num_layers / cfg.num_layers
     flops = step_flops(full, tokens)

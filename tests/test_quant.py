@@ -248,3 +248,21 @@ def test_ffn_weights_are_converted_once_per_block_call_with_identical_output(act
     assert len([c for c in calls if c in {m for b in model.blocks for m in b.ffn}]) == 2 * cfg.num_layers * 6
     assert torch.equal(held, per_chunk)
     assert all(m._held is None for m in model.modules() if isinstance(m, layers.Linear))  # copies freed after the block
+
+
+def test_fp8_gemm_path_matches_dequantized_linear():
+    """quant.fp8_linear (FP8 x FP8 GEMM with per-token activation scales, the CUDA sm90+ path behind
+    CINE_FP8_MATMUL=1) checked through torch's CPU kernel: within FP8 activation rounding of the bf16 path."""
+    from cinecli.models.quant import fp8_linear, fp8_matmul_supported
+
+    g = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(64, 48)
+    layer.weight.data = torch.randn(48, 64, generator=g) / 8
+    q = QuantLinear.from_linear(layer, "fp8")
+    x = (torch.randn(2, 10, 64, generator=g) * torch.linspace(0.1, 10, 10)[:, None]).bfloat16()  # rows of varied scale
+    ref = F.linear(x.float(), q.dequantized(torch.float32), q.bias.float())
+    out = fp8_linear(x, q.weight, q.weight_scale, q.bias)
+    assert out.shape == (2, 10, 48) and out.dtype == torch.bfloat16
+    err = ((out.float() - ref).pow(2).mean() / ref.pow(2).mean()).sqrt().item()
+    assert err < 0.04, err
+    assert not fp8_matmul_supported(x)  # never taken on the CPU: there it is not faster than dequantize + bf16 GEMM
