@@ -164,6 +164,27 @@ def run_variant(variant: str, folder: Path, cfg: DiTConfig, args) -> dict:
             "attention": used_backends() if variant != "diffusers" else ["diffusers (sdpa)"]}
 
 
+def run_interleaved(folder: Path, cfg: DiTConfig, args) -> None:
+    """All cine variants in one process on the same weights and inputs, their steps alternated (A B C A B C …):
+    on a shared CPU whose load drifts, the ratio of medians is far steadier than separate runs. No memory figures."""
+    device = choose_device(args.device)
+    x, t, context, clip, y = make_inputs(cfg, args.frames, args.height, args.width, device)
+    names = [v for v in args.variants if v != "diffusers"]
+    models = {v: load_variant(v, folder, device, args) for v in names}
+    times: dict[str, list[float]] = {v: [] for v in names}
+    with torch.no_grad():
+        ctxs = {v: m.prepare_context(context.to(torch.bfloat16), clip) for v, m in models.items()}
+        for i in range(args.warmup + args.steps):
+            for v, m in models.items():
+                secs, _ = time_call(lambda: m(x, t, ctxs[v], y=y), device)  # noqa: B023
+                if i >= args.warmup:
+                    times[v].append(secs)
+    med = {v: sorted(ts)[len(ts) // 2] for v, ts in times.items()}
+    for v in names:
+        print(f"  {v:9s} median step {med[v]:9.3f} s ({', '.join(f'{s:.2f}' for s in times[v])})  "
+              f"{med[v] / med[names[0]]:.3f}x {names[0]}", flush=True)
+
+
 # --- the parent: one subprocess per variant, then the table -------------------------------------------------------
 def busy_processes(n: int) -> list[subprocess.Popen]:
     """``n`` pure-Python spinning processes: the CPU contention a shared machine or a desktop app causes."""
@@ -188,6 +209,8 @@ def main() -> None:
     p.add_argument("--peak-tflops", type=float, help="the device's bf16 peak (default: datasheet table / measured)")
     p.add_argument("--busy", type=int, default=0, help="spinning processes competing for the CPU during the run")
     p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "cine-bench")
+    p.add_argument("--interleave", action="store_true",
+                   help="cine variants in one process, steps alternated (steadier ratios on a shared CPU; no memory)")
     p.add_argument("--variant", help=argparse.SUPPRESS)  # child mode
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -214,6 +237,15 @@ def main() -> None:
           f"{', FP8 GEMMs' if args.fp8_matmul else ''}, busy processes {args.busy}; "
           f"bf16 peak {peak:.3g} TFLOP/s ({peak_src})", flush=True)
     make_checkpoint(MODELS[args.model], args.cache, cfg)
+    if args.interleave:
+        busy = busy_processes(args.busy)
+        try:
+            run_interleaved(make_checkpoint(MODELS[args.model], args.cache, cfg), cfg, args)
+        finally:
+            for proc in busy:
+                proc.kill()
+                proc.wait()
+        return
     scale = full.num_layers / cfg.num_layers
     flops = step_flops(full, tokens)
     results, outputs = {}, {}
