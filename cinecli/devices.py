@@ -76,3 +76,16 @@ def activation_dtype(device: torch.device | str, dtype: torch.dtype) -> torch.dt
     """The dtype activations flow in for 16-bit weights of ``dtype``: the same where the hardware multiplies it
     natively, else float32 (the weights stay 16-bit in memory; each layer upcasts its own weight per call)."""
     return dtype if native_matmul(device, dtype) else torch.float32
+
+
+def image_encoder_dtype(device: torch.device | str, dtype: torch.dtype) -> torch.dtype:
+    """The CLIP image encoder's compute dtype for a run whose DiT computes in ``dtype``.
+
+    On CUDA fp16, as the official I2V config (Wan2.1 ``wan/configs/wan_i2v_14B.py``: ``clip_dtype =
+    torch.float16``) — unless fp32 was asked for. Elsewhere the DiT's activation dtype, which is what works there:
+    bf16 or fp32 on CPUs (no fast fp16 GEMM on most), fp16 on MPS.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and dtype != torch.float32:
+        return torch.float16
+    return activation_dtype(device, dtype)
