@@ -18,7 +18,7 @@ from typer.core import TyperGroup
 
 from . import __version__
 from .cli_batch import batch
-from .cli_common import PlainCommand, fail, handle_errors, set_offline, stderr_console
+from .cli_common import MODELS_DIR_HELP, PlainCommand, fail, handle_errors, set_models_dir, set_offline, stderr_console
 from .cli_quant import quantize
 from .cli_weights import lora_app, models_app
 from .errors import EXIT_USAGE, CineError, UsageError
@@ -102,6 +102,7 @@ def run(
     steps: Optional[int] = typer.Option(None, "--steps", help="Override the sampler's step count (distilled presets warn)."),
     fit: str = typer.Option("crop", "--fit", help="How the photo meets the frame: crop, pad or stretch."),
     last_frame: Optional[str] = typer.Option(None, "--last-frame", help="End image (backbones that support it)."),
+    slowdown: Optional[str] = typer.Option(None, "--slowdown", help="Synthesize frames after decoding: 2, 3 or 4x longer at the same fps, or off (slow-motion: 2)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("auto", "--dtype", help="Weight dtype: auto, bf16, fp16 or fp32."),
     crf: int = typer.Option(18, "--crf", help="H.264 quality (lower is better, 18 is visually lossless)."),
@@ -111,17 +112,20 @@ def run(
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress; only the output path on stdout."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show the resolved job and the weights it needs; load nothing."),
     offline: bool = typer.Option(False, "--offline", help="Never touch the network (as HF_HUB_OFFLINE=1)."),
+    models_dir: Optional[Path] = typer.Option(None, "--models-dir", help=MODELS_DIR_HELP),
     no_metadata: bool = typer.Option(False, "--no-metadata", help="Do not embed the settings in the MP4."),
     quantize_recipe: Optional[str] = typer.Option(None, "--quantize", help="Quantize the DiT at load: hybrid, compact, fp8, int8 or none."),
     strength: Optional[float] = typer.Option(None, "--strength", help="Effect LoRA strength (default: the LoRA card's)."),
     fast_decode: bool = typer.Option(False, "--fast-decode", help="Decode with the tiny VAE (TAEW2.1): faster, softer."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="distill, euler or unipc (default: the backbone's)."),
     distill_step: Optional[str] = typer.Option(None, "--distill-step", help="Distilled backbones: renoise (default) or euler."),
+    offload: str = typer.Option("auto", "--offload", help="DiT weights: auto, none (all on the device) or blocks (streamed from host memory)."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
     effect_word: Optional[str] = typer.Option(None, "--effect-word", hidden=True),  # `cine EFFECT …` (EffectGroup)
 ) -> None:
     """Make a clip from PHOTO with an effect: cine bullet-time photo.jpg -o out.mp4"""
     set_offline(offline)
+    set_models_dir(models_dir)
     from .checks import check_choices
     from .run import RunOptions, run_one
 
@@ -136,7 +140,7 @@ def run(
         negative_prompt=negative_prompt, seed=seed, frames=frames, fps=fps, steps=steps, fit=fit, last_frame=last_frame,
         device=device, dtype=dtype, crf=crf, overwrite=overwrite, report_file=report_file, as_json=as_json,
         quiet=quiet, dry_run=dry_run, metadata=not no_metadata, quantize=quantize_recipe, strength=strength,
-        fast_decode=fast_decode, sampler=sampler, distill_step=distill_step,
+        fast_decode=fast_decode, sampler=sampler, distill_step=distill_step, slowdown=slowdown, offload=offload,
     )
     run_one(opts, stderr_console(quiet))
 
@@ -207,6 +211,8 @@ def doctor(
     code = run_doctor(as_json=as_json, run_selftest=selftest, device=device, console=stderr_console())
     raise typer.Exit(code)
 
+
+from . import cli_scan  # noqa: E402,F401 - registers `cine models scan`
 
 app.add_typer(models_app, name="models")
 app.add_typer(lora_app, name="lora")

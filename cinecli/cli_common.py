@@ -6,6 +6,7 @@ import functools
 import os
 import re
 import sys
+from pathlib import Path
 
 import click
 import typer
@@ -17,13 +18,17 @@ from .errors import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
     CineError,
+    UsageError,
 )
 
 
 def stderr_console(quiet: bool = False):
     from rich.console import Console
 
-    return Console(stderr=True, quiet=quiet, no_color=bool(os.environ.get("NO_COLOR")) or None)
+    console = Console(stderr=True, quiet=quiet, no_color=bool(os.environ.get("NO_COLOR")) or None)
+    if not console.is_terminal:
+        console.soft_wrap = True  # logs, CI, Slurm files: one record per line, never wrapped at 80 columns
+    return console
 
 
 def fail(message: str, code: int) -> None:
@@ -69,6 +74,18 @@ def handle_errors(fn):
 def set_offline(offline: bool) -> None:
     if offline:
         os.environ["HF_HUB_OFFLINE"] = "1"  # must be set before huggingface_hub is imported
+
+
+MODELS_DIR_HELP = "A ComfyUI / Wan2GP / any models folder whose Wan files to use instead of downloading (as CINE_MODELS_DIR)."
+
+
+def set_models_dir(folder: Path | None) -> None:
+    """``--models-dir``: searched first, before CINE_MODELS_DIR's folders and the user config's (weights/scan.py)."""
+    if folder is not None:
+        if not folder.is_dir():
+            raise UsageError(f"--models-dir {folder}: no such folder")
+        rest = os.environ.get("CINE_MODELS_DIR", "")
+        os.environ["CINE_MODELS_DIR"] = os.pathsep.join(p for p in (str(folder.expanduser()), rest) if p)
 
 
 def _plain_metavar(match: re.Match) -> str:

@@ -120,6 +120,21 @@ def fit_image(img: Image.Image, size: tuple[int, int], fit: str = "crop") -> Ima
     return canvas
 
 
+def check_pair(first: tuple[int, int], last: tuple[int, int], name: str | Path) -> None:
+    """A first/last frame pair (a burst) must share orientation; sizes and aspect ratios may differ.
+
+    The frame size comes from the first photo and the last is fitted the same way (``--fit``). A landscape/portrait
+    mix is refused rather than fitted: cropping a portrait into a landscape frame keeps a different part of the
+    scene, so the model would have to morph between two framings instead of filling in a moment of motion. Sizes
+    are after EXIF rotation, so a phone burst shot sideways pairs correctly. Square fits either orientation.
+    """
+    (w0, h0), (w1, h1) = first, last
+    if (w0 - h0) * (w1 - h1) < 0:
+        kind = lambda w, h: "landscape" if w > h else "portrait"  # noqa: E731
+        raise InputError(f"{name}: a {kind(w1, h1)} {w1}x{h1} last frame does not pair with the {kind(w0, h0)} {w0}x{h0} "
+                         "first photo (rotate or crop one so both have the same orientation)")
+
+
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB image → [3, H, W] float32 in [-1, 1]."""
     arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float()

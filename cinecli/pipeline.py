@@ -21,11 +21,14 @@ import torch
 from . import __version__, prompt_cache
 from .devices import image_encoder_dtype
 from .errors import UsageError
-from .image import enlarge_notice, fit_image, read_image, target_size, to_tensor
+from .image import check_pair, enlarge_notice, fit_image, read_image, target_size, to_tensor
 from .preset import Backbone, Preset, SamplerSpec
 from .sampler import choose_sampler, sample
+from .slowdown import DEFAULT_METHOD as INTERPOLATION
+from .slowdown import output_frames as upsampled_frames
 from .timing import Timings
 
+VAE_TILE, VAE_TILE_OVERLAP = 256, 32  # pixels; tiles spread evenly (480x832: 2x4 tiles, 1.3x the pixels)
 MAX_FRAMES = 161  # 2x the frame count Wan2.1 was trained on; longer clips degrade and waste memory
 
 
@@ -45,6 +48,7 @@ class Request:
     effect_strength: float | None = None
     sampler: str | None = None  # --sampler: distill | euler | unipc (None: the preset's or backbone's)
     distill_step: str | None = None  # --distill-step: renoise | euler (None: the backbone's)
+    slowdown: int | None = None  # None: the preset's
 
 
 @dataclass
@@ -60,6 +64,11 @@ class Plan:
     negative_prompt: str
     sampler: SamplerSpec
     notices: list[str] = field(default_factory=list)
+    slowdown: int = 1  # frames synthesized after decoding: frames → (frames − 1)·slowdown + 1, same fps
+
+    @property
+    def output_frames(self) -> int:
+        return upsampled_frames(self.frames, self.slowdown)
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
@@ -111,7 +120,8 @@ def plan(request: Request, image_size: tuple[int, int]) -> Plan:
     notices += enlarge_notice(image_size, (width, height))
     seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
     return Plan(width, height, frames, request.fps or preset.fps, seed, prompt,
-                preset.negative_for(sampler, request.negative_prompt), sampler, notices)
+                preset.negative_for(sampler, request.negative_prompt), sampler, notices,
+                slowdown=request.slowdown or preset.slowdown)
 
 
 def condition_mask(frames: int, lat_h: int, lat_w: int, last_frame: bool) -> torch.Tensor:
@@ -138,6 +148,11 @@ class Generator:
     timings: Timings | None = None
     quantize: str | None = None  # recipe to apply at load (overrides the backbone's)
     fast_decode: bool = False  # decode with the tiny VAE (TAEW2.1): much faster, lower fidelity
+    # VAE encode/decode in blended spatial tiles of this many pixels (None: whole frames). Bounds the VAE's
+    # activations (~29 kB per pixel of a tile untiled: 11 GB for a 624x624 frame) whatever the frame size.
+    vae_tile: int | None = VAE_TILE
+    # Keep the DiT blocks in host memory and stream them to the device one block ahead (models/streaming.py).
+    stream_blocks: bool = False
     _tiny: object = None
     _effects: object = None  # models.adapters.Effects on the DiT: effect LoRAs attached unmerged, switched per job
     _dit: object = None
@@ -179,6 +194,9 @@ class Generator:
                         prompt_cache.store(identity, p, context)
                 del enc
                 gc.collect()  # free the encoder before the DiT loads
+                from .models.load import trim_heap
+
+                trim_heap()
         return [found[p] for p in prompts]
 
     @property
@@ -215,16 +233,23 @@ class Generator:
             with self._stage("load dit"):
                 from .models import load_dit
 
-                self._dit = load_dit(self.paths["dit"], device=self.device, dtype=self.dtype)
+                # Streamed blocks load (and quantize) on the host; streaming moves the rest to the device below.
+                self._dit = load_dit(self.paths["dit"], device="cpu" if self.stream_blocks else self.device, dtype=self.dtype)
                 from .models.adapters import Effects, merge_into
 
                 for card in self.backbone.merge:  # backbone LoRAs (the 4-step distillation): merged once
                     merge_into(self._dit, self.paths[f"lora:{card.name}"], strength=card.strength, what=f"LoRA {card.name}")
                 recipe = self.quantize or self.backbone.quantize
                 if recipe and recipe != "none" and not self._dit.quant_layers:  # applied at load to a 16-bit checkpoint
+                    from .models.load import release_source
                     from .models.recipes import get_recipe, quantize_dit
 
                     quantize_dit(self._dit, get_recipe(recipe))
+                    release_source(self._dit)  # unmap the 16-bit file: only the quantized copy stays resident
+                if self.stream_blocks:
+                    from .models.streaming import stream_blocks
+
+                    stream_blocks(self._dit, self.device)
                 self._effects = Effects(self._dit)
         return self._dit
 
@@ -268,7 +293,9 @@ class Generator:
             first = to_tensor(fit_image(image, (p.width, p.height), request.fit))  # [3, H, W]
             last = None
             if request.last_frame is not None:
-                last = to_tensor(fit_image(read_image(request.last_frame), (p.width, p.height), request.fit))
+                end = read_image(request.last_frame)
+                check_pair(image.size, end.size, request.last_frame)  # a burst pair: same orientation, fitted alike
+                last = to_tensor(fit_image(end, (p.width, p.height), request.fit))
         text = self.text_context(p.prompt)
         negative = self.text_context(p.negative_prompt) if p.sampler.uses_cfg else None
 
@@ -285,7 +312,8 @@ class Generator:
             video[:, 0] = first
             if last is not None:
                 video[:, -1] = last
-            cond_latent = vae.encode(video[None].to(self.device))  # [1, 16, F_lat, lat_h, lat_w]
+            cond_latent = vae.encode(video[None].to(self.device), tile_size=self.vae_tile,
+                                     tile_overlap=VAE_TILE_OVERLAP)  # [1, 16, F_lat, lat_h, lat_w]
             mask = condition_mask(p.frames, lat_h, lat_w, last is not None)[None].to(self.device)
             y = torch.cat([mask, cond_latent.float()], dim=1)  # [1, 20, F_lat, lat_h, lat_w]
             del video
@@ -307,7 +335,7 @@ class Generator:
             with self._stage("vae decode (tiny)"):
                 return tiny.decode(latents)[0].float().cpu()
         with self._stage("vae decode"):
-            return vae.decode(latents)[0].float().cpu()  # [3, T, H, W]
+            return vae.decode(latents, tile_size=self.vae_tile, tile_overlap=VAE_TILE_OVERLAP)[0].float().cpu()  # [3, T, H, W]
 
 
 def sampler_settings(spec: SamplerSpec) -> dict:
@@ -322,10 +350,20 @@ def metadata(request: Request, the_plan: Plan, gen: Generator) -> dict:
     preset = request.preset
     return {
         "cine": __version__, "effect": preset.name, "seed": the_plan.seed, "prompt": the_plan.prompt,
-        "negative_prompt": the_plan.negative_prompt, "backbone": gen.backbone.name, "dit": str(gen.backbone.dit),
+        "negative_prompt": the_plan.negative_prompt, "backbone": gen.backbone.name, "dit": _describe_dit(gen),
         "loras": [c.name for c in gen.backbone.merge] + ([preset.effect.name] if preset.effect else []),
         "steps": the_plan.sampler.num_steps, "sampler": the_plan.sampler.kind, "frames": the_plan.frames,
         **sampler_settings(the_plan.sampler),
         "fps": the_plan.fps, "width": the_plan.width, "height": the_plan.height,
         "dtype": str(gen.dtype).removeprefix("torch."), "quantization": gen.quant_recipe,
+        "slowdown": the_plan.slowdown, "output_frames": the_plan.output_frames,
+        "interpolation": INTERPOLATION if the_plan.slowdown > 1 else None,
+        "last_frame": Path(str(request.last_frame)).name if request.last_frame is not None else None,
     }
+
+
+def _describe_dit(gen: Generator) -> str:
+    """The DiT as the MP4 names it: hub repo/file, or file name + sha256 for local weights (never a local path)."""
+    from .weights.lock import describe
+
+    return describe(gen.backbone.dit, gen.paths.get("dit"))

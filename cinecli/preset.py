@@ -112,6 +112,7 @@ class Preset:
     frames: int = 49
     fps: int = 16
     max_area: int = 480 * 832
+    slowdown: int = 1  # temporal up-sampling after decoding (cinecli/slowdown.py); 1 = none
     sampler: SamplerSpec | None = None  # None: the backbone's
     aliases: tuple[str, ...] = ()
     description: str = ""
@@ -202,6 +203,15 @@ def parse_card(raw: dict, base: Path, name: str) -> LoraCard:
         fits_dims=tuple(raw.get("fits_dims", ())), model_types=tuple(raw.get("model_types", ("i2v",))),
         description=raw.get("description", ""), url=raw.get("url", ""),
     )
+
+
+def _slowdown(value: object, path: Path) -> int:
+    """A preset's ``slowdown`` (2, 3, 4 or "off"; checked by the --slowdown rule) → the factor; absent → 1."""
+    from .checks import check_fields
+    from .slowdown import parse_slowdown
+
+    check_fields({"slowdown": value}, f"preset {path}")
+    return parse_slowdown(value) or 1
 
 
 class Catalog:
@@ -327,6 +337,7 @@ class Catalog:
                 effect=self.card(data["effect"], base) if data.get("effect") else None,
                 effect_strength=data.get("effect_strength"), negative_prompt=data.get("negative_prompt"),
                 frames=int(data.get("frames", 49)), fps=int(data.get("fps", 16)), max_area=int(data.get("max_area", 480 * 832)),
+                slowdown=_slowdown(data.get("slowdown"), path),
                 sampler=parse_sampler(data.get("sampler")), aliases=tuple(data.get("aliases", ())),
                 description=data.get("description", ""), source=path,
             )

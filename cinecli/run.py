@@ -11,12 +11,13 @@ from pathlib import Path
 
 from .checks import check_options, unused_option_warnings
 from .errors import UsageError
-from .image import read_image
+from .image import check_pair, read_image
 from .pipeline import Generator, Plan, Request, metadata, plan, sampler_settings
 from .preset import Catalog, Preset
 from .report import human_bytes
+from .slowdown import parse_slowdown, slow_down
 from .timing import Timings
-from .video import STDOUT, check_writable, frames_to_uint8, write_mp4
+from .video import STDOUT, check_report_path, check_writable, frames_to_uint8, write_mp4
 
 
 @dataclass
@@ -48,22 +49,34 @@ class RunOptions:
     fast_decode: bool = False
     sampler: str | None = None  # --sampler distill|euler|unipc
     distill_step: str | None = None  # --distill-step renoise|euler
+    slowdown: str | None = None  # --slowdown as given: 2, 3, 4 or off (checks.RULES); None: the preset's
+    offload: str = "auto"  # DiT blocks: auto (the memory plan decides; resident until it does), none, blocks
 
 
-def pull_hint(preset: Preset) -> str:
-    return f"cine models pull {preset.name}"
+def pull_hint(preset: Preset, backbone: str | None = None, preset_file: Path | None = None, fast_decode: bool = False) -> str:
+    """The `cine models pull` command that fetches exactly what this run needs (the same effect, backbone, file)."""
+    import shlex
+
+    args = ["cine", "models", "pull", *(["--preset", str(preset_file)] if preset_file is not None else [preset.name])]
+    args += ["--backbone", backbone] if backbone else []
+    args += ["--fast-decode"] if fast_decode else []
+    return shlex.join(args)
 
 
 def weights_needed(preset: Preset) -> dict[str, dict]:
     """Each component's reference, whether it is present locally, and its size on disk (no network, no loading)."""
     from .weights.hub import locate
 
+    from .weights.scan import local_refs
+
     out = {}
-    for name, ref in preset.weights().items():
+    asked = preset.weights()
+    for name, ref in local_refs(preset, hash_files=False).items():  # models-dir files in place of missing hub ones
         found = locate(ref)
         size = sum(f.stat().st_size for f in found.files if f.is_file()) if found.path else None
+        source = "models dir" if ref != asked.get(name) else "local path" if ref.path else "hub cache" if found.path else "hub"
         out[name] = {"ref": str(ref), "present": found.path is not None, "bytes": size,
-                     "path": str(found.path) if found.path else None}
+                     "path": str(found.path) if found.path else None, "source": source}
     return out
 
 
@@ -94,6 +107,10 @@ def default_output(image: str, effect: str, output: str | None) -> str:
     return output
 
 
+def _hint(opts: RunOptions, preset: Preset) -> str:
+    return pull_hint(preset, opts.backbone, opts.preset_file, opts.fast_decode)
+
+
 def run_one(opts: RunOptions, console) -> dict | None:
     check_options(opts)  # every value against checks.RULES, before anything is read or loaded
     timings = Timings()
@@ -102,13 +119,15 @@ def run_one(opts: RunOptions, console) -> dict | None:
         preset = catalog.resolve(opts.effect if opts.preset_file is None else None, backbone=opts.backbone)
         output = default_output(opts.image, preset.name, opts.output)
         check_writable(output, opts.overwrite)  # before any expensive work
+        if opts.report_file is not None:
+            check_report_path(opts.report_file)
         image = read_image(opts.image)
         request = Request(image=opts.image, preset=preset, output=output, seed=opts.seed, frames=opts.frames, fps=opts.fps,
                           fit=opts.fit, last_frame=opts.last_frame, prompt=opts.prompt, negative_prompt=opts.negative_prompt,
                           steps=opts.steps, effect_strength=opts.strength, sampler=opts.sampler,
-                          distill_step=opts.distill_step)
+                          distill_step=opts.distill_step, slowdown=parse_slowdown(opts.slowdown))
         the_plan = plan(request, image.size)
-        the_plan.notices += unused_option_warnings(vars(opts), preset)
+        the_plan.notices += unused_option_warnings(vars(opts), preset, the_plan.sampler)
         if opts.quantize:
             from .models.recipes import get_recipe
 
@@ -117,11 +136,9 @@ def run_one(opts: RunOptions, console) -> dict | None:
             if not preset.backbone.supports_last_frame:
                 raise UsageError(f"backbone {preset.backbone.name} does not support --last-frame "
                                  "(try --backbone wan2.1-fun-1.3b-inp)")
-            read_image(opts.last_frame)  # validate now, not after loading models
-    for notice in the_plan.notices:
-        console.print(f"[yellow]{notice}[/]" if notice.startswith("warning") else notice, markup=True, highlight=False)
-
+            check_pair(image.size, read_image(opts.last_frame).size, opts.last_frame)  # validate now, not after loading
     if opts.dry_run:
+        _print_notices(console, the_plan)
         return _dry_run(opts, preset, the_plan, image.size, output)
 
     with timings.stage("resolve weights"):
@@ -129,18 +146,29 @@ def run_one(opts: RunOptions, console) -> dict | None:
         from .report import build_report, summary_table, write_report
         from .weights.hub import resolve_all
 
-        paths = resolve_all(preset.weights(opts.fast_decode), pull_hint(preset))
+        from .weights.scan import local_refs
+
+        paths = resolve_all(local_refs(preset, opts.fast_decode), _hint(opts, preset))
         device = choose_device(opts.device)
         timings.device = device
         gen = Generator(preset.backbone, paths, device, choose_dtype(opts.dtype, device), timings=timings, quantize=opts.quantize,
-                        fast_decode=opts.fast_decode)
+                        fast_decode=opts.fast_decode, stream_blocks=opts.offload == "blocks")
+    _print_notices(console, the_plan)  # after the checks that fail in one line (bad values, input, missing weights)
+    if not console.is_terminal and not opts.quiet:  # logs and Slurm files: a line per stage (a terminal: the spinner)
+        def progress(name: str, seconds: float) -> None:
+            console.print(f"cine: [{timings.total():7.1f} s] {name}: {seconds:.2f} s", markup=False, highlight=False)
+
+        for name, seconds in timings.stages.items():
+            progress(name, seconds)
+        timings.on_stage_end = progress
     with console.status(f"{preset.name}: {the_plan.frames} frames {the_plan.width}x{the_plan.height} on {device}") if console.is_terminal else contextlib.nullcontext():
         video = gen.generate(request, the_plan, image)
+    frames = slow_down(frames_to_uint8(video), the_plan.slowdown, timings)
     with timings.stage("mp4 encode"):
-        frames = frames_to_uint8(video)
         written = write_mp4(frames, output, the_plan.fps, metadata(request, the_plan, gen) if opts.metadata else None,
                             crf=opts.crf, overwrite=opts.overwrite)
     sizes = {"width": the_plan.width, "height": the_plan.height, "frames": the_plan.frames, "fps": the_plan.fps,
+             "slowdown": the_plan.slowdown, "output_frames": the_plan.output_frames,
              "latent": list(the_plan.latent_shape), "tokens": the_plan.tokens, "input": list(image.size)}
     job = {"effect": preset.name, "input": str(opts.image), "seed": the_plan.seed, "prompt": the_plan.prompt,
            "backbone": preset.backbone.name, "steps": the_plan.sampler.num_steps, "sampler": the_plan.sampler.kind,
@@ -158,11 +186,17 @@ def run_one(opts: RunOptions, console) -> dict | None:
     return report
 
 
+def _print_notices(console, the_plan: Plan) -> None:
+    for notice in the_plan.notices:
+        console.print(f"[yellow]{notice}[/]" if notice.startswith("warning") else notice, markup=True, highlight=False)
+
+
 def _dry_run(opts: RunOptions, preset: Preset, p: Plan, image_size, output: str) -> dict:
     weights = weights_needed(preset)
     doc = {
         "dry_run": True, "effect": preset.name, "input": str(opts.image), "input_size": list(image_size), "output": output,
         "width": p.width, "height": p.height, "frames": p.frames, "fps": p.fps, "seed": p.seed, "prompt": p.prompt,
+        "slowdown": p.slowdown, "output_frames": p.output_frames, "last_frame": opts.last_frame,
         "sampler": {"kind": p.sampler.kind, "steps": p.sampler.num_steps, **sampler_settings(p.sampler)},
         "negative_prompt": p.negative_prompt,
         "backbone": preset.backbone.name, "weights": weights, "memory_estimate": memory_estimate(p, weights),
@@ -173,13 +207,13 @@ def _dry_run(opts: RunOptions, preset: Preset, p: Plan, image_size, output: str)
         return doc
     lines = [f"[dry-run] {doc['input']} → {output}", f"  effect {preset.name} on {preset.backbone.name}",
              f"  {p.width}x{p.height} (photo {image_size[0]}x{image_size[1]}, --fit {opts.fit}), {p.frames} frames @ {p.fps} fps, "
-             f"seed {p.seed}, {p.sampler.kind} sampler {p.sampler.num_steps} steps", f"  prompt: {p.prompt}", "  weights:"]
+             + (f"slowed {p.slowdown}x to {p.output_frames} frames, " if p.slowdown > 1 else "") + f"seed {p.seed}, {p.sampler.kind} sampler {p.sampler.num_steps} steps", f"  prompt: {p.prompt}", "  weights:"]
     for name, w in weights.items():
         lines.append(f"    {name:24s} {'present' if w['present'] else 'MISSING':8s} {human_bytes(w['bytes']):>9s}  {w['ref']}")
     mem = doc["memory_estimate"]
     lines.append(f"  memory estimate: ~{human_bytes(mem['peak_bytes'])} peak ({human_bytes(mem['weights_bytes'])} weights)")
     if doc["missing"]:
-        lines.append(f"  missing weights download on first run, or now with: {pull_hint(preset)}")
+        lines.append(f"  missing weights download on first run, or now with: {_hint(opts, preset)}")
     sys.stderr.write("\n".join(lines) + "\n")
     print(output)
     return doc

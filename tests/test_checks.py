@@ -98,6 +98,7 @@ BAD_VALUES = [
     ("device-tpu", (*RUN, "--device", "tpu"), None, "--device tpu: must be auto, cpu, cuda, cuda:N or mps"),
     ("device-cuda-x", (*RUN, "--device", "cuda:x"), None, "--device cuda:x"),
     ("fit", (*RUN, "--fit", "squash"), None, "--fit squash"),
+    ("sampler", (*RUN, "--sampler", "ddim"), None, "--sampler ddim: must be one of"),
     ("effect-twice", ("bullet-time", "{photo}", "--effect", "slowmo"), None, "the effect is named twice"),
     ("effect-and-preset", ("bullet-time", "{photo}", "--preset", "{preset}"), None, "both an effect ('bullet-time') and --preset"),
     ("run-e-and-preset", ("run", "{photo}", "-e", "slowmo", "--preset", "{preset}"), None, "both an effect"),
@@ -162,7 +163,7 @@ def test_options_that_do_nothing_warn(files):
     assert r.exit_code == 0, r.output
     assert "warning: --negative-prompt does nothing here" in r.stderr
     quiet = cine("bullet-time", files["photo"], "--strength", "0.5", "--dry-run")  # bullet-time has a LoRA: no warning
-    assert "warning" not in quiet.stderr
+    assert "--strength" not in quiet.stderr
 
 
 def test_slurm_stepped_arrays_shard_by_index():
@@ -259,3 +260,52 @@ def test_malformed_user_preset_is_skipped_with_a_warning(env, files):
     assert "malformed TOML" in cine("broken", files["photo"]).stderr
     r = cine("run", files["photo"], "--preset", user / "broken.toml")
     assert r.exit_code == 2 and "malformed TOML" in r.stderr
+
+
+# --- logs: one record per line, progress per stage -----------------------------------------------------------------------
+def test_non_terminal_stderr_has_unwrapped_lines_and_stage_progress(backbone, env, files):
+    r = cine("run", files["photo"], "--preset", backbone, "--steps", "2", "--dry-run")
+    warning = [line for line in r.stderr.splitlines() if line.startswith("warning: this backbone is distilled")]
+    assert len(warning) == 1 and len(warning[0]) > 80 and warning[0].endswith("usually look worse"), r.stderr
+    out = files["tmp"] / "clip.mp4"
+    r = cine("run", files["photo"], "--preset", backbone, "-o", out, "--seed", "1")
+    assert r.exit_code == 0, r.output
+    stages = [line.split("] ", 1)[1].rsplit(":", 1)[0] for line in r.stderr.splitlines() if line.startswith("cine: [")]
+    assert stages[0] == "resolve" and stages[-1] == "mp4 encode", r.stderr
+    assert {"load dit", "denoise step 1/4", "denoise step 4/4", "vae decode"} <= set(stages)
+    assert not [line for line in cine("run", files["photo"], "--preset", backbone, "-o", out, "--overwrite", "-q").stderr.splitlines()
+                if line.startswith("cine: [")]  # -q: nothing but the path
+
+
+# --- models path and doctor tell scripts and newcomers what to do ----------------------------------------------------
+def test_models_path_exits_4_when_weights_are_missing(env):
+    r = cine("models", "path", "bullet-time")
+    assert r.exit_code == 4 and "dit: missing" in r.stderr
+
+
+def test_doctor_prints_the_selftest_preset_and_a_command_that_runs(backbone, env, tmp_path, monkeypatch):
+    import shlex
+    import shutil
+
+    shutil.copytree(backbone.parent, tmp_path / "cache" / "selftest")  # CINE_CACHE_DIR: skip rewriting the stack
+    r = cine("doctor")
+    assert r.exit_code == 0, r.output
+    preset = tmp_path / "cache" / "selftest" / "selftest.toml"
+    assert f"self-test preset: {preset}" in r.stdout
+    example = next(line for line in r.stdout.splitlines() if line.strip().startswith("try it: ")).split("try it: ", 1)[1]
+    argv = shlex.split(example)
+    assert argv[0] == "cine" and str(preset) in argv
+    monkeypatch.chdir(tmp_path)
+    done = cine(*argv[1:])
+    assert done.exit_code == 0 and (tmp_path / "selftest.mp4").stat().st_size > 0, done.output
+
+
+def test_readme_documents_every_cine_variable_and_the_cpu_wheel_index():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    used = {m for f in (root / "cinecli").rglob("*.py") for m in re.findall(r"\bCINE_[A-Z_]+\b", f.read_text())}
+    readme = (root / "README.md").read_text()
+    assert used >= {"CINE_CACHE_DIR", "CINE_DATA_DIR", "CINE_DEBUG"}
+    assert not {v for v in used if f"`{v}" not in readme}, "undocumented environment variables"
+    assert "--index-url https://download.pytorch.org/whl/cpu" in readme
