@@ -33,6 +33,8 @@ def build_report(timings: Timings, *, job: dict, sizes: dict, device: torch.devi
     """A JSON-ready report. ``stages`` are in run order; ``total_s`` is wall time from start to report."""
     import torch
 
+    from .models.attention import used_backends
+
     stages = {name: round(seconds, 6) for name, seconds in timings.stages.items()}
     total = timings.total()
     frames = sizes.get("frames") or 0
@@ -46,6 +48,7 @@ def build_report(timings: Timings, *, job: dict, sizes: dict, device: torch.devi
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "dtype": str(dtype).removeprefix("torch."),
         "quantization": quantization,
+        "attention": used_backends(),
         "threads": torch.get_num_threads(),
         "stages": stages,
         "stages_total_s": round(sum(stages.values()), 6),

@@ -127,7 +127,7 @@ def run_one(opts: RunOptions, console) -> dict | None:
                           steps=opts.steps, effect_strength=opts.strength, sampler=opts.sampler,
                           distill_step=opts.distill_step, slowdown=parse_slowdown(opts.slowdown))
         the_plan = plan(request, image.size)
-        the_plan.notices += unused_option_warnings(vars(opts), preset)
+        the_plan.notices += unused_option_warnings(vars(opts), preset, the_plan.sampler)
         if opts.quantize:
             from .models.recipes import get_recipe
 
