@@ -38,9 +38,10 @@ def no_model(monkeypatch):
 
 def one_line(result, code: int) -> str:
     assert result.exit_code == code, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("cine: error:"), result.stderr
-    return lines[0]
+    lines = result.stderr.strip().splitlines()  # progress lines may come first (non-terminal stderr)
+    errors = [line for line in lines if line.startswith("cine: error:")]
+    assert errors == lines[-1:] and "Traceback" not in result.output, result.stderr
+    return errors[0]
 
 
 # --- 1, 14: distinct outputs, stable reruns, no local paths in the manifest or the MP4 --------------------------------
