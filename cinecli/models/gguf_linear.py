@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .layers import Linear, chunked_linear
+from .layers import Linear
 
 # type → (weights per block, bytes per block)
 BLOCKS = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24),
@@ -150,9 +150,9 @@ class GGUFLinear(Linear):
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_rows(self.weight, self.fmt, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = lambda r0, r1: dequantize_rows(self.weight[r0:r1], self.fmt, x.dtype)  # noqa: E731
-        return chunked_linear(x, rows, self.out_features, self.in_features, self.bias)
+    def rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+        # Linear.forward: a slice of output rows at a time, or all rows once per block inside layers.weights_held
+        return dequantize_rows(self.weight[r0:r1], self.fmt, dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"
