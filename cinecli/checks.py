@@ -20,10 +20,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, is_dataclass
 
 from .errors import UsageError
+from .pipeline import MAX_FRAMES
 
 Rule = Callable[[object], "str | None"]  # a value → None when good, else what is wrong (one short phrase)
-
-MAX_FRAMES = 161  # 2x the frame count Wan2.1 was trained on (pipeline.round_frames clamps to the same)
 
 
 def number(low: float, high: float, integer: bool = True) -> Rule:
@@ -156,14 +155,15 @@ def check_choices(effect_word: str | None = None, effects: str | list | None = N
                          "is an effect of its own, so pass one of them")
 
 
-def unused_option_warnings(values: Mapping[str, object], preset) -> list[str]:
-    """Options given that this run would ignore: say so rather than let the user believe they mattered."""
+def unused_option_warnings(values: Mapping[str, object], preset, sampler=None) -> list[str]:
+    """Options given that this run would ignore: say so rather than let the user believe they mattered.
+    ``sampler`` is the one the run will use (the plan's: --sampler may differ from the preset's)."""
     out = []
-    sampler = preset.effective_sampler
+    sampler = sampler or preset.effective_sampler
     # the pipeline encodes a negative prompt only for classifier-free guidance (SamplerSpec.uses_cfg)
     if values.get("negative_prompt") is not None and not sampler.uses_cfg:
-        out.append(f"warning: --negative-prompt does nothing here: backbone {preset.backbone.name} samples without "
-                   "classifier-free guidance (a distilled sampler)")
+        out.append(f"warning: --negative-prompt does nothing here: the {sampler.kind} sampler of backbone "
+                   f"{preset.backbone.name} runs without classifier-free guidance")
     if values.get("strength") is not None and preset.effect is None:
         out.append(f"warning: --strength does nothing here: effect {preset.name} has no effect LoRA")
     return out

@@ -66,8 +66,14 @@ def write_report(report: dict, path: str | Path) -> None:
     """Write atomically (temp + rename): a report is never half-written."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        from .errors import output_error
+
+        tmp.unlink(missing_ok=True)
+        raise output_error(exc, path) from None
 
 
 def summary_table(report: dict):
