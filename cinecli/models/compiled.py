@@ -5,9 +5,9 @@ same-shaped tensors, and since torch 2.5 dynamo passes a module's parameters as 
 blocks share one compiled artifact. Inductor's on-disk caches go under cine's cache folder (``dirs.cache_dir()``),
 so a second run loads the kernels instead of compiling them again.
 
-Off by default: on the CPU the compile of one block costs minutes (a tiny one took >3 min under contention on the
-2-core test machine) against a step made of SDPA and GEMMs that inductor does not speed up; on CUDA it has not
-been measured yet (bench/speed.py --compile), so it stays opt-in until it is.
+Off by default, not measured faster anywhere yet: on the 2-core CPU, shared with other jobs, compiling just the
+INT4 dequantize function took 197 s (and its output differed in the last bit from eager), while a CPU step is SDPA
+and GEMMs that inductor calls as they are; on CUDA it awaits bench/speed.py --compile on a GPU.
 """
 
 from __future__ import annotations
