@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 
-import torch
 import torch.nn as nn
 
 from ..dirs import cache_dir
