@@ -77,6 +77,7 @@ def run(
     quantize_recipe: Optional[str] = typer.Option(None, "--quantize", help="Quantize the DiT at load: hybrid, compact, fp8, int8 or none."),
     strength: Optional[float] = typer.Option(None, "--strength", help="Effect LoRA strength (default: the LoRA card's)."),
     fast_decode: bool = typer.Option(False, "--fast-decode", help="Decode with the tiny VAE (TAEW2.1): faster, softer."),
+    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Cap the memory plan, e.g. 8GB (else CINE_MEMORY_BUDGET)."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Make a clip from PHOTO with an effect: cine bullet-time photo.jpg -o out.mp4"""
@@ -92,7 +93,7 @@ def run(
         negative_prompt=negative_prompt, seed=seed, frames=frames, fps=fps, steps=steps, fit=fit, last_frame=last_frame,
         device=device, dtype=dtype, crf=crf, overwrite=overwrite, report_file=report_file, as_json=as_json,
         quiet=quiet, dry_run=dry_run, metadata=not no_metadata, quantize=quantize_recipe, strength=strength,
-        fast_decode=fast_decode,
+        fast_decode=fast_decode, memory_budget=memory_budget,
     )
     run_one(opts, stderr_console(quiet))
 

@@ -133,6 +133,9 @@ class Generator:
     timings: Timings | None = None
     quantize: str | None = None  # recipe to apply at load (overrides the backbone's)
     fast_decode: bool = False  # decode with the tiny VAE (TAEW2.1): much faster, lower fidelity
+    text_device: torch.device | None = None  # where the text encoder runs (memory plan: "cpu" when the device is short)
+    vae_tile: int | None = None  # VAE in spatial tiles of this many pixels (memory plan: "tiled"; encode and decode)
+    stream_dit: bool = False  # memory plan hook: "streamed" DiT blocks (issue 9 item 3); not applied by this code yet
     _tiny: object = None
     _effects: object = None  # models.adapters.Effects on the DiT: effect LoRAs attached unmerged, switched per job
     _dit: object = None
@@ -165,8 +168,8 @@ class Generator:
             with self._stage("load text_encoder"):  # imports inside the stage: their cost is part of loading
                 from .models.text_encoder import load_text_encoder
 
-                enc = load_text_encoder(self.paths["text_encoder"], tokenizer=self.paths["tokenizer"], device=self.device,
-                                        dtype=self.dtype)
+                enc = load_text_encoder(self.paths["text_encoder"], tokenizer=self.paths["tokenizer"],
+                                        device=self.text_device or self.device, dtype=self.dtype)
             with self._stage("text encode"), torch.no_grad():
                 for i in range(0, len(todo), 16):  # 16 prompts per encoder call bounds its activations
                     for p, context in zip(todo[i:i + 16], enc.encode(todo[i:i + 16])):
@@ -209,17 +212,19 @@ class Generator:
         if self._dit is None:
             with self._stage("load dit"):
                 from .models import load_dit
-
-                self._dit = load_dit(self.paths["dit"], device=self.device, dtype=self.dtype)
                 from .models.adapters import Effects, merge_into
+                from .models.quant_cache import is_prequantized, load_quantized
 
-                for card in self.backbone.merge:  # backbone LoRAs (the 4-step distillation): merged once
-                    merge_into(self._dit, self.paths[f"lora:{card.name}"], strength=card.strength, what=f"LoRA {card.name}")
                 recipe = self.quantize or self.backbone.quantize
-                if recipe and recipe != "none" and not self._dit.quant_layers:  # applied at load to a 16-bit checkpoint
-                    from .models.recipes import get_recipe, quantize_dit
+                merges = [(self.paths[f"lora:{c.name}"], c.strength, c.name) for c in self.backbone.merge]
+                if recipe and recipe != "none" and not is_prequantized(self.paths["dit"]):
+                    from .models.recipes import get_recipe  # quantized once, then memory-mapped from cine's cache
 
-                    quantize_dit(self._dit, get_recipe(recipe))
+                    self._dit = load_quantized(self.paths["dit"], get_recipe(recipe), merges, device=self.device, dtype=self.dtype)
+                else:
+                    self._dit = load_dit(self.paths["dit"], device=self.device, dtype=self.dtype)
+                    for path, strength, name in merges:  # backbone LoRAs (the 4-step distillation): merged once
+                        merge_into(self._dit, path, strength=strength, what=f"LoRA {name}")
                 self._effects = Effects(self._dit)
         return self._dit
 
@@ -280,7 +285,7 @@ class Generator:
             video[:, 0] = first
             if last is not None:
                 video[:, -1] = last
-            cond_latent = vae.encode(video[None].to(self.device))  # [1, 16, F_lat, lat_h, lat_w]
+            cond_latent = vae.encode(video[None].to(self.device), tile_size=self.vae_tile)  # [1, 16, F_lat, lat_h, lat_w]
             mask = condition_mask(p.frames, lat_h, lat_w, last is not None)[None].to(self.device)
             y = torch.cat([mask, cond_latent.float()], dim=1)  # [1, 20, F_lat, lat_h, lat_w]
             del video
@@ -302,7 +307,7 @@ class Generator:
             with self._stage("vae decode (tiny)"):
                 return tiny.decode(latents)[0].float().cpu()
         with self._stage("vae decode"):
-            return vae.decode(latents)[0].float().cpu()  # [3, T, H, W]
+            return vae.decode(latents, tile_size=self.vae_tile)[0].float().cpu()  # [3, T, H, W]
 
 
 def metadata(request: Request, the_plan: Plan, gen: Generator) -> dict:

@@ -45,38 +45,54 @@ class RunOptions:
     quantize: str | None = None
     strength: float | None = None
     fast_decode: bool = False
+    memory_budget: str | None = None  # caps the memory plan (else CINE_MEMORY_BUDGET)
 
 
 def pull_hint(preset: Preset) -> str:
     return f"cine models pull {preset.name}"
 
 
-def weights_needed(preset: Preset) -> dict[str, dict]:
-    """Each component's reference, whether it is present locally, and its size on disk (no network, no loading)."""
+def weights_needed(preset: Preset, fast_decode: bool = False) -> dict[str, dict]:
+    """Each component's reference, whether it is present locally, and its size: on disk, else as declared by the
+    backbone or LoRA card (the download size; None when nobody declared it). No network, no loading."""
     from .weights.hub import locate
 
     out = {}
-    for name, ref in preset.weights().items():
+    for name, ref in preset.weights(fast_decode).items():
         found = locate(ref)
-        size = sum(f.stat().st_size for f in found.files if f.is_file()) if found.path else None
+        size = sum(f.stat().st_size for f in found.files if f.is_file()) if found.path else ref.bytes
         out[name] = {"ref": str(ref), "present": found.path is not None, "bytes": size,
                      "path": str(found.path) if found.path else None}
     return out
 
 
-def memory_estimate(p: Plan, weights: dict[str, dict]) -> dict[str, int]:
-    """A rough peak for planning: DiT + VAE + CLIP weights resident, plus activations of the largest stage.
+def memory_plan(opts: RunOptions, preset: Preset, p: Plan, weights: dict[str, dict], device):
+    """The memory plan for this run on this machine (memory_plan.py); exit 7 with one line of advice when nothing fits."""
+    from .devices import choose_dtype
+    from .errors import DeviceError
+    from .memory_inputs import job, machine
+    from .memory_plan import NoFit, advice, make_plan
 
-    The text encoder is loaded only on a prompt-cache miss and freed before the DiT, so it counts alone.
-    """
-    size = lambda k: weights.get(k, {}).get("bytes") or 0  # noqa: E731
-    resident = size("dit") + size("vae") + size("image_encoder") + sum(v["bytes"] or 0 for k, v in weights.items() if k.startswith("effect:"))
-    # Activations: a few [tokens, 4·dim] fp32 buffers in the DiT; the VAE decode of one chunk at full size dominates.
-    pixels = p.width * p.height
-    activations = max(p.tokens * 5120 * 4 * 8, pixels * 96 * 4 * 4 * 6)
-    return {"weights_bytes": resident, "activations_bytes": activations, "peak_bytes": max(resident + activations, size("text_encoder"))}
+    the_job = job(preset, p, weights, device=device, dtype=choose_dtype(opts.dtype, device), quantize=opts.quantize,
+                  fast_decode=opts.fast_decode)
+    the_machine = machine(device, opts.memory_budget)
+    try:
+        return make_plan(the_job, the_machine)
+    except NoFit as exc:
+        raise DeviceError(advice(the_job, the_machine, exc)) from None
 
 
+def apply_plan(gen: Generator, mp) -> None:
+    """Put the plan's choices into the generator (the one place a plan becomes settings)."""
+    import torch
+
+    from .memory_plan import VAE_TILE
+
+    if mp.quantize != "prequantized":
+        gen.quantize = mp.quantize
+    gen.text_device = torch.device("cpu") if mp.text_encoder == "cpu" else None
+    gen.vae_tile = VAE_TILE if mp.vae_decode == "tiled" else None
+    gen.stream_dit = mp.dit == "streamed"  # hook for block streaming (issue 9 item 3)
 
 
 def default_output(image: str, effect: str, output: str | None) -> str:
@@ -117,19 +133,24 @@ def run_one(opts: RunOptions, console) -> dict | None:
     for notice in the_plan.notices:
         console.print(f"[yellow]{notice}[/]" if notice.startswith("warning") else notice, markup=True, highlight=False)
 
+    with timings.stage("plan memory"):  # before any download or load: a job that cannot fit stops here (exit 7)
+        from .devices import choose_device, choose_dtype
+
+        device = choose_device(opts.device)
+        weights = weights_needed(preset, opts.fast_decode)
+        mp = memory_plan(opts, preset, the_plan, weights, device)
     if opts.dry_run:
-        return _dry_run(opts, preset, the_plan, image.size, output)
+        return _dry_run(opts, preset, the_plan, image.size, output, weights, mp)
 
     with timings.stage("resolve weights"):
-        from .devices import choose_device, choose_dtype
         from .report import build_report, summary_table, write_report
         from .weights.hub import resolve_all
 
         paths = resolve_all(preset.weights(opts.fast_decode), pull_hint(preset))
-        device = choose_device(opts.device)
         timings.device = device
         gen = Generator(preset.backbone, paths, device, choose_dtype(opts.dtype, device), timings=timings, quantize=opts.quantize,
                         fast_decode=opts.fast_decode)
+        apply_plan(gen, mp)
     with console.status(f"{preset.name}: {the_plan.frames} frames {the_plan.width}x{the_plan.height} on {device}") if console.is_terminal else contextlib.nullcontext():
         video = gen.generate(request, the_plan, image)
     with timings.stage("mp4 encode"):
@@ -142,6 +163,7 @@ def run_one(opts: RunOptions, console) -> dict | None:
            "backbone": preset.backbone.name, "steps": the_plan.sampler.num_steps, "sampler": the_plan.sampler.kind}
     report = build_report(timings, job=job, sizes=sizes, device=device, dtype=gen.dtype,
                           quantization=gen.quant_recipe, output=written)
+    report["plan"] = mp.to_json()
     if opts.report_file:
         write_report(report, opts.report_file)
     if console.is_terminal and not opts.quiet:
@@ -153,13 +175,13 @@ def run_one(opts: RunOptions, console) -> dict | None:
     return report
 
 
-def _dry_run(opts: RunOptions, preset: Preset, p: Plan, image_size, output: str) -> dict:
-    weights = weights_needed(preset)
+def _dry_run(opts: RunOptions, preset: Preset, p: Plan, image_size, output: str, weights: dict, mp) -> dict:
     doc = {
         "dry_run": True, "effect": preset.name, "input": str(opts.image), "input_size": list(image_size), "output": output,
         "width": p.width, "height": p.height, "frames": p.frames, "fps": p.fps, "seed": p.seed, "prompt": p.prompt,
         "sampler": {"kind": p.sampler.kind, "steps": p.sampler.num_steps, "shift": p.sampler.shift},
-        "backbone": preset.backbone.name, "weights": weights, "memory_estimate": memory_estimate(p, weights),
+        "backbone": preset.backbone.name, "weights": weights, "plan": mp.to_json(), "dit_bytes": mp.dit_bytes,
+        "download_bytes": sum(w["bytes"] or 0 for w in weights.values() if not w["present"]),
         "missing": [w["ref"] for w in weights.values() if not w["present"]],
     }
     if opts.as_json:
@@ -170,10 +192,12 @@ def _dry_run(opts: RunOptions, preset: Preset, p: Plan, image_size, output: str)
              f"seed {p.seed}, {p.sampler.kind} sampler {p.sampler.num_steps} steps", f"  prompt: {p.prompt}", "  weights:"]
     for name, w in weights.items():
         lines.append(f"    {name:24s} {'present' if w['present'] else 'MISSING':8s} {human_bytes(w['bytes']):>9s}  {w['ref']}")
-    mem = doc["memory_estimate"]
-    lines.append(f"  memory estimate: ~{human_bytes(mem['peak_bytes'])} peak ({human_bytes(mem['weights_bytes'])} weights)")
     if doc["missing"]:
-        lines.append(f"  missing weights download on first run, or now with: {pull_hint(preset)}")
+        lines.append(f"  missing weights ({human_bytes(doc['download_bytes'])}) download on first run, or now with: {pull_hint(preset)}")
+    lines.append(f"  memory plan on {mp.device}: DiT {mp.quantize} ({human_bytes(mp.dit_bytes)}) {mp.dit}, "
+                 f"text encoder {mp.text_encoder}, VAE {mp.vae_decode}; CLIP and VAE on the {mp.device}")
+    for st in mp.stages:
+        lines.append(f"    {st.stage:22s} device {human_bytes(st.device_peak_bytes):>9s}   host {human_bytes(st.host_peak_bytes):>9s}")
     sys.stderr.write("\n".join(lines) + "\n")
     print(output)
     return doc

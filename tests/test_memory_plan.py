@@ -1,0 +1,170 @@
+"""The memory plan: choices for a table of machines and jobs, the one-line refusal (exit 7) and --dry-run sizes.
+
+Expected plans below were worked out by hand from the sizes the planner uses (GiB): 14B DiT hybrid 12.82
+(streamed: 0.86 = outside the blocks + two blocks), compact 10.07, none 30.54 (streamed 1.96); 1.3B none 2.92;
+umT5-XXL 10.58 + 0.5 activations = 11.08; CLIP ViT-H 1.14 + VAE 0.47 = 1.61 resident next to the DiT.
+Activations of one step (16-bit): 14B 480p 17/49/81 frames 1.40/3.18/4.95, 720p 81 frames 11.05; 1.3B 480p
+49/81 frames 0.99/1.56, 720p 81 frames 3.52. VAE (480p): encode 7.13 (49 f) / 7.27 (81 f) whole, ~1.4 tiled;
+decode 8.26 / 8.40 whole, 1.76 / 2.04 tiled; 720p 81 frames: encode 16.8, decode 19.4 whole, 3.0 tiled.
+GPUs are given their size less 0.4 GiB the driver and display keep.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from cinecli.cli import app
+from cinecli.memory_inputs import dit_sizes, image_encoder_params, text_encoder_params, vae_params
+from cinecli.memory_plan import GiB, Job, Machine, NoFit, advice, make_plan, parse_size
+from cinecli.selftest import sample_image
+
+SIZES = {"480p": (832, 480), "720p": (1280, 720)}
+
+
+def job(model: str, frames: int, size: str = "480p", **kw) -> Job:
+    width, height = SIZES[size]
+    big = model == "14b"
+    base = dict(dit=dit_sizes("wan2.1-i2v-14b" if big else "wan2.1-fun-1.3b-inp"), frames=frames, width=width,
+                height=height, steps=4, text_encoder_bytes=text_encoder_params(None) * 2,
+                image_encoder_bytes=image_encoder_params(None) * 2, vae_bytes=vae_params(None) * 4,
+                default_recipe="hybrid" if big else "none")
+    return Job(**{**base, **kw})
+
+
+def gpu(size_gb: float, host_gb: float = 64) -> Machine:
+    return Machine("cuda", int((size_gb - 0.4) * GiB), int(host_gb * GiB))
+
+
+def cpu(host_gb: float) -> Machine:
+    return Machine("cpu", int(host_gb * GiB), int(host_gb * GiB))
+
+
+# (job, machine) → (dit, quantize, text_encoder, vae_decode)
+TABLE = [
+    # 14B default (hybrid first), 480p 49 frames, on the GPUs people have
+    (("14b", 49), gpu(80), ("resident", "hybrid", "device", "whole")),  # 22.7 at decode
+    (("14b", 49), gpu(24), ("resident", "hybrid", "device", "whole")),  # 22.7 ≤ 23.6
+    (("14b", 49), gpu(16), ("streamed", "hybrid", "device", "whole")),  # resident step 17.6 > 15.6; streamed 10.7
+    (("14b", 49), gpu(12), ("streamed", "hybrid", "device", "whole")),  # decode 10.7, umT5 11.08 ≤ 11.6
+    (("14b", 49), gpu(8), ("streamed", "hybrid", "cpu", "tiled")),  # encode whole 9.6 > 7.6; umT5 to the CPU
+    (("14b", 49), gpu(8, host_gb=16), ("streamed", "hybrid", "cpu", "tiled")),  # host: 12.8 of blocks, 11.1 umT5
+    (("14b", 17), gpu(8), ("streamed", "hybrid", "cpu", "tiled")),
+    (("14b", 81), gpu(8), ("streamed", "hybrid", "cpu", "tiled")),  # step 0.86 + 1.61 + 4.95 = 7.43 ≤ 7.6
+    (("14b", 81, "720p"), gpu(24), ("streamed", "hybrid", "device", "whole")),  # step 13.5, decode 21.9
+    (("14b", 49, "480p", {"prompt_cached": True}), gpu(8), ("streamed", "hybrid", "cached", "tiled")),
+    (("14b", 49, "480p", {"pinned_recipe": "none"}), gpu(24), ("streamed", "none", "device", "whole")),  # 30.5 resident
+    # CPU boxes: the device is host RAM
+    (("14b", 49), cpu(64), ("resident", "hybrid", "cpu", "whole")),
+    (("14b", 49), cpu(32), ("resident", "hybrid", "cpu", "whole")),  # decode 22.7 ≤ 32
+    (("14b", 49), cpu(16), ("streamed", "hybrid", "cpu", "whole")),  # step 17.6 > 16; streamed decode 10.7
+    (("1.3b", 49), cpu(16), ("resident", "none", "cpu", "whole")),  # decode 2.92 + 1.61 + 8.26 = 12.8
+    # 1.3B (no recipe by default: none first)
+    (("1.3b", 81), gpu(8), ("resident", "none", "cpu", "tiled")),  # encode whole 11.8 > 7.6
+    (("1.3b", 49), gpu(12), ("resident", "none", "device", "tiled")),  # encode whole 11.66 > 11.6
+    (("1.3b", 81, "720p"), gpu(24), ("resident", "none", "device", "tiled")),  # decode whole 23.9 > 23.6
+    (("1.3b", 81, "720p"), gpu(80), ("resident", "none", "device", "whole")),
+]
+
+
+@pytest.mark.parametrize("case, machine, expected", TABLE, ids=[f"{c[0]}-{c[1]}f-{m.device}{round(m.device_bytes / GiB)}"
+                                                               f"-host{round(m.host_bytes / GiB)}-{i}" for i, (c, m, _) in enumerate(TABLE)])
+def test_planner_table(case, machine, expected):
+    model, frames, *rest = case
+    size = rest[0] if rest else "480p"
+    extra = rest[1] if len(rest) > 1 else {}
+    plan = make_plan(job(model, frames, size, **extra), machine)
+    assert (plan.dit, plan.quantize, plan.text_encoder, plan.vae_decode) == expected
+    assert max(s.device_peak_bytes for s in plan.stages) <= machine.device_cap
+    assert [s.stage for s in plan.stages][-1] == "vae decode" and "denoise step 4/4" in [s.stage for s in plan.stages]
+
+
+def test_nothing_fits_names_what_would():
+    j, m = job("14b", 81, "720p"), gpu(12)  # one step's activations alone are 11 GiB
+    with pytest.raises(NoFit) as err:
+        make_plan(j, m)
+    line = advice(j, m, err.value)
+    assert "denoise step" in line and "--frames " in line and "smaller size" in line and "--memory-budget" in line
+    frames = int(line.split("--frames ")[1].split(",")[0])
+    make_plan(job("14b", frames, "720p"), m)  # the advice is true: that many frames fit
+    assert frames < 81
+
+
+def test_estimates_track_frames_size_and_recipe():
+    peak = lambda j, m=gpu(80): make_plan(j, m).peak()  # noqa: E731
+    assert peak(job("14b", 17)) < peak(job("14b", 49)) < peak(job("14b", 81)) < peak(job("14b", 81, "720p"))
+    pinned = {r: peak(job("14b", 49, pinned_recipe=r)) for r in ("none", "fp8", "hybrid", "compact")}
+    assert pinned["none"] > pinned["fp8"] > pinned["hybrid"] > pinned["compact"]
+    assert dit_sizes("wan2.1-i2v-14b")["hybrid"].total / 1e9 == pytest.approx(13.8, abs=0.1)  # ~13 GB hybrid DiT
+    bf16 = dit_sizes("wan2.1-i2v-14b")["none"].total  # 16.39 B parameters in bf16, norms and modulation in fp32
+    assert 2 * 16_394_878_784 < bf16 < 2 * 16_394_878_784 * 1.001
+
+
+def test_parse_size():
+    assert parse_size("8GB") == 8 * 10**9 and parse_size("8G") == parse_size("8GiB") == 8 * GiB
+    assert parse_size("512M") == 512 << 20 and parse_size("1000") == 1000
+
+
+# --- through the CLI ---------------------------------------------------------------------------------------------------
+def cine(*args):
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture
+def photo(tmp_path):
+    path = tmp_path / "portrait.png"
+    sample_image(96, 64).save(path)
+    return path
+
+
+@pytest.fixture
+def roomy(monkeypatch):
+    """A CPU box with 64 GiB free, whatever this machine has."""
+    import cinecli.devices as devices
+
+    monkeypatch.setattr(devices, "device_memory", lambda device: (64 * GiB, 64 * GiB))
+
+
+def test_too_small_budget_exits_7_before_anything_loads(backbone, env, photo, tmp_path, monkeypatch, roomy):
+    import cinecli.models as models
+    import cinecli.weights.hub as hub
+
+    def boom(*a, **k):
+        raise AssertionError("a download or a model load was attempted")
+
+    for mod, name in ((models, "load_dit"), (hub, "resolve_all"), (hub, "download")):
+        monkeypatch.setattr(mod, name, boom)
+    out = tmp_path / "x.mp4"
+    r = cine("run", photo, "--preset", backbone, "-o", out, "--memory-budget", "2MB")
+    assert r.exit_code == 7, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cine: error: this job does not fit on cpu") and "would fit with" in lines[0]
+    assert not out.exists()
+    monkeypatch.setenv("CINE_MEMORY_BUDGET", "2MB")  # the environment variable caps the same way
+    assert cine("run", photo, "--preset", backbone, "-o", out).exit_code == 7
+
+
+def test_dry_run_with_missing_weights_shows_real_sizes(env, photo, roomy):
+    r = cine("bullet-time", photo, "--dry-run", "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    w = doc["weights"]
+    assert not w["dit"]["present"] and w["dit"]["bytes"] > 30e9  # the 4-step bf16 single file, declared size
+    assert "lightx2v/Wan2.1-Distill-Models" in w["dit"]["ref"] and "lora:lightx2v-i2v-480p-4step" not in w
+    assert 40e9 < doc["download_bytes"] < 60e9  # tens of GB, not 0 B
+    assert doc["plan"]["quantize"] == "hybrid" and 12e9 < doc["dit_bytes"] < 14.5e9  # ~13 GB hybrid DiT
+    assert set(doc["plan"]) == {"dit", "quantize", "text_encoder", "vae_decode", "stages"}
+    stages = {s["stage"]: s for s in doc["plan"]["stages"]}
+    assert {"text encode", "load dit", "vae encode", "denoise step 1/4", "vae decode"} <= set(stages)
+    assert stages["load dit"]["host_peak_bytes"] > 40e9  # first run: 32.8 GB source mapped + 13.8 GB converted
+    text = cine("bullet-time", photo, "--dry-run")
+    assert "MISSING    30.5 GB" in text.stderr and "memory plan on cpu: DiT hybrid (12.8 GB)" in text.stderr
+
+
+def test_official_backbone_stays_available(env, photo, roomy):
+    doc = json.loads(cine("bullet-time", photo, "--dry-run", "--json", "--backbone", "wan2.1-i2v-14b-480p-official").stdout)
+    assert "Wan-AI/Wan2.1-I2V-14B-480P/diffusion_pytorch_model.safetensors.index.json" in doc["weights"]["dit"]["ref"]
+    assert "lora:lightx2v-i2v-480p-4step" in doc["weights"] and doc["plan"]["quantize"] == "none"
+    assert doc["download_bytes"] > 80e9  # before: ~83 GB with the encoders and the distill LoRA
