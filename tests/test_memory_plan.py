@@ -168,3 +168,27 @@ def test_official_backbone_stays_available(env, photo, roomy):
     assert "Wan-AI/Wan2.1-I2V-14B-480P/diffusion_pytorch_model.safetensors.index.json" in doc["weights"]["dit"]["ref"]
     assert "lora:lightx2v-i2v-480p-4step" in doc["weights"] and doc["plan"]["quantize"] == "none"
     assert doc["download_bytes"] > 80e9  # before: ~83 GB with the encoders and the distill LoRA
+
+
+def test_quantize_once_then_memory_map(backbone, env, photo, tmp_path, monkeypatch):
+    """First run converts and caches the DiT; the next run loads the cached file; another recipe gets its own file."""
+    import cinecli.models.recipes as recipes
+    from cinecli.dirs import cache_dir
+
+    r = cine("run", photo, "--preset", backbone, "-o", tmp_path / "a.mp4", "--frames", "5", "--seed", "1", "--quantize", "hybrid", "--json")
+    assert r.exit_code == 0, r.output
+    files = sorted((cache_dir() / "dit").glob("*.hybrid.*.safetensors"))
+    assert len(files) == 1 and recipes.read_metadata(files[0])["recipe"] == "hybrid"
+    assert not list((cache_dir() / "dit").glob(".*.part"))  # written atomically: no temp file left
+
+    def boom(*a, **k):
+        raise AssertionError("quantized again instead of loading the cached file")
+
+    original = recipes.quantize_dit
+    monkeypatch.setattr(recipes, "quantize_dit", boom)
+    r2 = cine("run", photo, "--preset", backbone, "-o", tmp_path / "b.mp4", "--frames", "5", "--seed", "1", "--quantize", "hybrid", "--json")
+    assert r2.exit_code == 0, r2.output
+    assert json.loads(r2.stdout)["plan"]["quantize"] == "hybrid" and json.loads(r2.stdout)["quantization"] == "hybrid"
+    monkeypatch.setattr(recipes, "quantize_dit", original)
+    assert cine("run", photo, "--preset", backbone, "-o", tmp_path / "c.mp4", "--frames", "5", "--quantize", "fp8").exit_code == 0
+    assert len(list((cache_dir() / "dit").glob("*.safetensors"))) == 2  # a different recipe never reuses a stale file
