@@ -152,6 +152,14 @@ def vae_params(path: Path | None) -> int:
     return _numel(_header(path, VAE_PATTERNS) if path else None) or sum(p.numel() for p in build_empty(WanVAE).parameters())
 
 
+def tiny_vae_bytes() -> int:
+    """TAEW2.1 in fp32 (encoder and decoder: an upper bound for decode-only files)."""
+    from .models.load import build_empty
+    from .models.tiny_vae import TINY_VAE_CONFIGS, TinyVAE
+
+    return 4 * sum(p.numel() for p in build_empty(lambda: TinyVAE(TINY_VAE_CONFIGS["taew2.1"])).parameters())
+
+
 def file_bytes(info: dict | None, declared: int | None) -> int:
     return (info or {}).get("bytes") or declared or 0
 
@@ -176,20 +184,14 @@ def job(preset: Preset, p: Plan, weights: dict[str, dict], *, device: torch.devi
     abytes = torch.empty(0, dtype=activation_dtype(device, dtype)).element_size()
     sizes, prequantized = dit_job_sizes(preset, path("dit"), wbytes)
     recipe = "prequantized" if prequantized else quantize
-    quant_cached = True
     default = preset.backbone.quantize or "none"
-    effective = recipe or default
-    if not prequantized and effective != "none" and path("dit") is not None:
+    quant_cached = frozenset()
+    if not prequantized and path("dit") is not None and all(path(f"lora:{c.name}") for c in preset.backbone.merge):
         from .models.quant_cache import cached_path
         from .models.recipes import get_recipe
 
-        try:
-            merges = [(path(f"lora:{c.name}"), c.strength) for c in preset.backbone.merge]
-            quant_cached = all(m for m, _ in merges) and cached_path(path("dit"), get_recipe(effective), merges).is_file()
-        except Exception:
-            quant_cached = False
-    elif path("dit") is None and effective != "none":
-        quant_cached = False
+        merges = [(path(f"lora:{c.name}"), c.strength) for c in preset.backbone.merge]
+        quant_cached = frozenset(r for r in sizes if r != "none" and cached_path(path("dit"), get_recipe(r), merges).is_file())
     prompts = [p.prompt] + ([p.negative_prompt] if p.sampler.kind != "distill" and p.sampler.guidance != 1.0 else [])
     effect = next((k for k in weights if k.startswith("effect:")), None)
     return Job(
@@ -200,6 +202,6 @@ def job(preset: Preset, p: Plan, weights: dict[str, dict], *, device: torch.devi
         prompt_cached=prompt_cached(path("text_encoder"), prompts),
         effect_bytes=file_bytes(weights.get(effect), refs[effect].bytes) if effect else 0,
         fast_decode=fast_decode,
-        tiny_vae_bytes=file_bytes(weights.get("tiny_vae"), preset.backbone.tiny_vae.bytes if preset.backbone.tiny_vae else None) or (23 << 20),
+        tiny_vae_bytes=tiny_vae_bytes() if preset.backbone.tiny_vae else 0,
         dit_source_bytes=file_bytes(weights.get("dit"), refs["dit"].bytes), quant_cached=quant_cached,
     )

@@ -14,8 +14,9 @@ optional budget) and what the job needs (``Job``: the DiT config, component size
 Estimates follow the model code (see ``dit_step_bytes``, ``vae_encode_bytes``, ``vae_decode_bytes``): the
 constants are live-tensor peaks traced through the real modules on the ``meta`` device at real widths (one
 denoising step of WanDiT, the chunked Wan VAE), so they track tokens, frame size and frame count; weight bytes
-per recipe are counted layer by layer from a meta-device DiT. On the CPU the device *is* host RAM, so a stage's
-``device_peak_bytes`` and ``host_peak_bytes`` are the same number there.
+per recipe are counted layer by layer from a meta-device DiT (memory_inputs.py). On the CPU the device *is* host
+RAM, so a stage's ``device_peak_bytes`` and ``host_peak_bytes`` are the same number there, except that pages of a
+memory-mapped source file (the 16-bit DiT while the first run converts it) count as host only: the OS reclaims them.
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ class Job:
     fast_decode: bool = False
     tiny_vae_bytes: int = 0
     dit_source_bytes: int = 0  # a 16-bit checkpoint quantized at load: mapped while the first run converts it
-    quant_cached: bool = True  # the converted file is already in cine's cache
+    quant_cached: frozenset[str] = frozenset()  # recipes whose converted file is already in cine's cache
 
     @property
     def tokens(self) -> int:
@@ -189,7 +190,7 @@ def _stages(job: Job, m: Machine, recipe: str, streamed: bool, text: str, tiled:
     if text != "cached":
         t = job.text_encoder_bytes + TEXT_ENCODE_BYTES
         add("text encode", t if text == "device" else 0, t if text == "cpu" else 0)
-    if job.quant_cached:
+    if recipe in ("none", "prequantized") or recipe in job.quant_cached:
         add("load dit", dit_dev, dit_host)
     else:  # first run: the 16-bit source is mapped while the quantized copy is built on the host, then written
         add("load dit", 0 if on_cpu else dit_dev, sizes.total + job.dit_source_bytes, mapped=job.dit_source_bytes)

@@ -192,3 +192,78 @@ def test_quantize_once_then_memory_map(backbone, env, photo, tmp_path, monkeypat
     monkeypatch.setattr(recipes, "quantize_dit", original)
     assert cine("run", photo, "--preset", backbone, "-o", tmp_path / "c.mp4", "--frames", "5", "--quantize", "fp8").exit_code == 0
     assert len(list((cache_dir() / "dit").glob("*.safetensors"))) == 2  # a different recipe never reuses a stale file
+
+
+# --- the constants are the model code's: re-traced here, so a change to the models that moves them fails -------------
+class LiveBytes:
+    """Peak bytes of live tensors created inside the block (meta tensors: shapes only, no memory, no compute)."""
+
+    def __enter__(self):
+        import weakref
+
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        tracker = self
+        self.refs, self.sizes, self.live, self.peak = {}, {}, 0, 0
+
+        def drop(key):
+            tracker.refs[key] -= 1
+            if not tracker.refs[key]:
+                tracker.live -= tracker.sizes.pop(key)
+                del tracker.refs[key]
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in tree_flatten(out)[0]:
+                    if isinstance(t, torch.Tensor):
+                        key = t.untyped_storage()._cdata
+                        if key not in tracker.refs:
+                            tracker.refs[key], tracker.sizes[key] = 0, t.untyped_storage().nbytes()
+                            tracker.live += tracker.sizes[key]
+                            tracker.peak = max(tracker.peak, tracker.live)
+                        tracker.refs[key] += 1
+                        weakref.finalize(t, drop, key)
+                return out
+
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+def test_activation_constants_match_a_trace_of_the_models(monkeypatch):
+    from dataclasses import replace
+
+    import torch
+
+    import cinecli.memory_plan as mp
+    import cinecli.models.wan_dit as wan_dit
+    from cinecli.models.load import build_empty
+    from cinecli.models.wan_vae import WanVAE
+
+    vae = build_empty(WanVAE)  # the real Wan VAE (96 base channels) on meta
+    with LiveBytes() as enc:
+        vae.encode(torch.zeros(1, 3, 9, 128, 128, device="meta"))
+    with LiveBytes() as dec:
+        vae.decode(torch.zeros(1, 16, 3, 16, 16, device="meta"))
+    pixels = 128 * 128
+    assert (enc.peak / pixels - 12 * 9) == pytest.approx(mp.VAE_ENCODE_PER_PIXEL, rel=0.03)
+    assert (dec.peak / pixels - 12 * 9) == pytest.approx(mp.VAE_DECODE_PER_PIXEL, rel=0.03)
+
+    # attention as a flash / memory-efficient kernel would run it: O(L) memory (meta SDPA would build L×L scores)
+    monkeypatch.setattr(wan_dit, "attention", lambda q, k, v, bias=None: torch.empty_like(q))
+    cfg = replace(wan_dit.DIT_CONFIGS["wan2.1-fun-1.3b-inp"], num_layers=1)
+    dit = build_empty(lambda: wan_dit.WanDiT(cfg)).to(torch.bfloat16)
+    for act, dtype in ((2, torch.bfloat16), (4, torch.float32)):
+        dit.compute_dtype = dtype
+        x, y = torch.zeros(1, 16, 5, 60, 104, device="meta"), torch.zeros(1, 20, 5, 60, 104, device="meta")
+        ctx = dit.prepare_context(torch.zeros(1, 64, 4096, device="meta"), torch.zeros(1, 257, 1280, device="meta"))
+        with torch.no_grad(), LiveBytes() as step:
+            dit(x, torch.tensor([1000.0], device="meta"), ctx, y=y)
+        tokens = 5 * 30 * 52
+        assert step.peak / (tokens * cfg.dim) == pytest.approx(mp.DIT_STEP_PER_TOKEN_DIM[act], rel=0.05)
