@@ -18,10 +18,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .checks import parse_shard  # noqa: F401 - launcher variables are checked with every other value
 from .errors import UsageError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 MANIFEST = "manifest.jsonl"
+LAST_FRAME_PATTERN = "{stem}.last.*"  # glob beside the photo: face.jpg + face.last.png is a burst pair
 
 
 @dataclass
@@ -33,6 +35,7 @@ class Item:
     seed: int = 0
     prompt: str | None = None  # from a <stem>.txt sidecar
     params_hash: str = ""
+    last_frame: str | None = None  # a burst pair's second photo (a <stem>.last.* sidecar, --last-frame-pattern)
 
 
 @dataclass
@@ -55,6 +58,8 @@ class BatchOptions:
     overwrite: bool = False
     shard: tuple[int, int] = (0, 1)
     crf: int = 18
+    slowdown: int | None = None  # None: each preset's
+    last_frame_pattern: str = LAST_FRAME_PATTERN
     as_json: bool = False
     quiet: bool = False
     extra: dict = field(default_factory=dict)
@@ -92,6 +97,26 @@ def collect(inputs: list[str], recursive: bool) -> list[tuple[str, str]]:
     return sorted(found.items(), key=lambda kv: kv[1])
 
 
+def pair_last_frames(found: list[tuple[str, str]], pattern: str) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """Burst pairs: each photo's last-frame sidecar (``pattern`` globbed in the photo's folder, {stem} and {ext}
+    filled in; the first image in sorted order wins). Returns the photos that are items (sidecars are not) and
+    photo → sidecar."""
+    try:
+        pattern.format(stem="x", ext="jpg")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise UsageError(f"--last-frame-pattern '{pattern}': use {{stem}} and {{ext}} only ({exc})") from None
+    pairs: dict[str, str] = {}
+    for path, _ in found:
+        p = Path(path)
+        spec = pattern.format(stem=glob.escape(p.stem), ext=glob.escape(p.suffix.lstrip(".")))
+        matches = sorted(m for m in glob.glob(os.path.join(glob.escape(str(p.parent)), spec)) if Path(m).suffix.lower() in IMAGE_SUFFIXES
+                         and Path(m).resolve() != p.resolve())
+        if matches:
+            pairs[path] = str(Path(matches[0]).resolve())
+    sidecars = set(pairs.values())
+    return [(path, rel) for path, rel in found if path not in sidecars], {k: v for k, v in pairs.items() if k not in sidecars}
+
+
 def stable_int(text: str) -> int:
     return int(hashlib.sha256(text.encode()).hexdigest()[:12], 16)
 
@@ -103,26 +128,6 @@ def item_seed(base: int, rel: str) -> int:
 def in_shard(rel: str, shard: tuple[int, int]) -> bool:
     index, count = shard
     return stable_int("shard:" + rel) % count == index
-
-
-def parse_shard(value: str | None, env: dict | None = None) -> tuple[int, int]:
-    """``i/N``, else torchrun/accelerate (RANK, WORLD_SIZE), else a Slurm array, else (0, 1)."""
-    env = os.environ if env is None else env
-    if value:
-        try:
-            i, n = (int(x) for x in value.split("/"))
-        except ValueError:
-            raise UsageError(f"--shard {value}: expected i/N, e.g. 0/4") from None
-    elif "WORLD_SIZE" in env and "RANK" in env:
-        i, n = int(env["RANK"]), int(env["WORLD_SIZE"])
-    elif "SLURM_ARRAY_TASK_COUNT" in env and "SLURM_ARRAY_TASK_ID" in env:
-        i = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
-        n = int(env["SLURM_ARRAY_TASK_COUNT"])
-    else:
-        return 0, 1
-    if not 0 <= i < n:
-        raise UsageError(f"shard {i}/{n} is out of range (0 ≤ i < N)")
-    return i, n
 
 
 # --- the manifest ----------------------------------------------------------------------------------------------------
@@ -164,7 +169,8 @@ def plan_items(opts: BatchOptions, catalog) -> list[Item]:
     effects = opts.effects if opts.preset_file is None else [None]
     presets = {e: catalog.resolve(e, backbone=opts.backbone) for e in effects}
     items = []
-    for path, rel in collect(opts.inputs, opts.recursive):
+    found, last_frames = pair_last_frames(collect(opts.inputs, opts.recursive), opts.last_frame_pattern)
+    for path, rel in found:
         if not in_shard(rel, opts.shard):
             continue
         sidecar = Path(path).with_suffix(".txt")
@@ -175,13 +181,17 @@ def plan_items(opts: BatchOptions, catalog) -> list[Item]:
             output = opts.outdir / Path(rel).parent / name
             seed = item_seed(opts.seed, rel)
             stat = Path(path).stat() if Path(path).exists() else None
+            last = last_frames.get(path)
             params = {"effect": preset.name, "backbone": preset.backbone.name, "dit": str(preset.backbone.dit),
-                      "prompt": prompt or preset.prompt, "negative": preset.negative_prompt, "seed": seed,
+                      "prompt": prompt or preset.prompt, "negative": preset.negative_for(preset.effective_sampler), "seed": seed,
                       "frames": opts.frames or preset.frames, "fps": opts.fps or preset.fps, "steps": opts.steps,
                       "fit": opts.fit, "quantize": opts.quantize, "crf": opts.crf, "name": name,
-                      "input": [stat.st_size, stat.st_mtime_ns] if stat else None}
+                      "input": [stat.st_size, stat.st_mtime_ns] if stat else None,
+                      "slowdown": opts.slowdown or preset.slowdown,
+                      "last_frame": [last, Path(last).stat().st_size, Path(last).stat().st_mtime_ns] if last else None}
             h = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
-            items.append(Item(input=path, rel=rel, effect=preset.name, output=str(output), seed=seed, prompt=prompt, params_hash=h))
+            items.append(Item(input=path, rel=rel, effect=preset.name, output=str(output), seed=seed, prompt=prompt, params_hash=h,
+                              last_frame=last))
     items.sort(key=lambda it: (it.effect, it.rel))  # grouped by effect: each LoRA switch happens once
     return items
 

@@ -38,16 +38,17 @@ class Worker:
         from .pipeline import Generator
         from .run import pull_hint
         from .weights.hub import resolve_all
+        from .weights.scan import local_refs
 
         key = preset.backbone.name
         if key not in self.generators:
-            paths = resolve_all(preset.weights(), pull_hint(preset))
+            paths = resolve_all(local_refs(preset), pull_hint(preset))
             device = choose_device(self.opts.device)
             self.generators[key] = Generator(preset.backbone, paths, device, choose_dtype(self.opts.dtype, device),
                                              quantize=self.opts.quantize)
         gen = self.generators[key]
         if preset.effect is not None and f"effect:{preset.effect.name}" not in gen.paths:  # another effect, same backbone
-            gen.paths.update(resolve_all(preset.weights(), pull_hint(preset)))
+            gen.paths.update(resolve_all(local_refs(preset), pull_hint(preset)))
         gen.timings = timings
         timings.device = gen.device
         return gen
@@ -72,6 +73,7 @@ class Worker:
         """Make one item's video; never raises for a per-item problem (it becomes a failed record)."""
         from .image import read_image
         from .pipeline import Request, metadata, plan
+        from .slowdown import slow_down
         from .timing import Timings
         from .video import frames_to_uint8, write_mp4
 
@@ -83,16 +85,18 @@ class Worker:
             with timings.stage("read image"):
                 image = read_image(item.input)
             request = Request(image=item.input, preset=preset, output=item.output, seed=item.seed, frames=self.opts.frames,
-                              fps=self.opts.fps, fit=self.opts.fit, prompt=item.prompt, steps=self.opts.steps)
+                              fps=self.opts.fps, fit=self.opts.fit, prompt=item.prompt, steps=self.opts.steps,
+                              last_frame=item.last_frame, slowdown=self.opts.slowdown)
             the_plan = plan(request, image.size)
             gen = self.generator(preset, timings)
             video = gen.generate(request, the_plan, image)
+            frames = slow_down(frames_to_uint8(video), the_plan.slowdown, timings)
             with timings.stage("mp4 encode"):
                 Path(item.output).parent.mkdir(parents=True, exist_ok=True)
-                write_mp4(frames_to_uint8(video), item.output, the_plan.fps, metadata(request, the_plan, gen),
+                write_mp4(frames, item.output, the_plan.fps, metadata(request, the_plan, gen),
                           crf=self.opts.crf, overwrite=True)
             record.update(status="ok", output_sha256=file_sha256(Path(item.output)), frames=the_plan.frames,
-                          width=the_plan.width, height=the_plan.height)
+                          output_frames=the_plan.output_frames, width=the_plan.width, height=the_plan.height)
         except CineError as exc:
             record.update(error=str(exc).splitlines()[0], stage=timings.last_stage, exit_code=exc.exit_code)
         except (MemoryError, RuntimeError) as exc:
@@ -121,8 +125,8 @@ def _free_memory() -> None:
 def run_batch(opts: BatchOptions, console, ray_address: str | None = None) -> int:
     from .preset import Catalog
 
+    items = plan_items(opts, Catalog(extra_preset=opts.preset_file))  # bad presets fail before OUTDIR is made
     opts.outdir.mkdir(parents=True, exist_ok=True)
-    items = plan_items(opts, Catalog(extra_preset=opts.preset_file))
     manifest = read_manifest(opts.outdir)
     todo, skipped = [], []
     for item in items:

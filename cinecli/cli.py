@@ -18,10 +18,10 @@ from typer.core import TyperGroup
 
 from . import __version__
 from .cli_batch import batch
-from .cli_common import fail, handle_errors, set_offline, stderr_console
+from .cli_common import MODELS_DIR_HELP, PlainCommand, fail, handle_errors, set_models_dir, set_offline, stderr_console
 from .cli_quant import quantize
 from .cli_weights import lora_app, models_app
-from .errors import UsageError
+from .errors import EXIT_USAGE, CineError, UsageError
 
 
 class EffectGroup(TyperGroup):
@@ -29,7 +29,10 @@ class EffectGroup(TyperGroup):
 
     def resolve_command(self, ctx: click.Context, args: list[str]):
         if args and not args[0].startswith("-") and args[0] not in self.commands:
-            args = ["run", "--effect", args[0], *args[1:]]
+            word = args[0]
+            self.check_effect_word(word)
+            _, cmd, rest = super().resolve_command(ctx, ["run", "--effect-word", word, *args[1:]])
+            return word, cmd, rest  # usage lines and errors say `cine bullet-time`, not `cine run`
         if args and args[0] == "batch":  # `--ray` alone means a local Ray instance; `--ray ADDRESS` a cluster
             for i, a in enumerate(args):
                 if a == "--ray" and (i + 1 == len(args) or args[i + 1].startswith("-")):
@@ -37,22 +40,57 @@ class EffectGroup(TyperGroup):
                     break
         return super().resolve_command(ctx, args)
 
+    def check_effect_word(self, word: str) -> None:
+        """A first word that is neither a command nor an effect: suggest the command (``efects`` → effects) or the
+        effect (``bulet-time`` → bullet-time) it is closest to, before Click complains about a missing PHOTO."""
+        import difflib
+
+        from .preset import Catalog
+
+        try:
+            catalog = Catalog()
+            if word.strip().lower() in catalog.aliases():
+                return
+        except CineError:
+            return  # a broken catalog: the run reports it
+        close = difflib.get_close_matches(word, list(self.commands), n=1, cutoff=0.6)
+        if close:
+            fail(f"No such command '{word}'. Did you mean '{close[0]}'?", EXIT_USAGE)
+        try:
+            catalog.resolve(word)
+        except CineError as exc:
+            fail(f"No such command or effect '{word}': {str(exc).splitlines()[0]}", EXIT_USAGE)
+
     def format_usage(self, ctx, formatter):
         formatter.write_usage("cine", "EFFECT PHOTO [-o OUT.mp4] [OPTIONS]  |  cine COMMAND [ARGS]...")
 
 
 app = typer.Typer(
     cls=EffectGroup, no_args_is_help=True, pretty_exceptions_show_locals=False, rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="Turn a photo into a short cinematic clip. Effects: bullet-time (bulletti), dolly-zoom (hitchcock), "
          "slow-motion (slowmo); `cine effects` lists them all.",
 )
 
 
-@app.command("run")
+def _print_version(value: bool) -> None:
+    if value:
+        print(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def _global_options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print cine's version and exit."),
+) -> None:
+    pass
+
+
+@app.command("run", cls=PlainCommand)
 @handle_errors
 def run(
-    image: str = typer.Argument(..., help="Photo to animate (a file, or - to read it from stdin)."),
-    output: Optional[str] = typer.Option(None, "-o", "--output", help="Output MP4, DIR/ (names it <stem>.<effect>.mp4) or - for stdout."),
+    image: str = typer.Argument(..., metavar="PHOTO", help="Photo to animate (a file, or - to read it from stdin)."),
+    output: Optional[str] = typer.Option(None, "-o", "--output", metavar="OUT", help="Output MP4, DIR/ (names it <stem>.<effect>.mp4) or - for stdout."),
     effect: Optional[str] = typer.Option(None, "--effect", "-e", help="Effect or alias (cine effects lists them)."),
     preset_file: Optional[Path] = typer.Option(None, "--preset", help="A preset TOML file to use instead of a named effect."),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="Use another backbone than the preset's."),
@@ -64,6 +102,7 @@ def run(
     steps: Optional[int] = typer.Option(None, "--steps", help="Override the sampler's step count (distilled presets warn)."),
     fit: str = typer.Option("crop", "--fit", help="How the photo meets the frame: crop, pad or stretch."),
     last_frame: Optional[str] = typer.Option(None, "--last-frame", help="End image (backbones that support it)."),
+    slowdown: Optional[str] = typer.Option(None, "--slowdown", help="Synthesize frames after decoding: 2, 3 or 4x longer at the same fps, or off (slow-motion: 2)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("auto", "--dtype", help="Weight dtype: auto, bf16, fp16 or fp32."),
     crf: int = typer.Option(18, "--crf", help="H.264 quality (lower is better, 18 is visually lossless)."),
@@ -73,19 +112,28 @@ def run(
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress; only the output path on stdout."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show the resolved job and the weights it needs; load nothing."),
     offline: bool = typer.Option(False, "--offline", help="Never touch the network (as HF_HUB_OFFLINE=1)."),
+    models_dir: Optional[Path] = typer.Option(None, "--models-dir", help=MODELS_DIR_HELP),
     no_metadata: bool = typer.Option(False, "--no-metadata", help="Do not embed the settings in the MP4."),
     quantize_recipe: Optional[str] = typer.Option(None, "--quantize", help="Quantize the DiT at load: hybrid, compact, fp8, int8 or none."),
     strength: Optional[float] = typer.Option(None, "--strength", help="Effect LoRA strength (default: the LoRA card's)."),
     fast_decode: bool = typer.Option(False, "--fast-decode", help="Decode with the tiny VAE (TAEW2.1): faster, softer."),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="distill, euler or unipc (default: the backbone's)."),
+    distill_step: Optional[str] = typer.Option(None, "--distill-step", help="Distilled backbones: renoise (default) or euler."),
+    offload: str = typer.Option("auto", "--offload", help="DiT weights: auto, none (all on the device) or blocks (streamed from host memory)."),
     memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Cap the memory plan, e.g. 8GB (else CINE_MEMORY_BUDGET)."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    effect_word: Optional[str] = typer.Option(None, "--effect-word", hidden=True),  # `cine EFFECT …` (EffectGroup)
 ) -> None:
     """Make a clip from PHOTO with an effect: cine bullet-time photo.jpg -o out.mp4"""
     set_offline(offline)
+    set_models_dir(models_dir)
+    from .checks import check_choices
     from .run import RunOptions, run_one
 
     if as_json and output == "-":
         raise UsageError("--json prints to stdout, which -o - already uses for the video; use --report FILE")
+    check_choices(effect_word, effect, preset_file)  # the values themselves: run_one → checks.check_options
+    effect = effect_word or effect
     if effect is None and preset_file is None:
         raise UsageError("name an effect (cine bullet-time PHOTO) or pass --preset FILE")
     opts = RunOptions(
@@ -93,12 +141,13 @@ def run(
         negative_prompt=negative_prompt, seed=seed, frames=frames, fps=fps, steps=steps, fit=fit, last_frame=last_frame,
         device=device, dtype=dtype, crf=crf, overwrite=overwrite, report_file=report_file, as_json=as_json,
         quiet=quiet, dry_run=dry_run, metadata=not no_metadata, quantize=quantize_recipe, strength=strength,
-        fast_decode=fast_decode, memory_budget=memory_budget,
+        fast_decode=fast_decode, sampler=sampler, distill_step=distill_step, slowdown=slowdown, offload=offload,
+        memory_budget=memory_budget,
     )
     run_one(opts, stderr_console(quiet))
 
 
-@app.command("effects")
+@app.command("effects", cls=PlainCommand)
 @handle_errors
 def effects(
     preset_file: Optional[Path] = typer.Option(None, "--preset", help="Also show this preset file."),
@@ -126,7 +175,7 @@ def effects(
     print("\n".join(r["effect"] for r in rows))
 
 
-@app.command("info")
+@app.command("info", cls=PlainCommand)
 @handle_errors
 def info(
     file: Path = typer.Argument(..., help="An MP4 written by cine."),
@@ -148,7 +197,7 @@ def info(
         print("  (no cine metadata)")
 
 
-@app.command("doctor")
+@app.command("doctor", cls=PlainCommand)
 @handle_errors
 def doctor(
     as_json: bool = typer.Option(False, "--json", help="JSON on stdout."),
@@ -165,10 +214,12 @@ def doctor(
     raise typer.Exit(code)
 
 
+from . import cli_scan  # noqa: E402,F401 - registers `cine models scan`
+
 app.add_typer(models_app, name="models")
 app.add_typer(lora_app, name="lora")
-app.command("quantize")(quantize)
-app.command("batch")(batch)
+app.command("quantize", cls=PlainCommand)(quantize)
+app.command("batch", cls=PlainCommand)(batch)
 
 
 @app.command("version")

@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from .cli_common import handle_errors, set_offline, stderr_console
+from .batch import LAST_FRAME_PATTERN
+from .cli_common import MODELS_DIR_HELP, handle_errors, set_models_dir, set_offline, stderr_console
 from .errors import UsageError
 
 
@@ -33,9 +34,13 @@ def batch(
     ray: Optional[str] = typer.Option(None, "--ray", help="Run on Ray: --ray alone (a local instance) or --ray ADDRESS (a cluster)."),
     ray_actors: int = typer.Option(1, "--ray-actors", help="CPU actors when the Ray cluster has no GPUs (one per GPU otherwise)."),
     crf: int = typer.Option(18, "--crf"),
+    slowdown: Optional[str] = typer.Option(None, "--slowdown", help="2, 3 or 4x longer by frame interpolation, or off (default: each preset's)."),
+    last_frame_pattern: str = typer.Option(LAST_FRAME_PATTERN, "--last-frame-pattern",
+                                           help="Burst pairs: the last-frame photo beside each photo, a glob with {stem} and {ext}."),
     as_json: bool = typer.Option(False, "--json", help="Stream one JSON line per item on stdout as items finish."),
     quiet: bool = typer.Option(False, "-q", "--quiet"),
     offline: bool = typer.Option(False, "--offline"),
+    models_dir: Optional[Path] = typer.Option(None, "--models-dir", help=MODELS_DIR_HELP),
     debug: bool = typer.Option(False, "--debug"),
 ) -> None:
     """Turn many photos into clips with one model load; resumable, isolated per item, shardable.
@@ -43,14 +48,16 @@ def batch(
     Exit codes: 0 every item made (or already done), 8 some items failed (see manifest.jsonl), 130 interrupted.
     """
     set_offline(offline)
+    set_models_dir(models_dir)
     from .batch import BatchOptions, parse_shard
     from .batch_run import run_batch
-    from .image import FITS
+    from .checks import check_choices, check_options
+    from .slowdown import parse_slowdown
 
     if effects is None and preset_file is None:
         raise UsageError("name the effect(s) with -e bullet-time[,slow-motion] or pass --preset FILE")
-    if fit not in FITS:
-        raise UsageError(f"unknown --fit '{fit}' (use {', '.join(FITS)})")
+    check_choices(effects=effects, preset_file=preset_file)
+    check_options(locals())  # every option by its parameter name, against the one table (checks.RULES)
     if outdir.exists() and not outdir.is_dir():
         raise UsageError(f"-o {outdir} exists and is not a folder")
     opts = BatchOptions(
@@ -58,6 +65,7 @@ def batch(
         outdir=outdir, recursive=recursive, name=name, seed=seed, frames=frames, fps=fps, steps=steps, fit=fit,
         device=device, dtype=dtype, quantize=quantize_recipe, backbone=backbone, preset_file=preset_file,
         overwrite=overwrite, shard=parse_shard(shard), crf=crf, as_json=as_json, quiet=quiet,
+        slowdown=parse_slowdown(slowdown), last_frame_pattern=last_frame_pattern,
         extra={"ray_actors": ray_actors},
     )
     raise typer.Exit(run_batch(opts, stderr_console(quiet), ray_address=ray))

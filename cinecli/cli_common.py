@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
+from pathlib import Path
 
 import click
 import typer
+from typer.core import TyperCommand
 
 from .errors import (
     EXIT_BROKEN_PIPE,
@@ -15,13 +18,17 @@ from .errors import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
     CineError,
+    UsageError,
 )
 
 
 def stderr_console(quiet: bool = False):
     from rich.console import Console
 
-    return Console(stderr=True, quiet=quiet, no_color=bool(os.environ.get("NO_COLOR")) or None)
+    console = Console(stderr=True, quiet=quiet, no_color=bool(os.environ.get("NO_COLOR")) or None)
+    if not console.is_terminal:
+        console.soft_wrap = True  # logs, CI, Slurm files: one record per line, never wrapped at 80 columns
+    return console
 
 
 def fail(message: str, code: int) -> None:
@@ -67,3 +74,49 @@ def handle_errors(fn):
 def set_offline(offline: bool) -> None:
     if offline:
         os.environ["HF_HUB_OFFLINE"] = "1"  # must be set before huggingface_hub is imported
+
+
+MODELS_DIR_HELP = "A ComfyUI / Wan2GP / any models folder whose Wan files to use instead of downloading (as CINE_MODELS_DIR)."
+
+
+def set_models_dir(folder: Path | None) -> None:
+    """``--models-dir``: searched first, before CINE_MODELS_DIR's folders and the user config's (weights/scan.py)."""
+    if folder is not None:
+        if not folder.is_dir():
+            raise UsageError(f"--models-dir {folder}: no such folder")
+        rest = os.environ.get("CINE_MODELS_DIR", "")
+        os.environ["CINE_MODELS_DIR"] = os.pathsep.join(p for p in (str(folder.expanduser()), rest) if p)
+
+
+def _plain_metavar(match: re.Match) -> str:
+    return {"str": "TEXT", "int": "N", "float": "NUMBER", "path": "PATH", "file": "FILE"}.get(match[1], match[1].upper())
+
+
+class PlainCommand(TyperCommand):
+    """Help as users of git, hf or ffmpeg read it: ``Usage: cine bullet-time PHOTO [OPTIONS]``, plain metavars
+    (``--seed N``, not Typer's ``--seed <int>``), arguments by their metavar (not ``{image}``)."""
+
+    @staticmethod
+    def _arg_name(param: click.Parameter) -> str:
+        name = param.metavar or param.name.upper()
+        name = name if param.required else f"[{name}]"
+        return name + ("..." if param.nargs != 1 else "")
+
+    def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
+        args = [self._arg_name(p) for p in self.get_params(ctx) if p.param_type_name == "argument"]
+        return [*args, self.options_metavar or "[OPTIONS]"]
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        args, opts = [], []
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            if param.param_type_name == "argument":
+                args.append((self._arg_name(param).strip("[]"), record[1]))
+            else:
+                opts.append((re.sub(r"<([\w|\[\], ]+)>", _plain_metavar, record[0]), record[1]))
+        for title, rows in (("Arguments", args), ("Options", opts)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)

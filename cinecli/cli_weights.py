@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .cli_common import fail, handle_errors, stderr_console
+from .cli_common import MODELS_DIR_HELP, fail, handle_errors, set_models_dir, stderr_console
 from .errors import EXIT_WEIGHTS, UsageError
 from .report import human_bytes
 
@@ -23,8 +23,10 @@ def _refs_for(target: str) -> dict[str, object]:
     catalog = Catalog()
     names = catalog.names() if target == "all" else [catalog.resolve(target).name]
     refs = {}
+    from .weights.scan import local_refs
+
     for name in names:
-        for label, ref in catalog.resolve(name).weights().items():
+        for label, ref in local_refs(catalog.resolve(name), hash_files=False).items():  # models-dir files count
             refs.setdefault(str(ref), (label, ref))
     return {label: ref for label, ref in refs.values()}
 
@@ -32,8 +34,10 @@ def _refs_for(target: str) -> dict[str, object]:
 @models_app.command("list")
 @handle_errors
 def models_list(target: str = typer.Argument("all", help="An effect, or all."),
-                as_json: bool = typer.Option(False, "--json")) -> None:
-    """What each preset needs: present or missing, and sizes on disk."""
+                as_json: bool = typer.Option(False, "--json"),
+                models_dir: Optional[Path] = typer.Option(None, "--models-dir", help=MODELS_DIR_HELP)) -> None:
+    """What each preset needs: present or missing, sizes on disk, and where each comes from (hub cache, models dir)."""
+    set_models_dir(models_dir)
     from .preset import Catalog
     from .run import weights_needed
 
@@ -46,7 +50,8 @@ def models_list(target: str = typer.Argument("all", help="An effect, or all."),
     for name, comps in rows.items():
         print(f"{name}:")
         for label, w in comps.items():
-            print(f"  {'present' if w['present'] else 'missing'} {human_bytes(w['bytes']):>9s}  {label:28s} {w['ref']}")
+            print(f"  {'present' if w['present'] else 'missing'} {human_bytes(w['bytes']):>9s}  {label:28s} {w['ref']}"
+                  + (f"  ({w['source']})" if w.get("source") == "models dir" else ""))
 
 
 @models_app.command("pull")
@@ -109,15 +114,19 @@ def models_verify(as_json: bool = typer.Option(False, "--json")) -> None:
 @models_app.command("path")
 @handle_errors
 def models_path(target: str = typer.Argument(..., help="An effect (or alias).")) -> None:
-    """Print the local path of each weight component of an effect (missing ones say so on stderr)."""
+    """Print the local path of each weight component of an effect (missing ones say so on stderr; exit 4)."""
     from .weights.hub import locate
 
+    missing = 0
     for label, ref in _refs_for(target).items():
         found = locate(ref)
         if found.path is None:
+            missing += 1
             stderr_console().print(f"{label}: missing ({ref})", highlight=False)
         else:
             print(f"{label}\t{found.path}")
+    if missing:
+        raise typer.Exit(EXIT_WEIGHTS)  # scripts can test `cine models path X` before a run
 
 
 @models_app.command("rm")
@@ -173,8 +182,9 @@ def lora_inspect(lora: Path = typer.Argument(..., help="A LoRA file (.safetensor
     else:
         print(f"{lora}: {doc['format']}, {doc['targets']} targets ({doc['low_rank_modules']} low-rank, "
               f"{doc['full_deltas']} full deltas), ranks {doc['ranks']}, alphas {doc['alphas']}")
-        if parsed.unknown:
-            print(f"  {len(parsed.unknown)} keys not understood, e.g. {parsed.unknown[0]}")
+        if parsed.ignored:
+            kinds = ", ".join(f"{k} {c}" for k, c in parsed.ignored.most_common())
+            print(f"  {sum(parsed.ignored.values())} of {parsed.tensors} tensors not loaded ({kinds}), e.g. {parsed.ignored_keys[0]}")
         if backbone is not None:
             print(f"  fits {backbone}: {doc['matched']} of {doc['targets']} targets match")
             for t in doc["unmatched"][:10]:

@@ -80,6 +80,19 @@ def activation_dtype(device: torch.device | str, dtype: torch.dtype) -> torch.dt
     return dtype if native_matmul(device, dtype) else torch.float32
 
 
+def image_encoder_dtype(device: torch.device | str, dtype: torch.dtype) -> torch.dtype:
+    """The CLIP image encoder's compute dtype for a run whose DiT computes in ``dtype``.
+
+    On CUDA fp16, as the official I2V config (Wan2.1 ``wan/configs/wan_i2v_14B.py``: ``clip_dtype =
+    torch.float16``) — unless fp32 was asked for. Elsewhere the DiT's activation dtype, which is what works there:
+    bf16 or fp32 on CPUs (no fast fp16 GEMM on most), fp16 on MPS.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and dtype != torch.float32:
+        return torch.float16
+    return activation_dtype(device, dtype)
+
+
 # --- what the machine has (for the memory plan) ------------------------------------------------------------------
 def host_available_bytes() -> int:
     """RAM a new allocation can get without swapping: Linux MemAvailable (free + reclaimable cache), else 3/4 of

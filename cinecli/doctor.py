@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.metadata as md
 import json
 import platform
+import shlex
 import tempfile
 from pathlib import Path
 
@@ -58,6 +59,7 @@ def environment() -> dict:
         "cache": {"hf_hub_cache": constants.HF_HUB_CACHE, "hf_hub_offline": bool(constants.HF_HUB_OFFLINE),
                   "cine_cache": str(dirs.cache_dir()), "user_presets": str(dirs.config_dir())},
         "weights": weights,
+        "preset_problems": catalog.problems,  # user presets skipped: malformed TOML, bad fields
     }
 
 
@@ -71,6 +73,9 @@ def selftest(device: str = "auto", console=None) -> dict:
 
     hf_logging.disable_progress_bar()
     preset = write_backbone(dirs.cache_dir() / "selftest")
+    example_photo = preset.parent / "sample.png"  # kept beside the preset, so the printed example runs as it is
+    if not example_photo.exists():
+        sample_image().save(example_photo)
     with tempfile.TemporaryDirectory(prefix="cine-doctor-") as tmp:
         photo = Path(tmp) / "photo.png"
         sample_image().save(photo)
@@ -86,6 +91,8 @@ def selftest(device: str = "auto", console=None) -> dict:
         info = read_info(out)
         report = json.loads(report_file.read_text())
     report["decoded"] = {k: info[k] for k in ("frames", "width", "height", "fps", "codec")}
+    report["preset"] = str(preset)
+    report["example"] = f"cine run {shlex.quote(str(example_photo))} --preset {shlex.quote(str(preset))} -o selftest.mp4"
     return report
 
 
@@ -110,6 +117,7 @@ def run_doctor(as_json: bool, run_selftest: bool = True, device: str = "auto", c
     lines.append(f"  attention: {env['attention_backend']}; libx264: {env['codecs']['libx264']}")
     lines.append(f"  caches: HF {env['cache']['hf_hub_cache']} (offline={env['cache']['hf_hub_offline']}), "
                  f"cine {env['cache']['cine_cache']}, user presets {env['cache']['user_presets']}")
+    lines += [f"  skipped user preset {name}: {problem}" for name, problem in env["preset_problems"].items()]
     present = sum(w["present"] for w in env["weights"].values())
     lines.append(f"  weights: {present} of {len(env['weights'])} file sets the presets need are present")
     for ref, w in env["weights"].items():
@@ -120,6 +128,7 @@ def run_doctor(as_json: bool, run_selftest: bool = True, device: str = "auto", c
             lines.append(f"  self-test: ok — {r['decoded']['frames']} frames {r['decoded']['width']}x{r['decoded']['height']} "
                          f"decoded back; total {r['total_s']:.2f} s on {r['device']}")
             lines += [f"    {name:28s} {seconds:8.3f} s" for name, seconds in r["stages"].items()]
+            lines += [f"  self-test preset: {r['preset']}", f"  try it: {r['example']}"]
         else:
             lines.append(f"  self-test: FAILED — {result['selftest_error']}")
     print("\n".join(lines))

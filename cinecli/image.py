@@ -20,6 +20,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import InputError, UsageError
 
 MAX_PIXELS = 80_000_000  # a 80 MP photo is already far beyond any budget; more is a decompression bomb
+MAX_ASPECT = 4.0  # long side / short side: Wan2.1 is trained on 16:9 to 9:16; past 4:1 the frame is a sliver
+MIN_SIDE = 16  # one latent patch (8x VAE stride × 2): a smaller photo holds less than one token of picture
+ENLARGE_WARNING = 2.0  # warn when the photo is blown up more than this to fill the frame
 FITS = ("crop", "pad", "stretch")
 
 
@@ -71,12 +74,34 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def check_shape(width: int, height: int) -> None:
+    """Refuse photos no frame can show: thinner than MAX_ASPECT or smaller than MIN_SIDE (exit 3, with the numbers)."""
+    if min(width, height) < MIN_SIDE:
+        raise InputError(f"photo {width}x{height} is smaller than {MIN_SIDE} px on a side; cine needs at least "
+                         f"{MIN_SIDE}x{MIN_SIDE}")
+    aspect = max(width, height) / min(width, height)
+    if aspect > MAX_ASPECT:
+        raise InputError(f"photo {width}x{height} has an aspect ratio of {aspect:.1f}:1; cine takes up to "
+                         f"{MAX_ASPECT:g}:1 (crop the photo first)")
+
+
 def target_size(width: int, height: int, max_area: int, multiple: int = 16) -> tuple[int, int]:
     """(W, H) with W·H ≤ max_area, the photo's aspect ratio, both multiples of 16 (reference rounding)."""
+    check_shape(width, height)
     aspect = height / width
-    h = int(math.sqrt(max_area * aspect) // multiple * multiple)
-    w = int(math.sqrt(max_area / aspect) // multiple * multiple)
-    return max(w, multiple), max(h, multiple)
+    h = max(int(math.sqrt(max_area * aspect) // multiple * multiple), multiple)
+    w = max(int(math.sqrt(max_area / aspect) // multiple * multiple), multiple)
+    while w * h > max_area and max(w, h) > multiple:  # the 16-pixel floor on the short side must not break the budget
+        w, h = (w - multiple, h) if w >= h else (w, h - multiple)
+    return w, h
+
+
+def enlarge_notice(photo: tuple[int, int], frame: tuple[int, int]) -> list[str]:
+    """A warning when the photo has to be blown up to fill the frame (a soft, blocky clip), with the numbers."""
+    scale = max(frame[0] / photo[0], frame[1] / photo[1])
+    if scale <= ENLARGE_WARNING:
+        return []
+    return [f"warning: photo {photo[0]}x{photo[1]} is enlarged {scale:.1f}x to {frame[0]}x{frame[1]}; expect a soft video"]
 
 
 def fit_image(img: Image.Image, size: tuple[int, int], fit: str = "crop") -> Image.Image:
@@ -93,6 +118,21 @@ def fit_image(img: Image.Image, size: tuple[int, int], fit: str = "crop") -> Ima
     canvas = Image.new("RGB", (w, h), edge)
     canvas.paste(scaled, ((w - scaled.width) // 2, (h - scaled.height) // 2))
     return canvas
+
+
+def check_pair(first: tuple[int, int], last: tuple[int, int], name: str | Path) -> None:
+    """A first/last frame pair (a burst) must share orientation; sizes and aspect ratios may differ.
+
+    The frame size comes from the first photo and the last is fitted the same way (``--fit``). A landscape/portrait
+    mix is refused rather than fitted: cropping a portrait into a landscape frame keeps a different part of the
+    scene, so the model would have to morph between two framings instead of filling in a moment of motion. Sizes
+    are after EXIF rotation, so a phone burst shot sideways pairs correctly. Square fits either orientation.
+    """
+    (w0, h0), (w1, h1) = first, last
+    if (w0 - h0) * (w1 - h1) < 0:
+        kind = lambda w, h: "landscape" if w > h else "portrait"  # noqa: E731
+        raise InputError(f"{name}: a {kind(w1, h1)} {w1}x{h1} last frame does not pair with the {kind(w0, h0)} {w0}x{h0} "
+                         "first photo (rotate or crop one so both have the same orientation)")
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 
-from .memory_plan import DiTSizes, Job, Machine, parse_size
+from .checks import RULES, parse_size
+from .errors import UsageError
+from .memory_plan import DiTSizes, Job, Machine
 from .pipeline import Plan
 from .preset import Preset
 
@@ -30,6 +32,8 @@ def machine(device: torch.device, budget: str | None = None) -> Machine:
 
     free, host = device_memory(device)
     text = budget or os.environ.get("CINE_MEMORY_BUDGET") or None
+    if text and RULES["memory_budget"](text):  # the variable is checked like the option
+        raise UsageError(f"CINE_MEMORY_BUDGET '{text}' {RULES['memory_budget'](text)}")
     return Machine(device.type, free, host, parse_size(text) if text else None)
 
 
@@ -174,7 +178,7 @@ def prompt_cached(text_encoder: Path | None, prompts: list[str]) -> bool:
 
 
 def job(preset: Preset, p: Plan, weights: dict[str, dict], *, device: torch.device, dtype: torch.dtype,
-        quantize: str | None = None, fast_decode: bool = False) -> Job:
+        quantize: str | None = None, fast_decode: bool = False, offload: str = "auto") -> Job:
     """The memory plan's view of one run: sizes of every component and of the clip."""
     from .devices import activation_dtype
 
@@ -203,5 +207,5 @@ def job(preset: Preset, p: Plan, weights: dict[str, dict], *, device: torch.devi
         effect_bytes=file_bytes(weights.get(effect), refs[effect].bytes) if effect else 0,
         fast_decode=fast_decode,
         tiny_vae_bytes=tiny_vae_bytes() if preset.backbone.tiny_vae else 0,
-        dit_source_bytes=file_bytes(weights.get("dit"), refs["dit"].bytes), quant_cached=quant_cached,
+        dit_source_bytes=file_bytes(weights.get("dit"), refs["dit"].bytes), quant_cached=quant_cached, offload=offload,
     )

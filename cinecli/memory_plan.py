@@ -22,14 +22,12 @@ memory-mapped source file (the 16-bit DiT while the first run converts it) count
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, dataclass, field, replace
 
+from .pipeline import VAE_TILE  # the pipeline's tile side: a tiled VAE never works on more than VAE_TILE² pixels
 from .report import human_bytes as human
 
 LADDER = ("none", "fp8", "hybrid", "compact")  # least lossy first
-VAE_TILE = 256  # decode tile side in pixels (overlap 64): bounds the VAE's working set whatever the frame size
-VAE_TILE_OVERLAP = 64
 TEXT_ROWS = 128  # text rows assumed in the per-video cross-attention keys/values (prompts are shorter; 512 max)
 GiB = 1 << 30
 
@@ -41,10 +39,11 @@ DIT_STEP_PER_TOKEN_DIM = {2: 26.3, 4: 32.5}
 # Wan VAE (fp32), live-tensor peak per output pixel of one frame, traced the same way: the chunk working set at
 # full resolution (96 channels × 4 frames through a causal ResidualBlock) plus every cached conv's 2-frame context;
 # the clip itself (3 × T × 4 bytes per pixel) comes on top. Independent of T otherwise: the VAE works chunk by chunk.
-VAE_ENCODE_PER_PIXEL = 14_870
-VAE_DECODE_PER_PIXEL = 17_300
+VAE_ENCODE_PER_PIXEL = 14_070
+VAE_DECODE_PER_PIXEL = 16_450
 # Allocator and conv-kernel workspace the trace cannot see: the issue 9 table measured the VAE's anonymous RSS at
-# 624x624 about 1.25x the traced live peak on a CPU; the DiT step runs a little over its trace.
+# 624x624 about 1.25x the traced live peak on a CPU (before the VAE's in-place norms; bench/memory.py re-measures);
+# the DiT step runs a little over its trace.
 VAE_SLACK = 1.25
 DIT_SLACK = 1.1
 TEXT_ENCODE_BYTES = 512 << 20  # umT5 activations for one 512-token prompt (64 heads × 512² fp32 bias and scores)
@@ -101,6 +100,7 @@ class Job:
     tiny_vae_bytes: int = 0
     dit_source_bytes: int = 0  # a 16-bit checkpoint quantized at load: mapped while the first run converts it
     quant_cached: frozenset[str] = frozenset()  # recipes whose converted file is already in cine's cache
+    offload: str = "auto"  # --offload: auto (the plan chooses), none (DiT resident), blocks (streamed)
 
     @property
     def tokens(self) -> int:
@@ -226,7 +226,8 @@ def candidates(job: Job) -> list[tuple[str, bool]]:
     else:
         start = LADDER.index(job.default_recipe) if job.default_recipe in LADDER else 0
         recipes = [r for r in LADDER[start:] if r in job.dit]
-    return [(r, streamed) for r in recipes for streamed in (False, True)]
+    modes = {"none": (False,), "blocks": (True,)}.get(job.offload, (False, True))
+    return [(r, streamed) for r in recipes for streamed in modes]
 
 
 def make_plan(job: Job, m: Machine) -> MemoryPlan:
@@ -275,20 +276,3 @@ def _plans(job: Job, m: Machine) -> bool:
         return True
     except NoFit:
         return False
-
-
-# --- sizes -----------------------------------------------------------------------------------------------------------
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
-          "g": GiB, "gb": 10**9, "gib": GiB, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """'8GB', '7.5G', '8GiB', '512M', '1000000' → bytes (G/M/K alone are binary, GB/MB decimal)."""
-    from .errors import UsageError
-
-    found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    unit = found.group(2).lower() if found else None
-    if not found or unit not in _UNITS:
-        raise UsageError(f"memory budget '{text}': expected a size like 8GB, 7.5G or 512MiB")
-    return int(float(found.group(1)) * _UNITS[unit])
-

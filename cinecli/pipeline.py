@@ -19,13 +19,16 @@ from pathlib import Path
 import torch
 
 from . import __version__, prompt_cache
-from .devices import activation_dtype
+from .devices import image_encoder_dtype
 from .errors import UsageError
-from .image import fit_image, read_image, target_size, to_tensor
+from .image import check_pair, enlarge_notice, fit_image, read_image, target_size, to_tensor
 from .preset import Backbone, Preset, SamplerSpec
-from .sampler import sample
+from .sampler import choose_sampler, sample
+from .slowdown import DEFAULT_METHOD as INTERPOLATION
+from .slowdown import output_frames as upsampled_frames
 from .timing import Timings
 
+VAE_TILE, VAE_TILE_OVERLAP = 256, 32  # pixels; tiles spread evenly (480x832: 2x4 tiles, 1.3x the pixels)
 MAX_FRAMES = 161  # 2x the frame count Wan2.1 was trained on; longer clips degrade and waste memory
 
 
@@ -43,6 +46,9 @@ class Request:
     negative_prompt: str | None = None
     steps: int | None = None
     effect_strength: float | None = None
+    sampler: str | None = None  # --sampler: distill | euler | unipc (None: the preset's or backbone's)
+    distill_step: str | None = None  # --distill-step: renoise | euler (None: the backbone's)
+    slowdown: int | None = None  # None: the preset's
 
 
 @dataclass
@@ -58,6 +64,11 @@ class Plan:
     negative_prompt: str
     sampler: SamplerSpec
     notices: list[str] = field(default_factory=list)
+    slowdown: int = 1  # frames synthesized after decoding: frames → (frames − 1)·slowdown + 1, same fps
+
+    @property
+    def output_frames(self) -> int:
+        return upsampled_frames(self.frames, self.slowdown)
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
@@ -92,7 +103,9 @@ def plan(request: Request, image_size: tuple[int, int]) -> Plan:
     if round_frames(frames) != frames:
         notices.append(f"frames {frames} → {round_frames(frames)} (the model needs 4k+1 frames, at most {MAX_FRAMES})")
         frames = round_frames(frames)
-    sampler = preset.effective_sampler
+    sampler, sampler_notices = choose_sampler(preset.effective_sampler, request.sampler, request.distill_step,
+                                              preset.backbone.name)
+    notices += sampler_notices
     if request.steps is not None:
         if request.steps < 1:
             raise UsageError(f"--steps must be at least 1, got {request.steps}")
@@ -104,9 +117,11 @@ def plan(request: Request, image_size: tuple[int, int]) -> Plan:
             sampler = replace(sampler, steps=request.steps)
     prompt = final_prompt(request)
     width, height = target_size(*image_size, preset.max_area)
+    notices += enlarge_notice(image_size, (width, height))
     seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
     return Plan(width, height, frames, request.fps or preset.fps, seed, prompt,
-                request.negative_prompt if request.negative_prompt is not None else preset.negative_prompt, sampler, notices)
+                preset.negative_for(sampler, request.negative_prompt), sampler, notices,
+                slowdown=request.slowdown or preset.slowdown)
 
 
 def condition_mask(frames: int, lat_h: int, lat_w: int, last_frame: bool) -> torch.Tensor:
@@ -134,8 +149,11 @@ class Generator:
     quantize: str | None = None  # recipe to apply at load (overrides the backbone's)
     fast_decode: bool = False  # decode with the tiny VAE (TAEW2.1): much faster, lower fidelity
     text_device: torch.device | None = None  # where the text encoder runs (memory plan: "cpu" when the device is short)
-    vae_tile: int | None = None  # VAE in spatial tiles of this many pixels (memory plan: "tiled"; encode and decode)
-    stream_dit: bool = False  # memory plan hook: "streamed" DiT blocks (issue 9 item 3); not applied by this code yet
+    # VAE encode/decode in blended spatial tiles of this many pixels (None: whole frames). Bounds the VAE's
+    # activations (~29 kB per pixel of a tile untiled: 11 GB for a 624x624 frame) whatever the frame size.
+    vae_tile: int | None = VAE_TILE
+    # Keep the DiT blocks in host memory and stream them to the device one block ahead (models/streaming.py).
+    stream_blocks: bool = False
     _tiny: object = None
     _effects: object = None  # models.adapters.Effects on the DiT: effect LoRAs attached unmerged, switched per job
     _dit: object = None
@@ -177,6 +195,9 @@ class Generator:
                         prompt_cache.store(identity, p, context)
                 del enc
                 gc.collect()  # free the encoder before the DiT loads
+                from .models.load import trim_heap
+
+                trim_heap()
         return [found[p] for p in prompts]
 
     @property
@@ -186,7 +207,7 @@ class Generator:
                 from .models.image_encoder import load_image_encoder
 
                 self._clip = load_image_encoder(self.paths["image_encoder"], device=self.device,
-                                                dtype=activation_dtype(self.device, self.dtype))
+                                                dtype=image_encoder_dtype(self.device, self.dtype))
         return self._clip
 
     @property
@@ -217,14 +238,20 @@ class Generator:
 
                 recipe = self.quantize or self.backbone.quantize
                 merges = [(self.paths[f"lora:{c.name}"], c.strength, c.name) for c in self.backbone.merge]
+                # Streamed blocks load on the host; streaming moves the rest to the device below.
+                where = torch.device("cpu") if self.stream_blocks else self.device
                 if recipe and recipe != "none" and not is_prequantized(self.paths["dit"]):
                     from .models.recipes import get_recipe  # quantized once, then memory-mapped from cine's cache
 
-                    self._dit = load_quantized(self.paths["dit"], get_recipe(recipe), merges, device=self.device, dtype=self.dtype)
+                    self._dit = load_quantized(self.paths["dit"], get_recipe(recipe), merges, device=where, dtype=self.dtype)
                 else:
-                    self._dit = load_dit(self.paths["dit"], device=self.device, dtype=self.dtype)
+                    self._dit = load_dit(self.paths["dit"], device=where, dtype=self.dtype)
                     for path, strength, name in merges:  # backbone LoRAs (the 4-step distillation): merged once
                         merge_into(self._dit, path, strength=strength, what=f"LoRA {name}")
+                if self.stream_blocks:
+                    from .models.streaming import stream_blocks
+
+                    stream_blocks(self._dit, self.device)
                 self._effects = Effects(self._dit)
         return self._dit
 
@@ -268,9 +295,11 @@ class Generator:
             first = to_tensor(fit_image(image, (p.width, p.height), request.fit))  # [3, H, W]
             last = None
             if request.last_frame is not None:
-                last = to_tensor(fit_image(read_image(request.last_frame), (p.width, p.height), request.fit))
+                end = read_image(request.last_frame)
+                check_pair(image.size, end.size, request.last_frame)  # a burst pair: same orientation, fitted alike
+                last = to_tensor(fit_image(end, (p.width, p.height), request.fit))
         text = self.text_context(p.prompt)
-        negative = self.text_context(p.negative_prompt) if p.sampler.kind != "distill" and p.sampler.guidance != 1.0 else None
+        negative = self.text_context(p.negative_prompt) if p.sampler.uses_cfg else None
 
         dit, clip, vae = self.dit, self.clip, self.vae  # loads (each its own stage) before the stages that use them
         if self.fast_decode:
@@ -285,7 +314,8 @@ class Generator:
             video[:, 0] = first
             if last is not None:
                 video[:, -1] = last
-            cond_latent = vae.encode(video[None].to(self.device), tile_size=self.vae_tile)  # [1, 16, F_lat, lat_h, lat_w]
+            cond_latent = vae.encode(video[None].to(self.device), tile_size=self.vae_tile,
+                                     tile_overlap=VAE_TILE_OVERLAP)  # [1, 16, F_lat, lat_h, lat_w]
             mask = condition_mask(p.frames, lat_h, lat_w, last is not None)[None].to(self.device)
             y = torch.cat([mask, cond_latent.float()], dim=1)  # [1, 20, F_lat, lat_h, lat_w]
             del video
@@ -307,7 +337,14 @@ class Generator:
             with self._stage("vae decode (tiny)"):
                 return tiny.decode(latents)[0].float().cpu()
         with self._stage("vae decode"):
-            return vae.decode(latents, tile_size=self.vae_tile)[0].float().cpu()  # [3, T, H, W]
+            return vae.decode(latents, tile_size=self.vae_tile, tile_overlap=VAE_TILE_OVERLAP)[0].float().cpu()  # [3, T, H, W]
+
+
+def sampler_settings(spec: SamplerSpec) -> dict:
+    """The sampler settings that change the video beyond its kind and steps (MP4 metadata and report)."""
+    if spec.kind == "distill":
+        return {"distill_step": spec.step, "shift": spec.shift}
+    return {"shift": spec.shift, "guidance": spec.guidance}
 
 
 def metadata(request: Request, the_plan: Plan, gen: Generator) -> dict:
@@ -318,6 +355,10 @@ def metadata(request: Request, the_plan: Plan, gen: Generator) -> dict:
         "negative_prompt": the_plan.negative_prompt, "backbone": gen.backbone.name, "dit": str(gen.backbone.dit),
         "loras": [c.name for c in gen.backbone.merge] + ([preset.effect.name] if preset.effect else []),
         "steps": the_plan.sampler.num_steps, "sampler": the_plan.sampler.kind, "frames": the_plan.frames,
+        **sampler_settings(the_plan.sampler),
         "fps": the_plan.fps, "width": the_plan.width, "height": the_plan.height,
         "dtype": str(gen.dtype).removeprefix("torch."), "quantization": gen.quant_recipe,
+        "slowdown": the_plan.slowdown, "output_frames": the_plan.output_frames,
+        "interpolation": INTERPOLATION if the_plan.slowdown > 1 else None,
+        "last_frame": Path(str(request.last_frame)).name if request.last_frame is not None else None,
     }

@@ -14,6 +14,7 @@ taken relative to the TOML file that holds them.
 from __future__ import annotations
 
 import difflib
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,17 +54,28 @@ class LoraCard:
     url: str = ""
 
 
+SAMPLER_KINDS = ("distill", "euler", "unipc")
+DISTILL_STEPS = ("renoise", "euler")
+
+
 @dataclass(frozen=True)
 class SamplerSpec:
-    kind: str = "distill"  # "distill": x0-prediction + re-noise at fixed timesteps, no CFG; "euler": flow Euler + CFG
+    kind: str = "distill"  # "distill": x0-prediction at fixed timesteps, no CFG; "euler": flow Euler + CFG;
+    # "unipc": diffusers' UniPCMultistepScheduler for flow matching + CFG (the official Wan solver)
     timesteps: tuple[float, ...] = (1000, 750, 500, 250)
     steps: int = 4
     shift: float = 5.0
     guidance: float = 1.0
+    step: str = "renoise"  # distill only: "renoise" (fresh noise each step, as trained) or "euler" (deterministic)
 
     @property
     def num_steps(self) -> int:
         return len(self.timesteps) if self.kind == "distill" else self.steps
+
+    @property
+    def uses_cfg(self) -> bool:
+        """Whether each step runs a second, negative-prompt pass (classifier-free guidance)."""
+        return self.kind != "distill" and self.guidance != 1.0
 
 
 @dataclass(frozen=True)
@@ -81,6 +93,7 @@ class Backbone:
     quantize: str | None = None  # recipe applied at load when the checkpoint is not pre-quantized
     tiny_vae: WeightRef | None = None
     description: str = ""
+    negative_prompt: str = ""  # CFG backbones: the reference default (Wan's sample_neg_prompt), used unless overridden
     dit_config: str | None = None  # a DIT_CONFIGS name: lets the memory plan size the DiT before it is downloaded
 
     def components(self) -> dict[str, WeightRef]:
@@ -97,10 +110,11 @@ class Preset:
     prompt: str
     effect: LoraCard | None = None
     effect_strength: float | None = None
-    negative_prompt: str = ""
+    negative_prompt: str | None = None  # None: the backbone's
     frames: int = 49
     fps: int = 16
     max_area: int = 480 * 832
+    slowdown: int = 1  # temporal up-sampling after decoding (cinecli/slowdown.py); 1 = none
     sampler: SamplerSpec | None = None  # None: the backbone's
     aliases: tuple[str, ...] = ()
     description: str = ""
@@ -109,6 +123,16 @@ class Preset:
     @property
     def effective_sampler(self) -> SamplerSpec:
         return self.sampler or self.backbone.sampler
+
+    def negative_for(self, sampler: SamplerSpec, override: str | None = None) -> str:
+        """The negative prompt a run encodes: ``override`` (--negative-prompt), the preset's, else the backbone's;
+        "" when the sampler runs no CFG pass (nothing would read it)."""
+        if not sampler.uses_cfg:
+            return ""
+        for text in (override, self.negative_prompt):
+            if text is not None:
+                return text
+        return self.backbone.negative_prompt
 
     def weights(self, fast_decode: bool = False) -> dict[str, WeightRef]:
         """Every weight reference a run of this preset needs, by component label."""
@@ -120,6 +144,9 @@ class Preset:
                 raise PresetError(f"backbone {self.backbone.name} names no tiny_vae for --fast-decode")
             refs["tiny_vae"] = self.backbone.tiny_vae
         return refs
+
+
+_WARNED: set[str] = set()
 
 
 # --- where TOML files live --------------------------------------------------------------------------------------------
@@ -165,8 +192,10 @@ def parse_sampler(raw: dict | None) -> SamplerSpec | None:
         spec = SamplerSpec(**{k: tuple(v) if k == "timesteps" else v for k, v in raw.items()})
     except TypeError as exc:
         raise PresetError(f"bad sampler settings {raw!r}: {exc}") from None
-    if spec.kind not in ("distill", "euler"):
-        raise PresetError(f"unknown sampler kind '{spec.kind}' (distill or euler)")
+    if spec.kind not in SAMPLER_KINDS:
+        raise PresetError(f"unknown sampler kind '{spec.kind}' ({', '.join(SAMPLER_KINDS)})")
+    if spec.step not in DISTILL_STEPS:
+        raise PresetError(f"unknown distill step '{spec.step}' ({' or '.join(DISTILL_STEPS)})")
     return spec
 
 
@@ -177,6 +206,15 @@ def parse_card(raw: dict, base: Path, name: str) -> LoraCard:
         fits_dims=tuple(raw.get("fits_dims", ())), model_types=tuple(raw.get("model_types", ("i2v",))),
         description=raw.get("description", ""), url=raw.get("url", ""),
     )
+
+
+def _slowdown(value: object, path: Path) -> int:
+    """A preset's ``slowdown`` (2, 3, 4 or "off"; checked by the --slowdown rule) → the factor; absent → 1."""
+    from .checks import check_fields
+    from .slowdown import parse_slowdown
+
+    check_fields({"slowdown": value}, f"preset {path}")
+    return parse_slowdown(value) or 1
 
 
 class Catalog:
@@ -191,22 +229,54 @@ class Catalog:
         self.backbones: dict[str, tuple[dict, Path]] = {}
         self.cards: dict[str, tuple[dict, Path]] = {}
         self.presets: dict[str, tuple[dict, Path]] = {}
+        self.problems: dict[str, str] = {}  # user files skipped (name → why): one bad file must not break the rest
+        self.extra: tuple[dict, Path] | None = None
+        shadowed: dict[str, tuple[dict, Path]] = {}
         for d in dirs:  # later directories shadow earlier ones
             for path in sorted(d.glob("*.toml")) if d.is_dir() else []:
-                data = _read_toml(path)
+                if (data := self._read(path, user=d != dirs[0])) is None:
+                    continue
                 if path.name == "backbones.toml":
                     self.backbones.update({k: (v, path.parent) for k, v in data.items()})
                 else:
-                    self.presets[data.get("name", path.stem)] = (data, path)
+                    name = data.get("name", path.stem)
+                    if name in self.presets:
+                        shadowed[name] = self.presets[name]
+                    self.presets[name] = (data, path)
         for d in lora_dirs:
             for path in sorted(d.glob("*.toml")) if d.is_dir() else []:
-                data = _read_toml(path)
-                self.cards[data.get("name", path.stem)] = (data, path.parent)
-        self.extra: tuple[dict, Path] | None = None
+                if (data := self._read(path, user=d != lora_dirs[0])) is not None:
+                    self.cards[data.get("name", path.stem)] = (data, path.parent)
+        for name, (_, path) in list(self.presets.items()):  # user presets must resolve, or they are set aside
+            if search_user_dir and path.parent != dirs[0]:
+                try:
+                    self.resolve(name)
+                except (PresetError, AttributeError, KeyError, TypeError, ValueError) as exc:  # sampler = "x", …
+                    self._skip(name, str(exc) if isinstance(exc, PresetError) else f"preset {path}: {exc!r}")
+                    if name in shadowed:
+                        self.presets[name] = shadowed[name]
+                    else:
+                        del self.presets[name]
         if extra_preset is not None:
             if not Path(extra_preset).is_file():
                 raise PresetError(f"preset file not found: {extra_preset}")
             self.extra = (_read_toml(Path(extra_preset)), Path(extra_preset))
+
+    def _read(self, path: Path, user: bool) -> dict | None:
+        """A TOML file's data; a broken user file is skipped with a warning (a shipped one is a bug: it raises)."""
+        try:
+            return _read_toml(path)
+        except PresetError as exc:
+            if not user:
+                raise
+            self._skip(path.stem, str(exc))
+            return None
+
+    def _skip(self, name: str, problem: str) -> None:
+        self.problems[name] = problem
+        if problem not in _WARNED:  # many Catalogs per process (CLI, run, batch workers): one warning each
+            _WARNED.add(problem)
+            sys.stderr.write(f"cine: warning: skipping user preset '{name}': {problem.splitlines()[0]}\n")
 
     def names(self) -> list[str]:
         return sorted(self.presets)
@@ -241,7 +311,8 @@ class Catalog:
             merge=tuple(self.card(c, where) for c in raw.get("merge", ())),
             sampler=parse_sampler(raw.get("sampler")) or SamplerSpec(), quantize=raw.get("quantize"),
             tiny_vae=parse_ref(raw["tiny_vae"], where, f"backbone {name} tiny_vae") if "tiny_vae" in raw else None,
-            description=raw.get("description", ""), dit_config=raw.get("dit_config"),
+            description=raw.get("description", ""), negative_prompt=raw.get("negative_prompt", ""),
+            dit_config=raw.get("dit_config"),
         )
 
     def resolve(self, effect: str | None, backbone: str | None = None) -> Preset:
@@ -254,6 +325,8 @@ class Catalog:
                 raise PresetError("no effect given")
             aliases = self.aliases()
             key = effect.strip().lower()
+            if key not in aliases and key in self.problems:
+                raise PresetError(self.problems[key])
             if key not in aliases:
                 close = difflib.get_close_matches(key, list(aliases), n=1, cutoff=0.5)
                 hint = f"; did you mean '{aliases[close[0]]}'?" if close else ""
@@ -263,13 +336,20 @@ class Catalog:
         name = data.get("name", path.stem)
         try:
             bb = self.backbone(backbone or data["backbone"], base)
-            return Preset(
+            preset = Preset(
                 name=name, backbone=bb, prompt=data["prompt"],
                 effect=self.card(data["effect"], base) if data.get("effect") else None,
-                effect_strength=data.get("effect_strength"), negative_prompt=data.get("negative_prompt", ""),
+                effect_strength=data.get("effect_strength"), negative_prompt=data.get("negative_prompt"),
                 frames=int(data.get("frames", 49)), fps=int(data.get("fps", 16)), max_area=int(data.get("max_area", 480 * 832)),
+                slowdown=_slowdown(data.get("slowdown"), path),
                 sampler=parse_sampler(data.get("sampler")), aliases=tuple(data.get("aliases", ())),
                 description=data.get("description", ""), source=path,
             )
         except KeyError as exc:
             raise PresetError(f"preset {path} lacks the required field {exc}") from None
+        except (TypeError, ValueError) as exc:  # e.g. frames = "many"
+            raise PresetError(f"preset {path}: a field has the wrong type ({exc})") from None
+        from .checks import check_preset
+
+        check_preset(preset)  # the same rules as the options: frames = 0 fails like --frames 0
+        return preset

@@ -9,11 +9,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .checks import check_options, unused_option_warnings
 from .errors import UsageError
-from .image import FITS, read_image
-from .pipeline import Generator, Plan, Request, metadata, plan
+from .image import check_pair, read_image
+from .pipeline import Generator, Plan, Request, metadata, plan, sampler_settings
 from .preset import Catalog, Preset
 from .report import human_bytes
+from .slowdown import parse_slowdown, slow_down
 from .timing import Timings
 from .video import STDOUT, check_writable, frames_to_uint8, write_mp4
 
@@ -45,6 +47,10 @@ class RunOptions:
     quantize: str | None = None
     strength: float | None = None
     fast_decode: bool = False
+    sampler: str | None = None  # --sampler distill|euler|unipc
+    distill_step: str | None = None  # --distill-step renoise|euler
+    slowdown: str | None = None  # --slowdown as given: 2, 3, 4 or off (checks.RULES); None: the preset's
+    offload: str = "auto"  # DiT blocks: auto (the memory plan decides; resident until it does), none, blocks
     memory_budget: str | None = None  # caps the memory plan (else CINE_MEMORY_BUDGET)
 
 
@@ -57,12 +63,16 @@ def weights_needed(preset: Preset, fast_decode: bool = False) -> dict[str, dict]
     backbone or LoRA card (the download size; None when nobody declared it). No network, no loading."""
     from .weights.hub import locate
 
+    from .weights.scan import local_refs
+
     out = {}
-    for name, ref in preset.weights(fast_decode).items():
+    asked = preset.weights(fast_decode)
+    for name, ref in local_refs(preset, fast_decode, hash_files=False).items():  # models-dir files in place of missing hub ones
         found = locate(ref)
         size = sum(f.stat().st_size for f in found.files if f.is_file()) if found.path else ref.bytes
+        source = "models dir" if ref != asked.get(name) else "local path" if ref.path else "hub cache" if found.path else "hub"
         out[name] = {"ref": str(ref), "present": found.path is not None, "bytes": size,
-                     "path": str(found.path) if found.path else None}
+                     "path": str(found.path) if found.path else None, "source": source}
     return out
 
 
@@ -74,7 +84,7 @@ def memory_plan(opts: RunOptions, preset: Preset, p: Plan, weights: dict[str, di
     from .memory_plan import NoFit, advice, make_plan
 
     the_job = job(preset, p, weights, device=device, dtype=choose_dtype(opts.dtype, device), quantize=opts.quantize,
-                  fast_decode=opts.fast_decode)
+                  fast_decode=opts.fast_decode, offload=opts.offload)
     the_machine = machine(device, opts.memory_budget)
     try:
         return make_plan(the_job, the_machine)
@@ -86,13 +96,13 @@ def apply_plan(gen: Generator, mp) -> None:
     """Put the plan's choices into the generator (the one place a plan becomes settings)."""
     import torch
 
-    from .memory_plan import VAE_TILE
+    from .pipeline import VAE_TILE
 
     if mp.quantize != "prequantized":
         gen.quantize = mp.quantize
     gen.text_device = torch.device("cpu") if mp.text_encoder == "cpu" else None
     gen.vae_tile = VAE_TILE if mp.vae_decode == "tiled" else None
-    gen.stream_dit = mp.dit == "streamed"  # hook for block streaming (issue 9 item 3)
+    gen.stream_blocks = mp.dit == "streamed"  # --offload blocks|none pins it; auto: the plan's choice
 
 
 def default_output(image: str, effect: str, output: str | None) -> str:
@@ -108,8 +118,7 @@ def default_output(image: str, effect: str, output: str | None) -> str:
 
 
 def run_one(opts: RunOptions, console) -> dict | None:
-    if opts.fit not in FITS:
-        raise UsageError(f"unknown --fit '{opts.fit}' (use {', '.join(FITS)})")
+    check_options(opts)  # every value against checks.RULES, before anything is read or loaded
     timings = Timings()
     with timings.stage("resolve"):
         catalog = Catalog(extra_preset=opts.preset_file)
@@ -119,8 +128,10 @@ def run_one(opts: RunOptions, console) -> dict | None:
         image = read_image(opts.image)
         request = Request(image=opts.image, preset=preset, output=output, seed=opts.seed, frames=opts.frames, fps=opts.fps,
                           fit=opts.fit, last_frame=opts.last_frame, prompt=opts.prompt, negative_prompt=opts.negative_prompt,
-                          steps=opts.steps, effect_strength=opts.strength)
+                          steps=opts.steps, effect_strength=opts.strength, sampler=opts.sampler,
+                          distill_step=opts.distill_step, slowdown=parse_slowdown(opts.slowdown))
         the_plan = plan(request, image.size)
+        the_plan.notices += unused_option_warnings(vars(opts), preset)
         if opts.quantize:
             from .models.recipes import get_recipe
 
@@ -129,9 +140,7 @@ def run_one(opts: RunOptions, console) -> dict | None:
             if not preset.backbone.supports_last_frame:
                 raise UsageError(f"backbone {preset.backbone.name} does not support --last-frame "
                                  "(try --backbone wan2.1-fun-1.3b-inp)")
-            read_image(opts.last_frame)  # validate now, not after loading models
-    for notice in the_plan.notices:
-        console.print(f"[yellow]{notice}[/]" if notice.startswith("warning") else notice, markup=True, highlight=False)
+            check_pair(image.size, read_image(opts.last_frame).size, opts.last_frame)  # validate now, not after loading
 
     with timings.stage("plan memory"):  # before any download or load: a job that cannot fit stops here (exit 7)
         from .devices import choose_device, choose_dtype
@@ -140,27 +149,40 @@ def run_one(opts: RunOptions, console) -> dict | None:
         weights = weights_needed(preset, opts.fast_decode)
         mp = memory_plan(opts, preset, the_plan, weights, device)
     if opts.dry_run:
+        _print_notices(console, the_plan)
         return _dry_run(opts, preset, the_plan, image.size, output, weights, mp)
 
     with timings.stage("resolve weights"):
         from .report import build_report, summary_table, write_report
         from .weights.hub import resolve_all
 
-        paths = resolve_all(preset.weights(opts.fast_decode), pull_hint(preset))
+        from .weights.scan import local_refs
+
+        paths = resolve_all(local_refs(preset, opts.fast_decode), pull_hint(preset))
         timings.device = device
         gen = Generator(preset.backbone, paths, device, choose_dtype(opts.dtype, device), timings=timings, quantize=opts.quantize,
                         fast_decode=opts.fast_decode)
         apply_plan(gen, mp)
+    _print_notices(console, the_plan)  # after the checks that fail in one line (bad values, input, missing weights)
+    if not console.is_terminal and not opts.quiet:  # logs and Slurm files: a line per stage (a terminal: the spinner)
+        def progress(name: str, seconds: float) -> None:
+            console.print(f"cine: [{timings.total():7.1f} s] {name}: {seconds:.2f} s", markup=False, highlight=False)
+
+        for name, seconds in timings.stages.items():
+            progress(name, seconds)
+        timings.on_stage_end = progress
     with console.status(f"{preset.name}: {the_plan.frames} frames {the_plan.width}x{the_plan.height} on {device}") if console.is_terminal else contextlib.nullcontext():
         video = gen.generate(request, the_plan, image)
+    frames = slow_down(frames_to_uint8(video), the_plan.slowdown, timings)
     with timings.stage("mp4 encode"):
-        frames = frames_to_uint8(video)
         written = write_mp4(frames, output, the_plan.fps, metadata(request, the_plan, gen) if opts.metadata else None,
                             crf=opts.crf, overwrite=opts.overwrite)
     sizes = {"width": the_plan.width, "height": the_plan.height, "frames": the_plan.frames, "fps": the_plan.fps,
+             "slowdown": the_plan.slowdown, "output_frames": the_plan.output_frames,
              "latent": list(the_plan.latent_shape), "tokens": the_plan.tokens, "input": list(image.size)}
     job = {"effect": preset.name, "input": str(opts.image), "seed": the_plan.seed, "prompt": the_plan.prompt,
-           "backbone": preset.backbone.name, "steps": the_plan.sampler.num_steps, "sampler": the_plan.sampler.kind}
+           "backbone": preset.backbone.name, "steps": the_plan.sampler.num_steps, "sampler": the_plan.sampler.kind,
+           **sampler_settings(the_plan.sampler), "negative_prompt": the_plan.negative_prompt}
     report = build_report(timings, job=job, sizes=sizes, device=device, dtype=gen.dtype,
                           quantization=gen.quant_recipe, output=written)
     report["plan"] = mp.to_json()
@@ -175,11 +197,18 @@ def run_one(opts: RunOptions, console) -> dict | None:
     return report
 
 
+def _print_notices(console, the_plan: Plan) -> None:
+    for notice in the_plan.notices:
+        console.print(f"[yellow]{notice}[/]" if notice.startswith("warning") else notice, markup=True, highlight=False)
+
+
 def _dry_run(opts: RunOptions, preset: Preset, p: Plan, image_size, output: str, weights: dict, mp) -> dict:
     doc = {
         "dry_run": True, "effect": preset.name, "input": str(opts.image), "input_size": list(image_size), "output": output,
         "width": p.width, "height": p.height, "frames": p.frames, "fps": p.fps, "seed": p.seed, "prompt": p.prompt,
-        "sampler": {"kind": p.sampler.kind, "steps": p.sampler.num_steps, "shift": p.sampler.shift},
+        "slowdown": p.slowdown, "output_frames": p.output_frames, "last_frame": opts.last_frame,
+        "sampler": {"kind": p.sampler.kind, "steps": p.sampler.num_steps, **sampler_settings(p.sampler)},
+        "negative_prompt": p.negative_prompt,
         "backbone": preset.backbone.name, "weights": weights, "plan": mp.to_json(), "dit_bytes": mp.dit_bytes,
         "download_bytes": sum(w["bytes"] or 0 for w in weights.values() if not w["present"]),
         "missing": [w["ref"] for w in weights.values() if not w["present"]],
@@ -189,7 +218,7 @@ def _dry_run(opts: RunOptions, preset: Preset, p: Plan, image_size, output: str,
         return doc
     lines = [f"[dry-run] {doc['input']} → {output}", f"  effect {preset.name} on {preset.backbone.name}",
              f"  {p.width}x{p.height} (photo {image_size[0]}x{image_size[1]}, --fit {opts.fit}), {p.frames} frames @ {p.fps} fps, "
-             f"seed {p.seed}, {p.sampler.kind} sampler {p.sampler.num_steps} steps", f"  prompt: {p.prompt}", "  weights:"]
+             + (f"slowed {p.slowdown}x to {p.output_frames} frames, " if p.slowdown > 1 else "") + f"seed {p.seed}, {p.sampler.kind} sampler {p.sampler.num_steps} steps", f"  prompt: {p.prompt}", "  weights:"]
     for name, w in weights.items():
         lines.append(f"    {name:24s} {'present' if w['present'] else 'MISSING':8s} {human_bytes(w['bytes']):>9s}  {w['ref']}")
     if doc["missing"]:

@@ -7,11 +7,12 @@ benchmarks and the progress display all agree on what a stage took.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import resource
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -67,6 +68,15 @@ class RssSampler:
         self.peak = max(self.peak, current_rss())
 
 
+def _log_stage(name: str, event: str) -> None:
+    """With ``CINE_STAGE_LOG=FILE``, append one JSON line per stage start/end (wall clock): how bench/memory.py
+    lines up the RSS it samples from outside the process with the stages."""
+    path = os.environ.get("CINE_STAGE_LOG")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"stage": name, "event": event, "t": time.time()}) + "\n")
+
+
 @dataclass
 class Timings:
     """Ordered stage durations in seconds. Re-entering a stage name adds a numbered entry (step 1, step 2…)."""
@@ -77,6 +87,7 @@ class Timings:
 
     _active: str | None = None
     last_stage: str | None = None  # the most recent stage entered: where a failure happened
+    on_stage_end: Callable[[str, float], None] | None = None  # (name, seconds): progress lines where no spinner shows
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -85,13 +96,18 @@ class Timings:
             raise RuntimeError(f"stage '{name}' started inside stage '{self._active}'")
         self._active = self.last_stage = name
         synchronize(self.device)
+        _log_stage(name, "start")
         t0 = time.perf_counter()
         try:
             yield
         finally:
             synchronize(self.device)
-            self.stages[name] = self.stages.get(name, 0.0) + time.perf_counter() - t0
+            seconds = time.perf_counter() - t0
+            self.stages[name] = self.stages.get(name, 0.0) + seconds
             self._active = None
+            if self.on_stage_end is not None:
+                self.on_stage_end(name, seconds)
+            _log_stage(name, "end")
 
     def total(self) -> float:
         """Wall time since the Timings was created."""

@@ -155,7 +155,8 @@ def test_bad_inputs_get_one_line_and_exit_code(backbone, env, photo, tmp_path):
     existing.write_bytes(b"precious")
     assert "--overwrite" in one_line_error(cine("run", photo, "--preset", backbone, "-o", existing), 6)
     assert existing.read_bytes() == b"precious"
-    assert "unknown --fit" in one_line_error(run(photo, "--fit", "squash"), 2)
+    assert "--fit squash: must be one of crop, pad, stretch" in one_line_error(run(photo, "--fit", "squash"), 2)
+    assert "--offload disk: must be one of auto, none, blocks" in one_line_error(run(photo, "--offload", "disk"), 2)
     assert not (tmp_path / "out.mp4").exists() and not list(tmp_path.glob(".out.mp4*"))
 
 

@@ -427,3 +427,46 @@ def test_clip_wrong_shape_and_foreign_file():
         load_image_encoder(wan_t5_state(T5))
     with pytest.raises(WeightsError, match="no umT5 encoder"):
         load_text_encoder({"visual.cls_embedding": torch.zeros(1)})
+
+
+# --- head count: config first, assumptions said ------------------------------------------------------------------
+def other_tower(dim=48, heads=2, layers=3):
+    """A CLIP tower matching no named config (width 48: dim/64 would give 1 head, the truth is 2)."""
+    from dataclasses import replace
+
+    return replace(VIT, dim=dim, num_heads=heads, dim_mlp=2 * dim, num_layers=layers)
+
+
+@pytest.mark.parametrize("config_file", ["config.json", "open_clip_config.json"])
+def test_clip_head_count_comes_from_a_config_when_shapes_cannot_tell(config_file, tmp_path):
+    import json
+
+    cfg = other_tower()
+    sd = wan_clip_state(cfg)
+    path = save(sd, tmp_path / "clip.pth")
+    config = ({"num_attention_heads": 2} if config_file == "config.json"  # partial: only what shapes cannot say
+              else {"model_cfg": {"vision_cfg": {"width": 48, "head_width": 24, "layers": 3, "patch_size": 7}}})
+    (tmp_path / config_file).write_text(json.dumps(config))
+    enc = load_image_encoder(path, dtype="fp32")
+    assert enc.config.num_heads == 2 and not enc.config.assumed
+    images = torch.rand(1, 3, 30, 40, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    assert rel_err(enc.encode(images), ref_clip(sd, images, cfg)) <= TOL
+
+
+def test_clip_head_count_guesses_are_said(tmp_path, caplog):
+    # another depth of a known width: that tower's head count, said in a warning
+    pruned = wan_clip_state(other_tower(dim=VIT.dim, heads=VIT.num_heads, layers=VIT.num_layers + 2))
+    with caplog.at_level("WARNING", logger="cinecli"):
+        enc = load_image_encoder(pruned, dtype="fp32")
+    assert enc.config.num_heads == VIT.num_heads and "as tiny of the same width" in enc.config.assumed
+    assert any("assumed 4 heads" in r.getMessage() for r in caplog.records)
+    # ViT-H/14's width at another depth: 16 heads as ViT-H, not 1280/64 = 20
+    vit_h = IMAGE_ENCODER_CONFIGS["vit-h-14"]
+    shapes = {"embeddings.patch_embedding.weight": (1280, 3, 14, 14), "embeddings.position_embedding.weight": (257, 1280),
+              **{f"encoder.layers.{i}.mlp.fc1.weight": (5120, 1280) for i in range(20)}}
+    guessed = infer_image_config(shapes)
+    assert guessed.num_heads == vit_h.num_heads and guessed.num_layers == 20 and "vit-h-14" in guessed.assumed
+    # nothing to go by and the guess cannot even be built: the error says what was assumed
+    odd = wan_clip_state(other_tower(dim=200, heads=5))
+    with pytest.raises(WeightsError, match=r"width 200 does not split into 3 heads \(assumed 3 heads \(width 200 / 64"):
+        load_image_encoder(odd, dtype="fp32")

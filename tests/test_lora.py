@@ -144,3 +144,100 @@ def test_misfit_loras_are_refused(tmp_path):
     save_file({"some.random.tensor": torch.zeros(2)}, str(tmp_path / "junk.safetensors"))
     with pytest.raises(WeightsError, match="no LoRA tensors"):
         read_lora(tmp_path / "junk.safetensors")
+
+
+# --- DoRA and keys that do not load ----------------------------------------------------------------------------------
+def dora_reference(base_sd, pairs, mags, strength):
+    """peft's DoRA, written out: W ← m ⊙ (W + s·ΔW) / ‖W + s·ΔW‖ per output row."""
+    sd = {k: v.clone() for k, v in base_sd.items()}
+    for m, (down, up) in pairs.items():
+        merged = sd[f"{m}.weight"] + strength * ALPHA / RANK * up @ down
+        sd[f"{m}.weight"] = mags[m][:, None] * merged / merged.norm(dim=1, keepdim=True) if m in mags else merged
+    return load_dit(sd, dtype="fp32")
+
+
+@pytest.mark.parametrize("style,strength", [("original", 1.0), ("diffusers", 0.6)])
+def test_dora_is_applied_merged_and_unmerged(style, strength, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = tiny_config("i2v")
+    base_sd = random_state_dict(cfg)
+    pairs = known_delta(cfg, seed=3, targets=TARGETS[:6])
+    g = torch.Generator().manual_seed(4)
+    mags = {m: base_sd[f"{m}.weight"].norm(dim=1) * (1 + 0.5 * torch.rand(base_sd[f"{m}.weight"].shape[0], generator=g))
+            for m in list(pairs)[: 6 if style == "diffusers" else 3]}  # original: DoRA and plain modules in one file
+    path = tmp_path / "dora.safetensors"
+    write_style(style, pairs, path)
+    sd = load_file(str(path))
+    for m, mag in mags.items():  # LyCORIS/ComfyUI dora_scale [out, 1]; peft/diffusers lora_magnitude_vector [out]
+        if style == "original":
+            sd[f"diffusion_model.{m}.dora_scale"] = mag[:, None].contiguous()
+        else:
+            sd["transformer." + to_diffusers_key(m + ".weight")[: -len(".weight")] + ".lora_magnitude_vector"] = mag
+    save_file(sd, str(path))
+    assert read_lora(path).summary()["dora_modules"] == len(mags) and not read_lora(path).ignored
+    args = inputs(cfg)
+    with torch.no_grad():
+        expected = dora_reference(base_sd, pairs, mags, strength)(*args)
+        plain = reference(cfg, base_sd, {m: (d, u * strength) for m, (d, u) in pairs.items()})(*args)
+        assert rel_err(plain, expected) > 1e-3  # the magnitudes matter
+        merged = load_dit(base_sd, dtype="fp32")
+        merge_into(merged, path, strength=strength)
+        assert rel_err(merged(*args), expected) <= 1e-5
+        model = load_dit(base_sd, dtype="fp32")
+        effects = Effects(model)
+        effects.load("d", path, strength=strength)
+        effects.use("d")
+        assert rel_err(model(*args), expected) <= 1e-5
+        effects.use(None)
+        assert torch.equal(model(*args), load_dit(base_sd, dtype="fp32")(*args))
+
+
+def lycoris_extras(cfg, modules_loha, module_mid):
+    """LoHa modules (hada_* + alpha) and one LoCon Tucker module (down/up/mid/alpha), kohya-named."""
+    g = torch.Generator().manual_seed(8)
+    shapes = {k[:-len(".weight")]: v.shape for k, v in random_state_dict(cfg).items() if k.endswith(".weight")}
+    sd = {}
+    for m in modules_loha:
+        out, inp = shapes[m]
+        flat = "lora_unet_" + m.replace(".", "_")
+        sd |= {f"{flat}.hada_w1_a": torch.randn(out, 2, generator=g), f"{flat}.hada_w1_b": torch.randn(2, inp, generator=g),
+               f"{flat}.hada_w2_a": torch.randn(out, 2, generator=g), f"{flat}.hada_w2_b": torch.randn(2, inp, generator=g),
+               f"{flat}.alpha": torch.tensor(2.0)}
+    out, inp = shapes[module_mid]
+    flat = "lora_unet_" + module_mid.replace(".", "_")
+    sd |= {f"{flat}.lora_down.weight": torch.randn(2, inp, generator=g), f"{flat}.lora_up.weight": torch.randn(out, 2, generator=g),
+           f"{flat}.lora_mid.weight": torch.randn(2, 2, generator=g), f"{flat}.alpha": torch.tensor(2.0)}
+    return sd
+
+
+def test_keys_not_loaded_are_counted_on_every_load_and_mostly_unloaded_files_refused(tmp_path, caplog):
+    from safetensors.torch import load_file
+
+    cfg = tiny_config("i2v")
+    base_sd = random_state_dict(cfg)
+    pairs = known_delta(cfg, seed=6)
+    path = tmp_path / "mixed.safetensors"
+    write_style("original", pairs, path)  # 10 modules × (down, up, alpha) = 30 tensors
+    extras = lycoris_extras(cfg, ["blocks.0.self_attn.k", "blocks.0.self_attn.v"], "blocks.1.self_attn.q")
+    save_file({**load_file(str(path)), **extras}, str(path))  # + 10 LoHa + 4 lora_mid tensors
+    args = inputs(cfg)
+    with torch.no_grad(), caplog.at_level("WARNING", logger="cinecli"):
+        merged = load_dit(base_sd, dtype="fp32")
+        merge_into(merged, path)
+        assert rel_err(merged(*args), reference(cfg, base_sd, pairs)(*args)) <= 1e-5  # the LoRA part is applied
+        Effects(load_dit(base_sd, dtype="fp32")).load("fx", path)
+    warnings = [r.getMessage() for r in caplog.records if "not loaded" in r.getMessage()]
+    assert len(warnings) == 2  # every load says so
+    assert "14 of 44 tensors not loaded" in warnings[0] and "LoHa 10" in warnings[0] and "lora_mid 4" in warnings[0]
+
+    mostly = tmp_path / "loha.safetensors"
+    write_style("original", known_delta(cfg, targets=TARGETS[:2]), mostly)  # 6 loadable tensors
+    extras = lycoris_extras(cfg, ["blocks.0.self_attn.k", "blocks.0.self_attn.v", "blocks.1.self_attn.k"], "blocks.1.self_attn.q")
+    save_file({**load_file(str(mostly)), **extras}, str(mostly))  # 19 of 25 ignored
+    assert read_lora(mostly).summary()["ignored"] == {"LoHa": 15, "lora_mid": 4}  # inspect still reads it
+    for load in (lambda: Effects(load_dit(base_sd, dtype="fp32")).load("x", mostly),
+                 lambda: merge_into(load_dit(base_sd, dtype="fp32"), mostly)):
+        with pytest.raises(WeightsError, match="19 of 25 tensors would be ignored") as info:
+            load()
+        assert "\n" not in str(info.value) and info.value.exit_code == 4

@@ -4,8 +4,8 @@ Expected plans below were worked out by hand from the sizes the planner uses (Gi
 (streamed: 0.86 = outside the blocks + two blocks), compact 10.07, none 30.54 (streamed 1.96); 1.3B none 2.92;
 umT5-XXL 10.58 + 0.5 activations = 11.08; CLIP ViT-H 1.14 + VAE 0.47 = 1.61 resident next to the DiT.
 Activations of one step (16-bit): 14B 480p 17/49/81 frames 1.40/3.18/4.95, 720p 81 frames 11.05; 1.3B 480p
-49/81 frames 0.99/1.56, 720p 81 frames 3.52. VAE (480p): encode 7.13 (49 f) / 7.27 (81 f) whole, ~1.4 tiled;
-decode 8.26 / 8.40 whole, 1.76 / 2.04 tiled; 720p 81 frames: encode 16.8, decode 19.4 whole, 3.0 tiled.
+49/81 frames 0.99/1.56, 720p 81 frames 3.52. VAE (480p): encode 6.76 (49 f) / 6.90 (81 f) whole, ~1.3 tiled;
+decode 7.87 / 8.01 whole, 1.69 / 1.98 tiled; 720p 81 frames: encode 15.9, decode 18.5 whole, 1.9 / 2.9 tiled.
 GPUs are given their size less 0.4 GiB the driver and display keep.
 """
 
@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 
 from cinecli.cli import app
 from cinecli.memory_inputs import dit_sizes, image_encoder_params, text_encoder_params, vae_params
-from cinecli.memory_plan import GiB, Job, Machine, NoFit, advice, make_plan, parse_size
+from cinecli.checks import parse_size
+from cinecli.memory_plan import GiB, Job, Machine, NoFit, advice, make_plan
 from cinecli.selftest import sample_image
 
 SIZES = {"480p": (832, 480), "720p": (1280, 720)}
@@ -45,26 +46,27 @@ def cpu(host_gb: float) -> Machine:
 # (job, machine) → (dit, quantize, text_encoder, vae_decode)
 TABLE = [
     # 14B default (hybrid first), 480p 49 frames, on the GPUs people have
-    (("14b", 49), gpu(80), ("resident", "hybrid", "device", "whole")),  # 22.7 at decode
-    (("14b", 49), gpu(24), ("resident", "hybrid", "device", "whole")),  # 22.7 ≤ 23.6
-    (("14b", 49), gpu(16), ("streamed", "hybrid", "device", "whole")),  # resident step 17.6 > 15.6; streamed 10.7
-    (("14b", 49), gpu(12), ("streamed", "hybrid", "device", "whole")),  # decode 10.7, umT5 11.08 ≤ 11.6
-    (("14b", 49), gpu(8), ("streamed", "hybrid", "cpu", "tiled")),  # encode whole 9.6 > 7.6; umT5 to the CPU
+    (("14b", 49), gpu(80), ("resident", "hybrid", "device", "whole")),  # 22.3 at decode
+    (("14b", 49), gpu(24), ("resident", "hybrid", "device", "whole")),  # 22.3 ≤ 23.6
+    (("14b", 49), gpu(16), ("streamed", "hybrid", "device", "whole")),  # resident step 17.6 > 15.6; streamed 10.3
+    (("14b", 49), gpu(12), ("streamed", "hybrid", "device", "whole")),  # decode 10.3, umT5 11.08 ≤ 11.6
+    (("14b", 49), gpu(8), ("streamed", "hybrid", "cpu", "tiled")),  # encode whole 9.2 > 7.6; umT5 to the CPU
     (("14b", 49), gpu(8, host_gb=16), ("streamed", "hybrid", "cpu", "tiled")),  # host: 12.8 of blocks, 11.1 umT5
     (("14b", 17), gpu(8), ("streamed", "hybrid", "cpu", "tiled")),
     (("14b", 81), gpu(8), ("streamed", "hybrid", "cpu", "tiled")),  # step 0.86 + 1.61 + 4.95 = 7.43 ≤ 7.6
-    (("14b", 81, "720p"), gpu(24), ("streamed", "hybrid", "device", "whole")),  # step 13.5, decode 21.9
+    (("14b", 81, "720p"), gpu(24), ("streamed", "hybrid", "device", "whole")),  # step 13.5, decode 21.0
     (("14b", 49, "480p", {"prompt_cached": True}), gpu(8), ("streamed", "hybrid", "cached", "tiled")),
     (("14b", 49, "480p", {"pinned_recipe": "none"}), gpu(24), ("streamed", "none", "device", "whole")),  # 30.5 resident
+    (("14b", 49, "480p", {"offload": "blocks"}), gpu(80), ("streamed", "hybrid", "device", "whole")),  # --offload blocks
     # CPU boxes: the device is host RAM
     (("14b", 49), cpu(64), ("resident", "hybrid", "cpu", "whole")),
-    (("14b", 49), cpu(32), ("resident", "hybrid", "cpu", "whole")),  # decode 22.7 ≤ 32
-    (("14b", 49), cpu(16), ("streamed", "hybrid", "cpu", "whole")),  # step 17.6 > 16; streamed decode 10.7
-    (("1.3b", 49), cpu(16), ("resident", "none", "cpu", "whole")),  # decode 2.92 + 1.61 + 8.26 = 12.8
+    (("14b", 49), cpu(32), ("resident", "hybrid", "cpu", "whole")),  # decode 22.3 ≤ 32
+    (("14b", 49), cpu(16), ("streamed", "hybrid", "cpu", "whole")),  # step 17.6 > 16; streamed decode 10.3
+    (("1.3b", 49), cpu(16), ("resident", "none", "cpu", "whole")),  # decode 2.92 + 1.61 + 7.87 = 12.4
     # 1.3B (no recipe by default: none first)
-    (("1.3b", 81), gpu(8), ("resident", "none", "cpu", "tiled")),  # encode whole 11.8 > 7.6
-    (("1.3b", 49), gpu(12), ("resident", "none", "device", "tiled")),  # encode whole 11.66 > 11.6
-    (("1.3b", 81, "720p"), gpu(24), ("resident", "none", "device", "tiled")),  # decode whole 23.9 > 23.6
+    (("1.3b", 81), gpu(8), ("resident", "none", "cpu", "tiled")),  # encode whole 11.4 > 7.6
+    (("1.3b", 49), gpu(12), ("resident", "none", "device", "tiled")),  # decode whole 12.4 > 11.6
+    (("1.3b", 81, "720p"), gpu(16), ("resident", "none", "device", "tiled")),  # encode whole 20.4 > 15.6; tiled 7.5
     (("1.3b", 81, "720p"), gpu(80), ("resident", "none", "device", "whole")),
 ]
 
@@ -104,7 +106,7 @@ def test_estimates_track_frames_size_and_recipe():
 
 def test_parse_size():
     assert parse_size("8GB") == 8 * 10**9 and parse_size("8G") == parse_size("8GiB") == 8 * GiB
-    assert parse_size("512M") == 512 << 20 and parse_size("1000") == 1000
+    assert parse_size("512M") == 512 << 20 and parse_size("1000") == 1000 and parse_size("eight") is None
 
 
 # --- through the CLI ---------------------------------------------------------------------------------------------------
@@ -267,3 +269,10 @@ def test_activation_constants_match_a_trace_of_the_models(monkeypatch):
             dit(x, torch.tensor([1000.0], device="meta"), ctx, y=y)
         tokens = 5 * 30 * 52
         assert step.peak / (tokens * cfg.dim) == pytest.approx(mp.DIT_STEP_PER_TOKEN_DIM[act], rel=0.05)
+
+
+def test_bad_budget_is_a_usage_error(env, photo, monkeypatch):
+    r = cine("bullet-time", photo, "--dry-run", "--memory-budget", "lots")
+    assert r.exit_code == 2 and "--memory-budget" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    monkeypatch.setenv("CINE_MEMORY_BUDGET", "0")
+    assert cine("bullet-time", photo, "--dry-run").exit_code == 2

@@ -23,6 +23,7 @@ from cinecli.models.wan_vae import (
     LATENTS_STD,
     VAE_CONFIGS,
     WanVAE,
+    _tile_starts,
     _tiled,
 )
 from cinecli.models.wan_vae_blocks import REP, CausalCache
@@ -240,6 +241,20 @@ def test_tile_blending_is_exact_for_local_maps():
         torch.testing.assert_close(_tiled(x, local, tile, overlap, scale=8), local(x), rtol=1e-6, atol=1e-6)
 
 
+def test_tiles_spread_evenly_and_blend_exactly_when_downsampling():
+    assert _tile_starts(480, 256, 32, 8) == [0, 224] and _tile_starts(832, 256, 32, 8) == [0, 192, 384, 576]
+    for size, tile, overlap, align in [(480, 256, 32, 8), (832, 256, 32, 8), (60, 32, 4, 1), (200, 64, 8, 8), (33, 32, 0, 1)]:
+        starts = _tile_starts(size, tile, overlap, align)
+        assert starts[0] == 0 and starts[-1] == size - tile and all(s % align == 0 for s in starts[:-1])
+        assert all(overlap <= a + tile - b for a, b in zip(starts, starts[1:]))  # every seam overlaps enough
+    x = torch.randn(1, 3, 2, 48, 104)
+
+    def local(t):  # position-wise at the 8x8-block level, like an encoder's downsampling: blends exactly
+        return F.avg_pool2d(t.flatten(1, 2), 8).unflatten(1, (3, 2)) * 2 - 1
+
+    torch.testing.assert_close(_tiled(x, local, 32, 8, scale=1 / 8), local(x), rtol=1e-6, atol=1e-6)
+
+
 def test_tiled_close_to_untiled():
     torch.manual_seed(0)
     vae = WanVAE(VAE_CONFIGS["tiny"]).eval()
@@ -252,19 +267,20 @@ def test_tiled_close_to_untiled():
                 p.zero_()
             if "residual.6" in name:
                 p.mul_(0.1)
-    video = torch.rand(1, 3, 5, 80, 80, generator=torch.Generator().manual_seed(4)) * 2 - 1
-    latents = vae.encode(video)
-    pixels = vae.decode(latents)
-    enc_t = vae.encode(video, tile_size=64, tile_overlap=32)  # 2×2 tiles
-    dec_t = vae.decode(latents, tile_size=64, tile_overlap=32)
-    assert enc_t.shape == latents.shape and dec_t.shape == pixels.shape
-    assert dec_t.abs().max() <= 1 and torch.isfinite(enc_t).all()
-    enc, dec = rel_err(enc_t, latents), rel_err(dec_t, pixels)
-    enc_mean = ((enc_t - latents).abs().mean() / latents.abs().mean()).item()
-    dec_mean = ((dec_t - pixels).abs().mean() / pixels.abs().mean()).item()
-    print(f"[vae tiling 64px/32px on 80x80, 2x2 tiles] encode max rel {enc:.3e} mean rel {enc_mean:.3e}; "
-          f"decode max rel {dec:.3e} mean rel {dec_mean:.3e}")
-    assert enc <= 0.08 and dec <= 0.08 and enc_mean <= 0.02 and dec_mean <= 0.02
+    for h, w in [(80, 80), (80, 136)]:  # 2x2 tiles; 2x4 tiles spread evenly (uneven overlaps, as at 480x832)
+        video = torch.rand(1, 3, 5, h, w, generator=torch.Generator().manual_seed(4)) * 2 - 1
+        latents = vae.encode(video)
+        pixels = vae.decode(latents)
+        enc_t = vae.encode(video, tile_size=64, tile_overlap=32)
+        dec_t = vae.decode(latents, tile_size=64, tile_overlap=32)
+        assert enc_t.shape == latents.shape and dec_t.shape == pixels.shape
+        assert dec_t.abs().max() <= 1 and torch.isfinite(enc_t).all()
+        enc, dec = rel_err(enc_t, latents), rel_err(dec_t, pixels)
+        enc_mean = ((enc_t - latents).abs().mean() / latents.abs().mean()).item()
+        dec_mean = ((dec_t - pixels).abs().mean() / pixels.abs().mean()).item()
+        print(f"[vae tiling 64px/32px on {h}x{w}] encode max rel {enc:.3e} mean rel {enc_mean:.3e}; "
+              f"decode max rel {dec:.3e} mean rel {dec_mean:.3e}")
+        assert enc <= 0.08 and dec <= 0.08 and enc_mean <= 0.02 and dec_mean <= 0.02
 
 
 # --- mismatches ----------------------------------------------------------------------------------------------------

@@ -6,18 +6,23 @@ into ``lora_B``, peft's own scaling left at 1). Full deltas (``diff``, ``diff_b`
 not peft-shaped) are applied to the parameter when the effect is switched on; the originals of just those
 parameters are kept to restore them exactly when it is switched off. Switching A → B → A therefore gives the
 same output as A alone, and the backbone weights end exactly as they began.
+
+DoRA modules (a magnitude per output row) go through peft's ``use_dora`` when unmerged and are merged as
+W ← m ⊙ (W + strength·ΔW) / ‖W + strength·ΔW‖, which is what peft computes. Tensors of formats cine does not apply
+(LoHa, LoKr, ``lora_mid``…) are counted in a warning on every load; a file that is mostly such tensors is refused.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch
 import torch.nn as nn
 
 from ..errors import WeightsError
 from ..weights import Source
-from ..weights.lora_file import LoraFile, check_fit, read_lora
+from ..weights.lora_file import LoraFile, LowRank, check_fit, check_ignored, read_lora, warn_ignored
 from .quant import QuantLinear, quantize
 
 
@@ -56,13 +61,28 @@ def _add_delta(model: nn.Module, name: str, delta: torch.Tensor, strength: float
     p.copy_((p.float() + strength * delta.float().to(p.device)).to(p.dtype))
 
 
+def _dora_delta(model: nn.Module, module: str, lr: LowRank, strength: float) -> torch.Tensor:
+    """The change DoRA makes to ``module.weight``, fp32: m ⊙ (W + s·ΔW) / ‖W + s·ΔW‖_row − W."""
+    layer = model.get_submodule(module)
+    layer = getattr(layer, "base_layer", layer)
+    w = layer.dequantized(torch.float32) if isinstance(layer, QuantLinear) else layer.weight.float()
+    merged = w + strength * lr.delta(torch.float32).to(w.device)
+    norm = merged.flatten(1).norm(dim=1).view(-1, *[1] * (w.ndim - 1))  # one norm per output row (peft's)
+    return lr.magnitude.float().to(w.device).view_as(norm) * merged / norm - w
+
+
 @torch.no_grad()
 def merge_into(model: nn.Module, lora: Source | LoraFile, strength: float = 1.0, what: str = "LoRA") -> LoraFile:
     """Add ``strength`` × every delta of ``lora`` into the model's weights, permanently (fp32 math, cast back)."""
     lora = _load(lora)
+    check_ignored(lora, what)
     check_fit(lora, _param_shapes(model), what)
+    warn_ignored(lora, what)
     for module, lr in lora.low_rank.items():
-        _add_delta(model, f"{module}.weight", lr.delta(torch.float32), strength)
+        if lr.magnitude is not None:
+            _add_delta(model, f"{module}.weight", _dora_delta(model, module, lr, strength), 1.0)
+        else:
+            _add_delta(model, f"{module}.weight", lr.delta(torch.float32), strength)
         if lr.bias is not None:
             _add_delta(model, f"{module}.bias", lr.bias, strength)
     for name, delta in lora.full.items():
@@ -87,18 +107,34 @@ class Effects:
         if name in self.loaded:
             raise ValueError(f"effect {name} is already loaded")
         lora = _load(lora)
+        check_ignored(lora, f"LoRA {name}")
         check_fit(lora, _param_shapes(self.model), f"LoRA {name}")
-        quantized = [p for p in lora.full if p.endswith(".weight") and isinstance(
-            getattr(self.model.get_submodule(p.rpartition(".")[0]), "base_layer", self.model.get_submodule(p.rpartition(".")[0])), QuantLinear)]
+
+        def is_quantized(module: str) -> bool:
+            layer = self.model.get_submodule(module)
+            return isinstance(getattr(layer, "base_layer", layer), QuantLinear)
+
+        quantized = [p for p in lora.full if p.endswith(".weight") and is_quantized(p.rpartition(".")[0])]
         if quantized:
             raise WeightsError(f"LoRA {name} has full weight deltas (.diff) for quantized layers (e.g. {quantized[0]}): "
                                "use it on the 16-bit backbone, or merge it before quantizing")
         modules = sorted(lora.low_rank)
+        dora = [m for m in modules if lora.low_rank[m].magnitude is not None]
+        if any(is_quantized(m) for m in dora):  # peft's DoRA reads the base weight, which is packed here
+            raise WeightsError(f"LoRA {name} is a DoRA on quantized layers: use it on the 16-bit backbone, or merge it "
+                               "before quantizing")
+        warn_ignored(lora, f"LoRA {name}")
+        for group, use_dora in (([m for m in modules if m not in dora], False), (dora, True)):
+            if not group:
+                continue
+            ranks = {re.escape(m): lora.low_rank[m].rank for m in group}
+            config = LoraConfig(r=max(ranks.values()), lora_alpha=max(ranks.values()), target_modules=group,
+                                rank_pattern=ranks, alpha_pattern=ranks, lora_dropout=0.0, init_lora_weights=False,
+                                use_dora=use_dora)
+            with warnings.catch_warnings():  # several adapters on one model is what Effects is for
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                inject_adapter_in_model(config, self.model, adapter_name=name)
         if modules:
-            ranks = {re.escape(m): lora.low_rank[m].rank for m in modules}
-            config = LoraConfig(r=max(ranks.values()), lora_alpha=max(ranks.values()), target_modules=modules,
-                                rank_pattern=ranks, alpha_pattern=ranks, lora_dropout=0.0, init_lora_weights=False)
-            inject_adapter_in_model(config, self.model, adapter_name=name)
             dtype = getattr(self.model, "dtype", torch.float32)  # adapters compute in the activation dtype
             with torch.no_grad():
                 for m in modules:
@@ -107,6 +143,9 @@ class Effects:
                     a.weight.data = lr.down.reshape(a.weight.shape).to(a.weight.device, dtype)
                     b.weight.data = (lr.up * (lr.scale * strength)).reshape(b.weight.shape).to(b.weight.device, dtype)
                     layer.scaling[name] = 1.0
+                    if lr.magnitude is not None:  # peft: output rows rescaled to m / ‖W + B·A‖
+                        mag = layer.lora_magnitude_vector[name].weight
+                        mag.data = lr.magnitude.reshape(mag.shape).to(mag.device, dtype)
                     if lr.bias is not None:  # peft's lora_B has no bias: keep it with the full deltas
                         lora.full[f"{m}.bias"] = lora.full.get(f"{m}.bias", 0) + lr.bias
         self.loaded[name] = lora

@@ -9,15 +9,17 @@ import torch
 from ..devices import activation_dtype, choose_device, choose_dtype
 from ..errors import WeightsError
 from ..weights import Source, iter_tensors, read_config
-from ..weights.files import component_folder, describe, read_header
+from ..weights.files import component_folder, describe, read_header, resolve_files
+from ..weights.gguf import block_types, is_gguf
 from ..weights.keys import block_count, normalize_dit_keys
+from .gguf_linear import swap_in_gguf
 from .load import assign_tensors, build_empty
 from .quant import swap_in
 from .recipes import read_metadata
 from .wan_dit import DIT_CONFIGS, DiTConfig, WanDiT, keeps_fp32
 
 # Which files of a folder hold the DiT: diffusers/official shards first, then any single file.
-DIT_PATTERNS = ("diffusion_pytorch_model*.safetensors", "*.safetensors", "*.pth", "*.pt", "*.bin")
+DIT_PATTERNS = ("diffusion_pytorch_model*.safetensors", "*.safetensors", "*.gguf", "*.pth", "*.pt", "*.bin")
 
 
 def infer_config(shapes: dict[str, tuple[int, ...]], config_json: dict | None = None) -> DiTConfig:
@@ -60,7 +62,7 @@ def load_dit(
     weight dtype (default: ``choose_dtype('auto')`` for the device); norms and modulation stay float32 and the
     time embedding, residual stream and head compute in float32. Activations run in ``dtype`` where the device
     multiplies it natively, else float32. Pre-quantized checkpoints (``cine quantize`` output, ComfyUI fp8 /
-    fp8_scaled, lightx2v fp8/int8) keep their quantized weights. Returns the model in eval mode; its forward maps
+    fp8_scaled, lightx2v fp8/int8, city96's GGUF files) keep their quantized weights. Returns the model in eval mode; its forward maps
     x [B,16,F,H,W], t [B], context [B,L≤512,4096], clip_fea [B,257|514,1280], y [B,20,F,H,W] → velocity fp32.
     """
     device = choose_device(device)
@@ -81,8 +83,11 @@ def load_dit(
     cfg = config or infer_config(canonical_shapes, read_config(source))
     model = build_empty(lambda: WanDiT(cfg))
     # Pre-quantized layers: ours (metadata), or float8/int8 weights from ComfyUI / lightx2v files.
-    layers = quant_meta["layers"] if quant_meta else wild_quant_layers(model, {names[k]: header[k][1] for k in names})
-    swap_in(model, layers, meta=True)
+    wild = quant_meta["layers"] if quant_meta else wild_quant_layers(model, {names[k]: header[k][1] for k in names})
+    swap_in(model, wild, meta=True)
+    ggml = gguf_layers(model, source, names)  # GGUF block-quantized weights, dequantized per call
+    swap_in_gguf(model, ggml)
+    layers = {**wild, **ggml}
 
     def dtype_for(name: str, tensor: torch.Tensor) -> torch.dtype:
         module, _, leaf = name.rpartition(".")
@@ -91,14 +96,31 @@ def load_dit(
         return torch.float32 if keeps_fp32(name) else dtype
 
     tensors = ((names[k], v) for k, v in iter_tensors(source, DIT_PATTERNS) if k in names)
-    if layers and not quant_meta:
-        tensors = wild_quant_tensors(tensors, layers, canonical_shapes)
+    if wild and not quant_meta:
+        tensors = wild_quant_tensors(tensors, wild, canonical_shapes)
     model = assign_tensors(model, tensors, device=device, dtype_for=dtype_for, what=describe(source),
                            copy=isinstance(source, Mapping))
     model.compute_dtype = activation_dtype(device, dtype)
-    model.quant_recipe = quant_meta["recipe"] if quant_meta else ("prequantized" if layers else "none")
+    model.quant_recipe = quant_meta["recipe"] if quant_meta else ("gguf" if ggml else "prequantized" if layers else "none")
     model.quant_layers = dict(layers)
     return model
+
+
+def gguf_layers(model: WanDiT, source: Source, names: dict[str, str]) -> dict[str, str]:
+    """``{linear module: GGML type}`` of the block-quantized weights in GGUF files of ``source``."""
+    if isinstance(source, Mapping):
+        return {}
+    kinds = {}
+    for path in resolve_files(source, DIT_PATTERNS):
+        for key, kind in (block_types(path) if is_gguf(path) else {}).items():
+            if key not in names:
+                continue  # another component's tensor: reported by the loader as unexpected, if at all
+            module, _, leaf = names[key].rpartition(".")
+            linear = dict(model.named_modules()).get(module) if leaf == "weight" else None
+            if not isinstance(linear, torch.nn.Linear):
+                raise WeightsError(f"{path.name}: {key} is {kind}-quantized but is not a linear layer's weight")
+            kinds[module] = kind
+    return kinds
 
 
 def wild_quant_layers(model: WanDiT, dtypes: dict[str, torch.dtype]) -> dict[str, str]:

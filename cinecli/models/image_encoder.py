@@ -16,10 +16,11 @@ The config comes from ``config.json`` when there is a valid one, else from tenso
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,8 @@ from ..weights.files import (
 from ..weights.keys import block_count, compile_rules, normalize_first
 from .load import assign_tensors, build_empty
 
+log = logging.getLogger("cinecli")
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -54,6 +57,7 @@ class ImageEncoderConfig:
     eps: float = 1e-5
     act: str = "gelu"  # exact (erf) GELU
     in_channels: int = 3
+    assumed: str = field(default="", compare=False)  # what shape inference had to guess (said in warnings and errors)
 
     @property
     def num_tokens(self) -> int:
@@ -109,7 +113,8 @@ OPEN_CLIP_RULES = compile_rules([
 ])
 HF_CLIP_MARKERS = ("embeddings.patch_embedding.weight",)
 # Projection heads (Wan ``head``, open_clip ``proj``) map CLS to the joint space; the features used are before them.
-_CLIP_SKIPPED = re.compile(r"^(head|proj)$")
+# ``embeddings.position_ids`` is an arange buffer older transformers saved (some clip_vision_h copies hold it).
+_CLIP_SKIPPED = re.compile(r"^(head|proj|embeddings\.position_ids)$")
 
 # Which files of a folder hold the tower: Wan repo root, ComfyUI names, transformers / open_clip names.
 IMAGE_ENCODER_PATTERNS = (
@@ -146,11 +151,26 @@ def convert_to_tower(items: Iterable[tuple[str, Tensor]]) -> Iterator[tuple[str,
             yield name, tensor
 
 
+def config_heads(config_json: dict | None) -> int | None:
+    """The head count a config file states, if any: transformers' ``num_attention_heads`` (flat or under
+    ``vision_config``), or open_clip's ``vision_cfg`` (width // head_width; open_clip's head_width default is 64)."""
+    cfg = config_json or {}
+    vision = cfg.get("vision_config", cfg) or {}
+    if "num_attention_heads" in vision:
+        return int(vision["num_attention_heads"])
+    open_clip = (cfg.get("model_cfg", cfg) or {}).get("vision_cfg")
+    if isinstance(open_clip, dict) and "width" in open_clip:
+        return int(open_clip["width"]) // int(open_clip.get("head_width", 64))
+    return None
+
+
 def infer_image_config(shapes: Mapping[str, tuple[int, ...]], config_json: dict | None = None) -> ImageEncoderConfig:
     """A config from a CLIP vision ``config.json`` when present, else from tower-key shapes.
 
-    Head count is not in any shape: a shape-inferred config that matches a named one (allowing a checkpoint
-    that already lacks its last block) returns the named one; otherwise heads = dim / 64.
+    Head count is not in any shape. In order: a config that states it (even a partial one, or open_clip's
+    ``open_clip_config.json``); a named config the shapes match (allowing a checkpoint that already lacks its last
+    block); a named config of the same width but another depth (its head count); else width / 64. The last two are
+    guesses: ``assumed`` says which, and loading warns and names it in its errors.
     """
     vision = (config_json or {}).get("vision_config", config_json) or {}
     if all(k in vision for k in ("hidden_size", "num_attention_heads", "patch_size", "num_hidden_layers")):
@@ -170,12 +190,21 @@ def infer_image_config(shapes: Mapping[str, tuple[int, ...]], config_json: dict 
         image_size=math.isqrt(num_tokens - 1) * patch_size, patch_size=patch_size, dim=dim,
         num_heads=max(dim // 64, 1), dim_mlp=dim_mlp, num_layers=block_count(shapes, "encoder.layers."), in_channels=in_channels,
     )
-    for named in IMAGE_ENCODER_CONFIGS.values():
-        if all(getattr(named, f) == getattr(inferred, f) for f in _SHAPE_FIELDS) and inferred.num_layers in (
-            named.num_layers, named.num_layers - 1,
-        ):
+    heads = config_heads(config_json)
+    if heads is not None:
+        return replace(inferred, num_heads=heads)
+    same_width = [(name, named) for name, named in IMAGE_ENCODER_CONFIGS.items()
+                  if all(getattr(named, f) == getattr(inferred, f) for f in _SHAPE_FIELDS)]
+    for _, named in same_width:
+        if inferred.num_layers in (named.num_layers, named.num_layers - 1):
             return named
-    return inferred
+    depth = f"{inferred.num_layers} blocks"
+    if same_width:  # another depth of a known tower (a pruned ViT-H/14): its width, so its heads
+        name, named = same_width[0]
+        return replace(inferred, num_heads=named.num_heads, assumed=f"assumed {named.num_heads} heads as {name} of the "
+                       f"same width ({depth}, {named.num_layers} in {name}); no config gave the head count")
+    return replace(inferred, assumed=f"assumed {inferred.num_heads} heads (width {dim} / 64, {depth}); no config gave "
+                   "the head count")
 
 
 class ImageEncoder:
@@ -248,16 +277,24 @@ def load_image_encoder(
     canonical_shapes = {name: tuple(t.shape) for name, t in convert_to_tower(meta)}
     if isinstance(config, str):
         config = IMAGE_ENCODER_CONFIGS[config]
-    cfg = config or infer_image_config(canonical_shapes, read_config(source))
+    cfg = config or infer_image_config(canonical_shapes, read_config(source) or read_config(source, "open_clip_config.json"))
+    assumed = f" ({cfg.assumed}: put the tower's config.json beside the weights)" if cfg.assumed else ""
     if cfg.num_layers < 2:
-        raise WeightsError(f"{describe(source)}: a CLIP tower with {cfg.num_layers} block(s) has no penultimate block")
+        raise WeightsError(f"{describe(source)}: a CLIP tower with {cfg.num_layers} block(s) has no penultimate block{assumed}")
+    if cfg.dim % cfg.num_heads:
+        raise WeightsError(f"{describe(source)}: width {cfg.dim} does not split into {cfg.num_heads} heads{assumed}")
+    if cfg.assumed:
+        log.warning(f"warning: image encoder {describe(source)}: {cfg.assumed}; if that is wrong its features are too")
     last_block = f"encoder.layers.{cfg.num_layers - 1}."  # read by nobody: not built, its tensors skipped
 
     model = build_empty(lambda: CLIPVisionModel(cfg.to_hf()))
     tower = getattr(model, "vision_model", model)
     renamed = ((names[k], v) for k, v in iter_tensors(source, IMAGE_ENCODER_PATTERNS) if k in names)
     tensors = ((name, t) for name, t in convert_to_tower(renamed) if not name.startswith(last_block))
-    assign_tensors(tower, tensors, device=device, dtype_for=lambda name, t: dtype, what=describe(source))
+    try:
+        assign_tensors(tower, tensors, device=device, dtype_for=lambda name, t: dtype, what=describe(source))
+    except WeightsError as exc:
+        raise WeightsError(f"{exc}{assumed}") from None
     # position_ids is a non-persistent buffer: in no checkpoint, still on meta after the assignment.
     tower.embeddings.position_ids = torch.arange(cfg.num_tokens, device=device).expand(1, -1)
     leftover = [n for n, t in model.state_dict(keep_vars=True).items() if t.is_meta]
@@ -270,5 +307,5 @@ def load_image_encoder(
 
 __all__ = [
     "CLIP_MEAN", "CLIP_STD", "IMAGE_ENCODER_CONFIGS", "ImageEncoder", "ImageEncoderConfig", "convert_to_tower",
-    "image_encoder_key_map", "infer_image_config", "load_image_encoder",
+    "config_heads", "image_encoder_key_map", "infer_image_config", "load_image_encoder",
 ]

@@ -12,6 +12,7 @@ modification time, the recipe with its overrides, the merged LoRAs (same identit
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import sys
@@ -59,6 +60,7 @@ def load_quantized(source: Path, recipe, merges: list[tuple[Path, float, str]], 
     """The DiT of ``source`` with ``merges`` applied and quantized by ``recipe``: from the cache, or converted once."""
     from . import load_dit
     from .adapters import merge_into
+    from .load import release_source, trim_heap
     from .recipes import quantize_dit, write_quantized
 
     target = cached_path(source, recipe, [(p, s) for p, s, _ in merges])
@@ -73,6 +75,8 @@ def load_quantized(source: Path, recipe, merges: list[tuple[Path, float, str]], 
         write_quantized(model, target)
     except OSError as exc:  # a read-only or full cache only costs the conversion next time
         print(f"warning: could not cache the quantized DiT in {target.parent}: {exc.strerror or exc}", file=sys.stderr)
-        return model.to(device)
+        return release_source(model).to(device)  # unmap the 16-bit file: only the quantized copy stays
     del model
+    gc.collect()
+    trim_heap()  # give the conversion's heap back before the cached file is mapped
     return load_dit(target, device=device, dtype=dtype)

@@ -9,7 +9,10 @@ Weight sources (any of them through ``cinecli.weights``):
     converted by the rename table below;
   - a transformers / diffusers ``text_encoder/`` folder (``shared.weight``, ``encoder.block.N.layer.0…``),
     possibly sharded, with or without ``config.json``; a full UMT5 checkpoint (its decoder is skipped);
-  - a single file of either layout, or a state dict.
+  - a single file of either layout, or a state dict;
+  - ComfyUI's ``umt5_xxl_fp8_e4m3fn_scaled.safetensors`` (transformers names, float8 linear weights with a scalar
+    ``scale_weight`` each and a ``scaled_fp8`` marker) and plain float8 files: the float8 weights stay float8 in
+    memory (QuantLinear, dequantized per call), except the FFN output ``wo`` (see ``_dequantize_wo``).
 The config comes from ``config.json`` when there is a valid one, else from tensor shapes.
 """
 
@@ -34,10 +37,12 @@ from ..weights.files import (
     describe,
     iter_tensors,
     read_config,
-    read_shapes,
+    read_header,
 )
 from ..weights.keys import block_count, compile_rules, normalize_first
+from .dit_loader import wild_quant_layers, wild_quant_tensors
 from .load import assign_tensors, build_empty
+from .quant import QuantLinear, swap_in
 
 try:  # optional, as in the reference: fixes mojibake before the html/whitespace cleaning
     import ftfy
@@ -269,7 +274,8 @@ def load_text_encoder(
     device = choose_device(device)
     dtype = choose_dtype(dtype if dtype is not None else "auto", device)
     source = component_folder(source, "text_encoder")
-    shapes = read_shapes(source, TEXT_ENCODER_PATTERNS)
+    header = read_header(source, TEXT_ENCODER_PATTERNS)  # shapes, and stored dtypes (float8 files)
+    shapes = {k: shape for k, (shape, _) in header.items()}
     try:
         names = text_encoder_key_map(list(shapes))
     except WeightsError as exc:
@@ -283,8 +289,14 @@ def load_text_encoder(
     # The encoder stack reads the embedding through its own module; drop it so the one tensor is read and cast
     # once, and share the loaded module afterwards (what set_input_embeddings does).
     model.encoder.embed_tokens = None
+    # ComfyUI fp8 / fp8_scaled: the float8 linear layers load as QuantLinear, their scales brought to ours.
+    layers = wild_quant_layers(model, {names[k]: header[k][1] for k in names})
+    swap_in(model, layers, meta=True)
 
     def dtype_for(name: str, tensor: Tensor) -> torch.dtype:
+        module, _, leaf = name.rpartition(".")
+        if module in layers and leaf in ("weight", "weight_scale"):
+            return tensor.dtype  # quantized data and its scales stay as stored
         return torch.float32 if dtype == torch.float16 and ".wo." in name else dtype
 
     def tensors() -> Iterator[tuple[str, Tensor]]:
@@ -295,8 +307,10 @@ def load_text_encoder(
                 seen.add(name)
                 yield name, tensor
 
-    assign_tensors(model, tensors(), device=device, dtype_for=dtype_for, what=describe(source))
+    stream = wild_quant_tensors(tensors(), layers, {names[k]: shapes[k] for k in names}) if layers else tensors()
+    assign_tensors(model, stream, device=device, dtype_for=dtype_for, what=describe(source))
     model.encoder.embed_tokens = model.shared
+    _dequantize_wo(model, layers, torch.float32 if dtype == torch.float16 else dtype)
 
     if tokenizer is None:
         found = next((p for p in _tokenizer_candidates(source) if p.is_dir() and _has_tokenizer_files(p)), None)
@@ -304,6 +318,22 @@ def load_text_encoder(
     elif isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(tokenizer)
     return TextEncoder(model, cfg, tokenizer)
+
+
+def _dequantize_wo(model: UMT5EncoderModel, layers: dict[str, str], dtype: torch.dtype) -> None:
+    """Float8 FFN output projections → plain linear layers in ``dtype``.
+
+    transformers' gated FFN casts its hidden states to ``wo.weight.dtype`` before ``wo`` (its fp32-``wo`` overflow
+    guard), which would turn them into float8; a dequantized ``wo`` keeps that guard working. It costs 1/6 of the
+    linear weights in 16 bits (2 GB for umT5-XXL in bf16, against 11 GB for the whole model unquantized).
+    """
+    for name in [n for n in layers if n.endswith(".wo")]:
+        parent, _, child = name.rpartition(".")
+        q: QuantLinear = model.get_submodule(name)
+        linear = torch.nn.Linear(q.in_features, q.out_features, bias=False, device="meta")
+        linear.weight = torch.nn.Parameter(q.dequantized(dtype), requires_grad=False)
+        setattr(model.get_submodule(parent), child, linear)
+        del layers[name]
 
 
 __all__ = [

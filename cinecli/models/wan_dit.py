@@ -276,6 +276,11 @@ class WanDiT(nn.Module):
             self.img_emb = ImageEmbedding(cfg)
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.compute_dtype: torch.dtype | None = None  # activations; set by the loader (devices.activation_dtype)
+        self.block_stream = None  # streaming.BlockStream when blocks are streamed to the device, else None
+
+    def resident_blocks(self):
+        """The blocks in order, each with its weights on the compute device while in use (see streaming.py)."""
+        return iter(self.blocks) if self.block_stream is None else iter(self.block_stream)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -309,7 +314,7 @@ class WanDiT(nn.Module):
             image = self.img_emb(clip_fea, dtype)
         text = text.to(dtype)
         store = self.patch_embedding.weight.dtype  # the 16-bit weight dtype (activations may be fp32)
-        return Context(text=text, image=image, kv=[blk.cross_attn.key_values(text, image, store) for blk in self.blocks],
+        return Context(text=text, image=image, kv=[blk.cross_attn.key_values(text, image, store) for blk in self.resident_blocks()],
                        text_bias=bias)
 
     def rope(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -355,7 +360,7 @@ class WanDiT(nn.Module):
         e0 = self.time_projection(e).float().unflatten(1, (6, cfg.dim))
 
         rope = self.rope(grid, x.device)
-        for blk, kv in zip(self.blocks, ctx.kv):
+        for blk, kv in zip(self.resident_blocks(), ctx.kv):
             tokens = blk(tokens, e0, kv, rope, dtype, ctx.text_bias)
 
         out = self.head(tokens, e)  # [B, L, pt·ph·pw·16], channel fastest

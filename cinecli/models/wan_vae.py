@@ -157,27 +157,31 @@ def _check_tiles(tile_size: int, tile_overlap: int) -> None:
                          "with 0 ≤ overlap < size")
 
 
-def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
-    """Start offsets of tiles of length ``tile`` covering ``size``; the last one is aligned to the end."""
+def _tile_starts(size: int, tile: int, overlap: int, align: int = 1) -> list[int]:
+    """Start offsets of the fewest tiles of length ``tile`` that cover ``size`` overlapping by ≥ ``overlap``,
+    spread evenly (multiples of ``align``): 480 px in 256-px tiles is [0, 224], not [0, 224] plus a sliver tile."""
     if size <= tile:
         return [0]
-    starts = list(range(0, size - tile, tile - overlap))
-    return starts + [size - tile]
+    n = -(-(size - overlap) // (tile - overlap))  # ceil
+    while True:
+        starts = [min(size - tile, round(i * (size - tile) / (n - 1) / align) * align) for i in range(n)]
+        starts[-1] = size - tile
+        if all(b - a <= tile - overlap for a, b in zip(starts, starts[1:])):
+            return starts
+        n += 1  # alignment rounding left a gap too wide: one more tile
 
 
-def _ramp(length: int, overlap: int, rise: bool, fall: bool, device: torch.device) -> torch.Tensor:
-    """1-D blend weights [length]: linear ramps over ``overlap`` on the sides that have a neighbour.
+def _ramp(length: int, rise: int, fall: int, device: torch.device) -> torch.Tensor:
+    """1-D blend weights [length]: linear ramps over the ``rise`` / ``fall`` pixels shared with each neighbour.
 
-    Facing ramps of two tiles overlapping by exactly ``overlap`` sum to 1; weights stay > 0 everywhere.
+    Facing ramps over the same overlap sum to 1; weights stay > 0 everywhere.
     """
     w = torch.ones(length, device=device)
-    o = min(overlap, length)
-    if o > 0:
-        ramp = torch.arange(1, o + 1, device=device, dtype=torch.float32) / (o + 1)
-        if rise:
-            w[:o] = torch.minimum(w[:o], ramp)
-        if fall:
-            w[-o:] = torch.minimum(w[-o:], ramp.flip(0))
+    for o, flip in ((min(rise, length), False), (min(fall, length), True)):
+        if o > 0:
+            ramp = torch.arange(1, o + 1, device=device, dtype=torch.float32) / (o + 1)
+            part = w[-o:] if flip else w[:o]
+            part.copy_(torch.minimum(part, ramp.flip(0) if flip else ramp))
     return w
 
 
@@ -188,18 +192,27 @@ def _tiled(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], tile: in
     ``fn`` maps an h×w tile to an (h·scale)×(w·scale) fp32 result; ``tile``/``overlap`` are in input pixels.
     """
     height, width = x.shape[-2:]
-    ys, xs = _tile_starts(height, tile, overlap), _tile_starts(width, tile, overlap)
+    align = round(1 / scale) if scale < 1 else 1  # encoder tiles start on whole latent pixels
+    ys, xs = _tile_starts(height, tile, overlap, align), _tile_starts(width, tile, overlap, align)
+
+    def shared(starts: list[int], i: int, size: int) -> tuple[int, int]:
+        """Output pixels tile i shares with the previous and the next tile."""
+        end = min(starts[i] + tile, size)
+        rise = min(starts[i - 1] + tile, size) - starts[i] if i > 0 else 0
+        fall = end - starts[i + 1] if i + 1 < len(starts) else 0
+        return round(rise * scale), round(fall * scale)
+
     out: torch.Tensor | None = None
     weight = torch.zeros(round(height * scale), round(width * scale), device=x.device)  # [H', W']
-    for y0 in ys:
-        for x0 in xs:
+    for iy, y0 in enumerate(ys):
+        for ix, x0 in enumerate(xs):
             part = fn(x[..., y0 : y0 + tile, x0 : x0 + tile])  # [B, C', T', th', tw'] fp32
             if out is None:
                 out = torch.zeros(*part.shape[:3], *weight.shape, device=x.device)
             th, tw = part.shape[-2:]
-            oy, ox, ov = round(y0 * scale), round(x0 * scale), round(overlap * scale)
-            wy = _ramp(th, ov, rise=y0 > 0, fall=y0 + tile < height, device=x.device)
-            wx = _ramp(tw, ov, rise=x0 > 0, fall=x0 + tile < width, device=x.device)
+            oy, ox = round(y0 * scale), round(x0 * scale)
+            wy = _ramp(th, *shared(ys, iy, height), device=x.device)
+            wx = _ramp(tw, *shared(xs, ix, width), device=x.device)
             wgt = wy[:, None] * wx[None, :]  # [th', tw']
             out[..., oy : oy + th, ox : ox + tw] += part * wgt
             weight[oy : oy + th, ox : ox + tw] += wgt

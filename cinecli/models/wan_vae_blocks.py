@@ -66,16 +66,17 @@ class CausalConv3d(nn.Conv3d):
                  stride: int | tuple[int, int, int] = 1, padding: int | tuple[int, int, int] = 0) -> None:
         super().__init__(in_dim, out_dim, kernel, stride=stride, padding=padding)
         pt, ph, pw = self.padding
-        self.front = 2 * pt  # causal: all temporal padding in front
-        self.pad_hw = (pw, pw, ph, ph)
-        self.padding = (0, 0, 0)  # padding is done by hand in forward
+        self.front = 2 * pt  # causal: all temporal padding in front, done by hand in forward
+        self.padding = (0, ph, pw)  # spatial zero padding inside the conv: no padded copy of a video-sized input
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         front = self.front
-        if context is not None and front > 0:
-            x = torch.cat([context.to(x.dtype), x], dim=2)  # [B, C, ctx+T, H, W]
-            front -= context.shape[2]
-        x = F.pad(x, (*self.pad_hw, front, 0))
+        if front > 0:  # one copy: [zeros ‖ context ‖ x] along time → [B, C, front+T, H, W]
+            parts = [context.to(x.dtype)] if context is not None else []
+            missing = front - (context.shape[2] if context is not None else 0)
+            if missing > 0:
+                parts.insert(0, x.new_zeros(*x.shape[:2], missing, *x.shape[3:]))
+            x = torch.cat([*parts, x], dim=2)
         return super().forward(x)
 
 
@@ -93,7 +94,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The L2 norm of hundreds of channels loses too much in bf16/fp16: normalise in fp32.
         normed = F.normalize(x.float(), dim=1).to(x.dtype)
-        return normed * self.scale * self.gamma
+        if normed is x:  # cannot happen for a fresh result, but never scale the caller's tensor
+            normed = normed.clone()
+        return normed.mul_(self.scale).mul_(self.gamma)  # in place: one video-sized buffer, not three
 
 
 class ResidualBlock(nn.Module):
@@ -110,11 +113,12 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
         h = self.shortcut(x)  # 1×1×1: needs no temporal context
-        x = F.silu(self.residual[0](x))
+        # In-place SiLU and sum on fresh buffers: the same numbers with fewer video-sized allocations live.
+        x = F.silu(self.residual[0](x), inplace=True)
         x = cache.conv(self.residual[2], x)
-        x = F.silu(self.residual[3](x))
+        x = F.silu(self.residual[3](x), inplace=True)
         x = cache.conv(self.residual[6], x)
-        return x + h
+        return x.add_(h)
 
 
 class AttentionBlock(nn.Module):
@@ -238,7 +242,7 @@ class Encoder3d(nn.Module):
         x = cache.conv(self.conv1, x)
         x = _forward_seq(self.downsamples, x, cache)
         x = _forward_seq(self.middle, x, cache)
-        return cache.conv(self.head[2], F.silu(self.head[0](x)))
+        return cache.conv(self.head[2], F.silu(self.head[0](x), inplace=True))
 
 
 class Decoder3d(nn.Module):
@@ -267,4 +271,4 @@ class Decoder3d(nn.Module):
         x = cache.conv(self.conv1, x)
         x = _forward_seq(self.middle, x, cache)
         x = _forward_seq(self.upsamples, x, cache)
-        return cache.conv(self.head[2], F.silu(self.head[0](x)))
+        return cache.conv(self.head[2], F.silu(self.head[0](x), inplace=True))

@@ -6,6 +6,7 @@ A *source* is one of:
   - a ``*.safetensors.index.json`` (sharded; the shards sit next to it);
   - a ``.pth`` / ``.pt`` / ``.bin`` / ``.ckpt`` file (only through ``torch.load(weights_only=True)``:
     a pickle that would run code is refused);
+  - a ``.gguf`` file (weights/gguf.py: float tensors as tensors, block-quantized weights as raw bytes);
   - a folder holding one of the above (a diffusers component folder, an original Wan repo, a ComfyUI
     models folder). Which file of a folder belongs to which component is decided by the caller's
     ``patterns`` (glob patterns tried in order).
@@ -26,6 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import WeightsError
+from .gguf import GGUF_SUFFIX, iter_gguf, read_gguf_header
 
 Source = str | os.PathLike | Mapping[str, torch.Tensor]
 
@@ -106,6 +108,8 @@ def iter_tensors(source: Source, patterns: Sequence[str] = ("*.safetensors", "*.
                 raise WeightsError(f"unreadable safetensors file {path}: {exc}") from None
         elif path.suffix in PICKLE_SUFFIXES:
             yield from _load_pickle(path).items()
+        elif path.suffix == GGUF_SUFFIX:
+            yield from iter_gguf(path)
         else:
             raise WeightsError(f"unknown weight file type: {path} (expected .safetensors or .pth)")
 
@@ -128,6 +132,8 @@ def read_header(source: Source, patterns: Sequence[str] = ("*.safetensors", "*.p
                         header[key] = (tuple(info.get_shape()), _SAFETENSORS_DTYPES.get(info.get_dtype(), torch.float32))
             except (SafetensorError, OSError) as exc:
                 raise WeightsError(f"unreadable safetensors file {path}: {exc}") from None
+        elif path.suffix == GGUF_SUFFIX:
+            header.update(read_gguf_header(path))
         else:
             header.update((k, (tuple(v.shape), v.dtype)) for k, v in _load_pickle(path).items())
     return header

@@ -111,10 +111,12 @@ def normalize_dit_keys(keys: Iterable[str]) -> dict[str, str]:
 
 # --- LoRA ------------------------------------------------------------------------------------------------------
 LORA_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer.", "model.")
-# What a key's tail says it is: low-rank halves, alpha, bias delta (diffusers lora_B.bias) and full deltas.
+# What a key's tail says it is: low-rank halves, alpha, bias delta (diffusers lora_B.bias), full deltas, the DoRA
+# magnitude (LyCORIS/ComfyUI ``dora_scale``, peft ``lora_magnitude_vector``) and LoCon's Tucker ``lora_mid``.
 _LORA_KIND = re.compile(
     r"\.(?:(?P<down>lora_down|lora_A)|(?P<up>lora_up|lora_B))(?:\.[^.]+)?\.weight$"
     r"|\.lora_B(?:\.[^.]+)?\.(?P<bias>bias)$|\.(?P<alpha>alpha)$|\.(?P<diff_b>diff_b)$|\.(?P<diff_m>diff_m)$|\.(?P<diff>diff)$"
+    r"|\.(?:dora_scale|lora_magnitude_vector)(?:\.[^.]+)?(?:\.(?P<dora>weight))?$|\.(?P<mid>lora_mid)(?:\.weight)?$"
 )
 # kohya/musubi flatten module paths with underscores; these put the dots back (original and diffusers names).
 _KOHYA_RULES = [
@@ -135,12 +137,13 @@ _DIFFUSERS_NAMES = re.compile(r"(?<![^.])(attn[12]|condition_embedder|proj_out|s
 def normalize_lora_key(key: str) -> tuple[str, str, str] | None:
     """A LoRA key → (canonical module, kind, style), or None for a key no style explains.
 
-    kind: down | up | alpha | bias | diff | diff_b | diff_m; style: original | original-peft | kohya | diffusers | diff.
+    kind: down | up | alpha | bias | diff | diff_b | diff_m | dora | mid;
+    style: original | original-peft | kohya | diffusers | diff.
     """
     m = _LORA_KIND.search(key)
     if m is None:
         return None
-    kind = m.lastgroup
+    kind = m.lastgroup or "dora"  # dora_scale / lora_magnitude_vector without a .weight tail
     module = key[: m.start()]
     if module.startswith("lora_unet_"):
         flat = module[len("lora_unet_"):]
@@ -161,5 +164,5 @@ def normalize_lora_key(key: str) -> tuple[str, str, str] | None:
         elif _DIFFUSERS_NAMES.search(module):
             style = "diffusers"
         else:
-            style = "original-peft" if "lora_A" in key or "lora_B" in key else "original"
+            style = "original-peft" if any(k in key for k in ("lora_A", "lora_B", "lora_magnitude_vector")) else "original"
     return rename(module, DIT_DIFFUSERS_RULES), kind, style

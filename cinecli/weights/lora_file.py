@@ -8,10 +8,17 @@ Styles (wan2.1-reference.md §G), any mix of them in one file:
 
 Math: W ← W + strength · scale · (up @ down), scale = alpha / rank when an alpha is stored, else 1;
 ``param ← param + strength · diff`` for full deltas. Key names go through the one normalizer (weights.keys).
+DoRA (``dora_scale`` / ``lora_magnitude_vector``, one magnitude per output row, as peft's ``use_dora``):
+W ← m ⊙ (W + strength·ΔW) / ‖W + strength·ΔW‖ (row norms).
+
+Tensors cine does not load — LoHa (``hada_*``), LoKr (``lokr_*``), OFT, LoCon's Tucker ``lora_mid`` (with the
+down/up/alpha of its module), anything unrecognised — are counted by kind: loaders warn with the counts on every
+load (as ComfyUI's "lora key not loaded") and refuse a file when most of its tensors would be ignored.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -20,6 +27,10 @@ import torch
 from ..errors import WeightsError
 from .files import Source, iter_tensors
 from .keys import normalize_lora_key
+
+log = logging.getLogger("cinecli")
+# Key markers of LoRA-family formats cine does not apply → the name the warning counts them under.
+UNSUPPORTED = (("hada_", "LoHa"), ("lokr_", "LoKr"), ("oft_", "OFT"), ("boft_", "OFT"))
 
 
 @dataclass
@@ -30,6 +41,7 @@ class LowRank:
     up: torch.Tensor
     alpha: float | None = None
     bias: torch.Tensor | None = None
+    magnitude: torch.Tensor | None = None  # DoRA: [out], the norm each output row of W + ΔW is rescaled to
 
     @property
     def rank(self) -> int:
@@ -55,6 +67,9 @@ class LoraFile:
     full: dict[str, torch.Tensor] = field(default_factory=dict)  # parameter → delta ("blocks.0.modulation")
     styles: Counter = field(default_factory=Counter)  # style → number of keys
     unknown: list[str] = field(default_factory=list)  # keys no style explains
+    tensors: int = 0  # tensors in the file
+    ignored: Counter = field(default_factory=Counter)  # kind (LoHa, lora_mid, …) → tensors that are not applied
+    ignored_keys: list[str] = field(default_factory=list)
 
     @property
     def format(self) -> str:
@@ -76,18 +91,36 @@ class LoraFile:
         return {
             "format": self.format, "ranks": dict(sorted(ranks.items())), "alphas": {str(k): v for k, v in alphas.items()},
             "low_rank_modules": len(self.low_rank), "full_deltas": len(self.full), "targets": len(self.targets()),
-            "unknown_keys": len(self.unknown),
+            "unknown_keys": len(self.unknown), "dora_modules": sum(lr.magnitude is not None for lr in self.low_rank.values()),
+            "tensors": self.tensors, "ignored": dict(self.ignored),
         }
+
+    def _ignore(self, kind: str, keys: list[str]) -> None:
+        self.ignored[kind] += len(keys)
+        self.ignored_keys += keys
+
+
+def _unsupported_kind(key: str) -> str:
+    leaf = key.rsplit(".", 1)[-1]  # hada_w1_a, lokr_w2, oft_blocks, …
+    return next((name for marker, name in UNSUPPORTED if leaf.startswith(marker)), "unrecognised")
 
 
 def read_lora(source: Source) -> LoraFile:
     """Parse a LoRA file (or state dict) of any style. Raises WeightsError on inconsistent pairs or no LoRA keys."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
+    keys: dict[str, list[str]] = {}  # module → its keys (to count what is ignored with it)
+    raw_prefix: dict[str, str] = {}  # module → the file's own name for it
+    unsupported_prefixes: dict[str, str] = {}  # file prefix → the unsupported kind found under it (LoHa, …)
     lora = LoraFile()
     for key, tensor in iter_tensors(source, ("*.safetensors", "*.pth", "*.pt", "*.bin")):
+        lora.tensors += 1
         parsed = normalize_lora_key(key)
         if parsed is None:
             lora.unknown.append(key)
+            kind = _unsupported_kind(key)
+            if kind != "unrecognised":
+                unsupported_prefixes[key.rsplit(".", 1)[0]] = kind
+            lora._ignore(kind, [key])
             continue
         module, kind, style = parsed
         lora.styles[style] += 1
@@ -96,7 +129,15 @@ def read_lora(source: Source) -> LoraFile:
             lora.full[param] = tensor
         else:
             parts.setdefault(module, {})[kind] = tensor
+            keys.setdefault(module, []).append(key)
+            raw_prefix.setdefault(module, key.rsplit(".", 1)[0])
     for module, p in parts.items():
+        if "mid" in p:  # LoCon Tucker: the delta needs the mid factor, which cine does not apply
+            lora._ignore("lora_mid", keys[module])
+            continue
+        if "down" not in p and "up" not in p:  # alpha / dora_scale of a module stored in another format (LoHa, LoKr)
+            lora._ignore(unsupported_prefixes.get(raw_prefix[module], "alpha without factors"), keys[module])
+            continue
         if "down" not in p or "up" not in p:
             have = ", ".join(sorted(p))
             raise WeightsError(f"LoRA module {module} has {have} but not both down/A and up/B matrices")
@@ -104,11 +145,33 @@ def read_lora(source: Source) -> LoraFile:
         if down.shape[0] != up.shape[1]:
             raise WeightsError(f"LoRA module {module}: down {tuple(down.shape)} and up {tuple(up.shape)} ranks differ")
         alpha = float(p["alpha"]) if "alpha" in p else None
-        lora.low_rank[module] = LowRank(down=down, up=up.flatten(1) if up.ndim > 2 else up, alpha=alpha, bias=p.get("bias"))
-    if not lora.low_rank and not lora.full:
+        magnitude = p.get("dora")
+        if magnitude is not None and magnitude.numel() != up.shape[0]:  # LyCORIS wd_on_output=False: per input column
+            lora._ignore("dora_scale (input axis)", [k for k in keys[module] if "dora_scale" in k or "magnitude" in k])
+            magnitude = None
+        lora.low_rank[module] = LowRank(down=down, up=up.flatten(1) if up.ndim > 2 else up, alpha=alpha, bias=p.get("bias"),
+                                        magnitude=magnitude.flatten() if magnitude is not None else None)
+    if not lora.low_rank and not lora.full and set(lora.ignored) <= {"unrecognised"}:
         sample = ", ".join(lora.unknown[:3])
         raise WeightsError(f"no LoRA tensors recognised (first keys: {sample or 'none'})")
     return lora
+
+
+def check_ignored(lora: LoraFile, what: str) -> None:
+    """Refuse a file most of whose tensors would not be applied (one line, exit 4): it would not be the LoRA."""
+    n = sum(lora.ignored.values())
+    if 2 * n > lora.tensors:
+        kinds = ", ".join(f"{k} {c}" for k, c in lora.ignored.most_common())
+        raise WeightsError(f"{what}: {n} of {lora.tensors} tensors would be ignored ({kinds}); cine applies LoRA "
+                           "(lora_down/up, lora_A/B, alpha), DoRA (dora_scale) and diff tensors — convert it to one of those")
+
+
+def warn_ignored(lora: LoraFile, what: str) -> None:
+    """Every load of a file with tensors that are not applied says so, with counts (ComfyUI: "lora key not loaded")."""
+    n = sum(lora.ignored.values())
+    if n:
+        kinds = ", ".join(f"{k} {c}" for k, c in lora.ignored.most_common())
+        log.warning(f"warning: {what}: {n} of {lora.tensors} tensors not loaded ({kinds}; e.g. {lora.ignored_keys[0]})")
 
 
 def check_fit(lora: LoraFile, shapes: dict[str, tuple[int, ...]], what: str) -> None:

@@ -1,0 +1,34 @@
+"""``cine models scan DIR``: what each weight file in a ComfyUI / Wan2GP / any folder is, read from its header."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from .cli_common import handle_errors, stderr_console
+from .cli_weights import models_app
+from .report import human_bytes
+
+
+@models_app.command("scan")
+@handle_errors
+def models_scan(folder: Path = typer.Argument(..., help="A models folder (ComfyUI's models/, Wan2GP's ckpts/, any)."),
+                as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+                remember: bool = typer.Option(False, "--remember", help="Use this folder in every later run (user config).")) -> None:
+    """Identify Wan files by content (keys, shapes, dtypes; never the name): DiT, umT5, CLIP, VAE, LoRA or unknown."""
+    from .weights.scan import remember as remember_folder
+    from .weights.scan import scan
+
+    found = scan(folder)
+    if as_json:
+        print(json.dumps([f.as_dict() for f in found], indent=2))
+    else:
+        for f in found:
+            print(f"{f.kind:13s} {human_bytes(f.bytes):>9s}  {f.label:34s} {f.path.relative_to(folder)}")
+        if not found:
+            print(f"no .safetensors or .gguf files under {folder}")
+    if remember:
+        where = remember_folder(folder)
+        stderr_console().print(f"runs will look in {folder} (saved in {where})", highlight=False)
