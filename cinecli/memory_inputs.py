@@ -125,6 +125,18 @@ def _numel(header: dict | None, keep=lambda k: True) -> int | None:
     return sum(torch.Size(s).numel() for k, (s, _) in header.items() if keep(k)) if header else None
 
 
+def text_encoder_bytes(path: Path | None, declared: int | None, weight_bytes: int) -> int:
+    """Resident umT5 bytes: from the file's header (float8 weights of a ComfyUI fp8_scaled file stay 1 byte), else
+    the declared download size (a 16-bit or fp8 file holds what loads), else the umT5-XXL config."""
+    from .models.text_encoder import TEXT_ENCODER_PATTERNS
+
+    header = _header(path, TEXT_ENCODER_PATTERNS) if path else None
+    if header:
+        return sum(torch.Size(s).numel() * (1 if dt in QUANT_ELEMENT else weight_bytes) for k, (s, dt) in header.items()
+                   if not k.startswith(("decoder.", "lm_head.")))
+    return declared or text_encoder_params(None) * weight_bytes
+
+
 def text_encoder_params(path: Path | None) -> int:
     from .models.text_encoder import TEXT_ENCODER_CONFIGS, TEXT_ENCODER_PATTERNS
 
@@ -200,7 +212,7 @@ def job(preset: Preset, p: Plan, weights: dict[str, dict], *, device: torch.devi
     effect = next((k for k in weights if k.startswith("effect:")), None)
     return Job(
         dit=sizes, frames=p.frames, width=p.width, height=p.height, steps=p.sampler.num_steps,
-        text_encoder_bytes=text_encoder_params(path("text_encoder")) * wbytes,
+        text_encoder_bytes=text_encoder_bytes(path("text_encoder"), refs["text_encoder"].bytes, wbytes),
         image_encoder_bytes=image_encoder_params(path("image_encoder")) * abytes,
         vae_bytes=vae_params(path("vae")) * 4, act_bytes=abytes, default_recipe=default, pinned_recipe=recipe,
         prompt_cached=prompt_cached(path("text_encoder"), prompts),
