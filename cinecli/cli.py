@@ -120,6 +120,7 @@ def run(
     sampler: Optional[str] = typer.Option(None, "--sampler", help="distill, euler or unipc (default: the backbone's)."),
     distill_step: Optional[str] = typer.Option(None, "--distill-step", help="Distilled backbones: renoise (default) or euler."),
     offload: str = typer.Option("auto", "--offload", help="DiT weights: auto, none (all on the device) or blocks (streamed from host memory)."),
+    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Cap the memory plan, e.g. 8GB (else CINE_MEMORY_BUDGET)."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
     effect_word: Optional[str] = typer.Option(None, "--effect-word", hidden=True),  # `cine EFFECT …` (EffectGroup)
 ) -> None:
@@ -141,6 +142,7 @@ def run(
         device=device, dtype=dtype, crf=crf, overwrite=overwrite, report_file=report_file, as_json=as_json,
         quiet=quiet, dry_run=dry_run, metadata=not no_metadata, quantize=quantize_recipe, strength=strength,
         fast_decode=fast_decode, sampler=sampler, distill_step=distill_step, slowdown=slowdown, offload=offload,
+        memory_budget=memory_budget,
     )
     run_one(opts, stderr_console(quiet))
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -76,10 +75,8 @@ def quantize(
     """Quantize a DiT (weights only: FP8/INT8 per channel, INT4 per group of 64) into one self-describing file."""
     import copy
 
-    from safetensors.torch import save_file
-
     from .models import load_dit
-    from .models.recipes import get_recipe, metadata_for, quantize_dit
+    from .models.recipes import get_recipe, quantize_dit, write_quantized
     from .video import check_writable
 
     if output.suffix != ".safetensors":
@@ -96,15 +93,10 @@ def quantize(
     bytes_before = sum(p.numel() for p in model.parameters()) * 2  # as a bf16 checkpoint
     reference = copy.deepcopy(model) if check else None
     layers = quantize_dit(model, the_recipe, measure=True)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.part")
     try:
-        save_file(state, str(tmp), metadata=metadata_for(model))
-        os.replace(tmp, output)
+        bytes_after = write_quantized(model, output)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise OutputError(f"cannot write {output}: {exc.strerror or exc}") from None
-    bytes_after = sum(t.numel() * t.element_size() for t in state.values())
     by_format: dict[str, list[float]] = {}
     for info in layers.values():
         by_format.setdefault(info["format"], []).append(info["rel_rms_error"])

@@ -125,3 +125,37 @@ def image_encoder_dtype(device: torch.device | str, dtype: torch.dtype) -> torch
     if device.type == "cuda" and dtype != torch.float32:
         return torch.float16
     return activation_dtype(device, dtype)
+
+
+# --- what the machine has (for the memory plan) ------------------------------------------------------------------
+def host_available_bytes() -> int:
+    """RAM a new allocation can get without swapping: Linux MemAvailable (free + reclaimable cache), else 3/4 of
+    physical RAM (macOS has no cheap equivalent; the OS and other apps hold the rest)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 3 // 4
+    except (ValueError, OSError, AttributeError):
+        return 16 << 30
+
+
+def device_memory(device: torch.device | str) -> tuple[int, int]:
+    """(bytes the device can still give us, bytes of host RAM available) for ``device``.
+
+    CUDA: ``mem_get_info`` free bytes (other processes on a shared GPU already subtracted). MPS: the recommended
+    working set of Metal minus what this process already holds; memory is unified, so the host figure is the
+    same pool. CPU: the device is host RAM.
+    """
+    device = torch.device(device)
+    host = host_available_bytes()
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free), host
+    if device.type == "mps":
+        return int(torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()), host
+    return host, host

@@ -148,6 +148,7 @@ class Generator:
     timings: Timings | None = None
     quantize: str | None = None  # recipe to apply at load (overrides the backbone's)
     fast_decode: bool = False  # decode with the tiny VAE (TAEW2.1): much faster, lower fidelity
+    text_device: torch.device | None = None  # where the text encoder runs (memory plan: "cpu" when the device is short)
     # VAE encode/decode in blended spatial tiles of this many pixels (None: whole frames). Bounds the VAE's
     # activations (~29 kB per pixel of a tile untiled: 11 GB for a 624x624 frame) whatever the frame size.
     vae_tile: int | None = VAE_TILE
@@ -185,8 +186,8 @@ class Generator:
             with self._stage("load text_encoder"):  # imports inside the stage: their cost is part of loading
                 from .models.text_encoder import load_text_encoder
 
-                enc = load_text_encoder(self.paths["text_encoder"], tokenizer=self.paths["tokenizer"], device=self.device,
-                                        dtype=self.dtype)
+                enc = load_text_encoder(self.paths["text_encoder"], tokenizer=self.paths["tokenizer"],
+                                        device=self.text_device or self.device, dtype=self.dtype)
             with self._stage("text encode"), torch.no_grad():
                 for i in range(0, len(todo), 16):  # 16 prompts per encoder call bounds its activations
                     for p, context in zip(todo[i:i + 16], enc.encode(todo[i:i + 16])):
@@ -232,20 +233,21 @@ class Generator:
         if self._dit is None:
             with self._stage("load dit"):
                 from .models import load_dit
-
-                # Streamed blocks load (and quantize) on the host; streaming moves the rest to the device below.
-                self._dit = load_dit(self.paths["dit"], device="cpu" if self.stream_blocks else self.device, dtype=self.dtype)
                 from .models.adapters import Effects, merge_into
+                from .models.quant_cache import is_prequantized, load_quantized
 
-                for card in self.backbone.merge:  # backbone LoRAs (the 4-step distillation): merged once
-                    merge_into(self._dit, self.paths[f"lora:{card.name}"], strength=card.strength, what=f"LoRA {card.name}")
                 recipe = self.quantize or self.backbone.quantize
-                if recipe and recipe != "none" and not self._dit.quant_layers:  # applied at load to a 16-bit checkpoint
-                    from .models.load import release_source
-                    from .models.recipes import get_recipe, quantize_dit
+                merges = [(self.paths[f"lora:{c.name}"], c.strength, c.name) for c in self.backbone.merge]
+                # Streamed blocks load on the host; streaming moves the rest to the device below.
+                where = torch.device("cpu") if self.stream_blocks else self.device
+                if recipe and recipe != "none" and not is_prequantized(self.paths["dit"]):
+                    from .models.recipes import get_recipe  # quantized once, then memory-mapped from cine's cache
 
-                    quantize_dit(self._dit, get_recipe(recipe))
-                    release_source(self._dit)  # unmap the 16-bit file: only the quantized copy stays resident
+                    self._dit = load_quantized(self.paths["dit"], get_recipe(recipe), merges, device=where, dtype=self.dtype)
+                else:
+                    self._dit = load_dit(self.paths["dit"], device=where, dtype=self.dtype)
+                    for path, strength, name in merges:  # backbone LoRAs (the 4-step distillation): merged once
+                        merge_into(self._dit, path, strength=strength, what=f"LoRA {name}")
                 if self.stream_blocks:
                     from .models.streaming import stream_blocks
 

@@ -34,6 +34,7 @@ class WeightRef:
     file: str | None = None
     revision: str | None = None
     path: Path | None = None
+    bytes: int | None = field(default=None, compare=False)  # declared download size: --dry-run before the download
 
     def __str__(self) -> str:
         if self.path is not None:
@@ -93,6 +94,7 @@ class Backbone:
     tiny_vae: WeightRef | None = None
     description: str = ""
     negative_prompt: str = ""  # CFG backbones: the reference default (Wan's sample_neg_prompt), used unless overridden
+    dit_config: str | None = None  # a DIT_CONFIGS name: lets the memory plan size the DiT before it is downloaded
 
     def components(self) -> dict[str, WeightRef]:
         refs = {"dit": self.dit, "vae": self.vae, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer,
@@ -176,10 +178,11 @@ def parse_ref(raw: dict | str | None, base: Path, what: str) -> WeightRef:
         raw = {"path": raw}
     if not isinstance(raw, dict) or not ({"repo", "file"} <= raw.keys() or "path" in raw):
         raise PresetError(f"{what}: expected {{repo = ..., file = ...}} or {{path = ...}}, got {raw!r}")
+    size = int(raw["bytes"]) if raw.get("bytes") is not None else None
     if "path" in raw:
         path = Path(raw["path"]).expanduser()
-        return WeightRef(path=path if path.is_absolute() else (base / path).resolve())
-    return WeightRef(repo=raw["repo"], file=raw["file"], revision=raw.get("revision"))
+        return WeightRef(path=path if path.is_absolute() else (base / path).resolve(), bytes=size)
+    return WeightRef(repo=raw["repo"], file=raw["file"], revision=raw.get("revision"), bytes=size)
 
 
 def parse_sampler(raw: dict | None) -> SamplerSpec | None:
@@ -309,6 +312,7 @@ class Catalog:
             sampler=parse_sampler(raw.get("sampler")) or SamplerSpec(), quantize=raw.get("quantize"),
             tiny_vae=parse_ref(raw["tiny_vae"], where, f"backbone {name} tiny_vae") if "tiny_vae" in raw else None,
             description=raw.get("description", ""), negative_prompt=raw.get("negative_prompt", ""),
+            dit_config=raw.get("dit_config"),
         )
 
     def resolve(self, effect: str | None, backbone: str | None = None) -> Preset:

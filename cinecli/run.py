@@ -51,6 +51,7 @@ class RunOptions:
     distill_step: str | None = None  # --distill-step renoise|euler
     slowdown: str | None = None  # --slowdown as given: 2, 3, 4 or off (checks.RULES); None: the preset's
     offload: str = "auto"  # DiT blocks: auto (the memory plan decides; resident until it does), none, blocks
+    memory_budget: str | None = None  # caps the memory plan (else CINE_MEMORY_BUDGET)
 
 
 def pull_hint(preset: Preset, backbone: str | None = None, preset_file: Path | None = None, fast_decode: bool = False) -> str:
@@ -63,36 +64,51 @@ def pull_hint(preset: Preset, backbone: str | None = None, preset_file: Path | N
     return shlex.join(args)
 
 
-def weights_needed(preset: Preset) -> dict[str, dict]:
-    """Each component's reference, whether it is present locally, and its size on disk (no network, no loading)."""
+def weights_needed(preset: Preset, fast_decode: bool = False) -> dict[str, dict]:
+    """Each component's reference, whether it is present locally, and its size: on disk, else as declared by the
+    backbone or LoRA card (the download size; None when nobody declared it). No network, no loading."""
     from .weights.hub import locate
 
     from .weights.scan import local_refs
 
     out = {}
-    asked = preset.weights()
-    for name, ref in local_refs(preset, hash_files=False).items():  # models-dir files in place of missing hub ones
+    asked = preset.weights(fast_decode)
+    for name, ref in local_refs(preset, fast_decode, hash_files=False).items():  # models-dir files in place of missing hub ones
         found = locate(ref)
-        size = sum(f.stat().st_size for f in found.files if f.is_file()) if found.path else None
+        size = sum(f.stat().st_size for f in found.files if f.is_file()) if found.path else ref.bytes
         source = "models dir" if ref != asked.get(name) else "local path" if ref.path else "hub cache" if found.path else "hub"
         out[name] = {"ref": str(ref), "present": found.path is not None, "bytes": size,
                      "path": str(found.path) if found.path else None, "source": source}
     return out
 
 
-def memory_estimate(p: Plan, weights: dict[str, dict]) -> dict[str, int]:
-    """A rough peak for planning: DiT + VAE + CLIP weights resident, plus activations of the largest stage.
+def memory_plan(opts: RunOptions, preset: Preset, p: Plan, weights: dict[str, dict], device):
+    """The memory plan for this run on this machine (memory_plan.py); exit 7 with one line of advice when nothing fits."""
+    from .devices import choose_dtype
+    from .errors import DeviceError
+    from .memory_inputs import job, machine
+    from .memory_plan import NoFit, advice, make_plan
 
-    The text encoder is loaded only on a prompt-cache miss and freed before the DiT, so it counts alone.
-    """
-    size = lambda k: weights.get(k, {}).get("bytes") or 0  # noqa: E731
-    resident = size("dit") + size("vae") + size("image_encoder") + sum(v["bytes"] or 0 for k, v in weights.items() if k.startswith("effect:"))
-    # Activations: a few [tokens, 4·dim] fp32 buffers in the DiT; the VAE decode of one chunk at full size dominates.
-    pixels = p.width * p.height
-    activations = max(p.tokens * 5120 * 4 * 8, pixels * 96 * 4 * 4 * 6)
-    return {"weights_bytes": resident, "activations_bytes": activations, "peak_bytes": max(resident + activations, size("text_encoder"))}
+    the_job = job(preset, p, weights, device=device, dtype=choose_dtype(opts.dtype, device), quantize=opts.quantize,
+                  fast_decode=opts.fast_decode, offload=opts.offload)
+    the_machine = machine(device, opts.memory_budget)
+    try:
+        return make_plan(the_job, the_machine)
+    except NoFit as exc:
+        raise DeviceError(advice(the_job, the_machine, exc)) from None
 
 
+def apply_plan(gen: Generator, mp) -> None:
+    """Put the plan's choices into the generator (the one place a plan becomes settings)."""
+    import torch
+
+    from .pipeline import VAE_TILE
+
+    if mp.quantize != "prequantized":
+        gen.quantize = mp.quantize
+    gen.text_device = torch.device("cpu") if mp.text_encoder == "cpu" else None
+    gen.vae_tile = VAE_TILE if mp.vae_decode == "tiled" else None
+    gen.stream_blocks = mp.dit == "streamed"  # --offload blocks|none pins it; auto: the plan's choice
 
 
 def default_output(image: str, effect: str, output: str | None) -> str:
@@ -137,22 +153,28 @@ def run_one(opts: RunOptions, console) -> dict | None:
                 raise UsageError(f"backbone {preset.backbone.name} does not support --last-frame "
                                  "(try --backbone wan2.1-fun-1.3b-inp)")
             check_pair(image.size, read_image(opts.last_frame).size, opts.last_frame)  # validate now, not after loading
+
+    with timings.stage("plan memory"):  # before any download or load: a job that cannot fit stops here (exit 7)
+        from .devices import choose_device, choose_dtype
+
+        device = choose_device(opts.device)
+        weights = weights_needed(preset, opts.fast_decode)
+        mp = memory_plan(opts, preset, the_plan, weights, device)
     if opts.dry_run:
         _print_notices(console, the_plan)
-        return _dry_run(opts, preset, the_plan, image.size, output)
+        return _dry_run(opts, preset, the_plan, image.size, output, weights, mp)
 
     with timings.stage("resolve weights"):
-        from .devices import choose_device, choose_dtype
         from .report import build_report, summary_table, write_report
         from .weights.hub import resolve_all
 
         from .weights.scan import local_refs
 
         paths = resolve_all(local_refs(preset, opts.fast_decode), _hint(opts, preset))
-        device = choose_device(opts.device)
         timings.device = device
         gen = Generator(preset.backbone, paths, device, choose_dtype(opts.dtype, device), timings=timings, quantize=opts.quantize,
-                        fast_decode=opts.fast_decode, stream_blocks=opts.offload == "blocks")
+                        fast_decode=opts.fast_decode)
+        apply_plan(gen, mp)
     _print_notices(console, the_plan)  # after the checks that fail in one line (bad values, input, missing weights)
     if not console.is_terminal and not opts.quiet:  # logs and Slurm files: a line per stage (a terminal: the spinner)
         def progress(name: str, seconds: float) -> None:
@@ -175,6 +197,7 @@ def run_one(opts: RunOptions, console) -> dict | None:
            **sampler_settings(the_plan.sampler), "negative_prompt": the_plan.negative_prompt}
     report = build_report(timings, job=job, sizes=sizes, device=device, dtype=gen.dtype,
                           quantization=gen.quant_recipe, output=written)
+    report["plan"] = mp.to_json()
     if opts.report_file:
         write_report(report, opts.report_file)
     if console.is_terminal and not opts.quiet:
@@ -191,15 +214,15 @@ def _print_notices(console, the_plan: Plan) -> None:
         console.print(f"[yellow]{notice}[/]" if notice.startswith("warning") else notice, markup=True, highlight=False)
 
 
-def _dry_run(opts: RunOptions, preset: Preset, p: Plan, image_size, output: str) -> dict:
-    weights = weights_needed(preset)
+def _dry_run(opts: RunOptions, preset: Preset, p: Plan, image_size, output: str, weights: dict, mp) -> dict:
     doc = {
         "dry_run": True, "effect": preset.name, "input": str(opts.image), "input_size": list(image_size), "output": output,
         "width": p.width, "height": p.height, "frames": p.frames, "fps": p.fps, "seed": p.seed, "prompt": p.prompt,
         "slowdown": p.slowdown, "output_frames": p.output_frames, "last_frame": opts.last_frame,
         "sampler": {"kind": p.sampler.kind, "steps": p.sampler.num_steps, **sampler_settings(p.sampler)},
         "negative_prompt": p.negative_prompt,
-        "backbone": preset.backbone.name, "weights": weights, "memory_estimate": memory_estimate(p, weights),
+        "backbone": preset.backbone.name, "weights": weights, "plan": mp.to_json(), "dit_bytes": mp.dit_bytes,
+        "download_bytes": sum(w["bytes"] or 0 for w in weights.values() if not w["present"]),
         "missing": [w["ref"] for w in weights.values() if not w["present"]],
     }
     if opts.as_json:
@@ -210,10 +233,12 @@ def _dry_run(opts: RunOptions, preset: Preset, p: Plan, image_size, output: str)
              + (f"slowed {p.slowdown}x to {p.output_frames} frames, " if p.slowdown > 1 else "") + f"seed {p.seed}, {p.sampler.kind} sampler {p.sampler.num_steps} steps", f"  prompt: {p.prompt}", "  weights:"]
     for name, w in weights.items():
         lines.append(f"    {name:24s} {'present' if w['present'] else 'MISSING':8s} {human_bytes(w['bytes']):>9s}  {w['ref']}")
-    mem = doc["memory_estimate"]
-    lines.append(f"  memory estimate: ~{human_bytes(mem['peak_bytes'])} peak ({human_bytes(mem['weights_bytes'])} weights)")
     if doc["missing"]:
-        lines.append(f"  missing weights download on first run, or now with: {_hint(opts, preset)}")
+        lines.append(f"  missing weights ({human_bytes(doc['download_bytes'])}) download on first run, or now with: {_hint(opts, preset)}")
+    lines.append(f"  memory plan on {mp.device}: DiT {mp.quantize} ({human_bytes(mp.dit_bytes)}) {mp.dit}, "
+                 f"text encoder {mp.text_encoder}, VAE {mp.vae_decode}; CLIP and VAE on the {mp.device}")
+    for st in mp.stages:
+        lines.append(f"    {st.stage:22s} device {human_bytes(st.device_peak_bytes):>9s}   host {human_bytes(st.host_peak_bytes):>9s}")
     sys.stderr.write("\n".join(lines) + "\n")
     print(output)
     return doc

@@ -114,7 +114,7 @@ def test_bulletti_alias_and_dry_run_loads_nothing(env, photo, monkeypatch):
     assert doc["effect"] == "bullet-time" and doc["frames"] == 49 and doc["seed"] == 5
     assert doc["output"] == "portrait.bullet-time.mp4" and doc["prompt"].startswith("rw360xz")
     assert doc["width"] % 16 == 0 and doc["height"] % 16 == 0 and doc["width"] * doc["height"] <= 480 * 832
-    assert doc["missing"] and doc["memory_estimate"]["peak_bytes"] > 0
+    assert doc["missing"] and doc["plan"]["stages"] and all(s["device_peak_bytes"] > 0 for s in doc["plan"]["stages"])
     for alias, effect in (("hitchcock", "dolly-zoom"), ("vertigo", "dolly-zoom"), ("slowmo", "slow-motion"), ("bullet", "bullet-time")):
         assert json.loads(cine(alias, photo, "--dry-run", "--json").stdout)["effect"] == effect
 

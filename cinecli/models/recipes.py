@@ -101,6 +101,27 @@ def metadata_for(model: nn.Module) -> dict[str, str]:
                                       "config": cfg})}
 
 
+
+def write_quantized(model: nn.Module, output) -> int:
+    """Write ``model`` (quantized) as one self-describing safetensors file, atomically: a temp file in the same
+    folder renamed over ``output``, so a killed run never leaves a half-written checkpoint. Returns the bytes of
+    tensor data. Raises OSError (the temp file removed) when the folder cannot take it."""
+    import os
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    output = Path(output)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tmp = output.with_name(f".{output.name}.{os.getpid()}.part")
+    try:
+        save_file(state, str(tmp), metadata=metadata_for(model))
+        os.replace(tmp, output)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return sum(t.numel() * t.element_size() for t in state.values())
+
 def read_metadata(source) -> dict | None:
     """The ``cine_quant`` metadata of a (first) safetensors file, if it is one of ours."""
     from pathlib import Path

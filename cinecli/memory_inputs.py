@@ -1,0 +1,223 @@
+"""What the memory plan is fed: the machine (devices.py probes it) and the job's sizes, before anything loads.
+
+Component sizes come from the files when they are on disk (safetensors headers, or the tensor index of a
+``.pth`` read memory-mapped: parameter counts and stored dtypes, no tensor data), else from what the backbone
+and LoRA cards declare (``bytes``, ``dit_config``) and the models' own configs. The DiT's bytes per recipe are
+counted layer by layer on a meta-device model, so they are exact for every recipe.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from .checks import RULES, parse_size
+from .errors import UsageError
+from .memory_plan import DiTSizes, Job, Machine
+from .pipeline import Plan
+from .preset import Preset
+
+QUANT_ELEMENT = {torch.float8_e4m3fn: 1, torch.int8: 1, torch.uint8: 1}
+_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+
+
+def machine(device: torch.device, budget: str | None = None) -> Machine:
+    """The machine as the plan sees it; ``budget`` (or CINE_MEMORY_BUDGET) caps what it may use."""
+    from .devices import device_memory
+
+    free, host = device_memory(device)
+    text = budget or os.environ.get("CINE_MEMORY_BUDGET") or None
+    if text and RULES["memory_budget"](text):  # the variable is checked like the option
+        raise UsageError(f"CINE_MEMORY_BUDGET '{text}' {RULES['memory_budget'](text)}")
+    return Machine(device.type, free, host, parse_size(text) if text else None)
+
+
+# --- the DiT ---------------------------------------------------------------------------------------------------------
+def _quant_bytes(shape: tuple[int, ...], fmt: str) -> int:
+    from .models.quant import parse_format
+
+    out, inp = shape
+    kind, group = parse_format(fmt)
+    if kind == "int4":
+        return out * inp // 2 + out * (inp // group) * 2  # packed nibbles + fp16 group scales
+    return out * inp + out * 4  # one byte per weight + fp32 per-channel scale
+
+
+def _sizes(per_param: dict[str, int], layers: int, dim: int) -> DiTSizes:
+    blocks: dict[int, int] = {}
+    outside = 0
+    for name, n in per_param.items():
+        found = _BLOCK.search(name)
+        if found:
+            blocks[int(found.group(1))] = blocks.get(int(found.group(1)), 0) + n
+        else:
+            outside += n
+    block = max(blocks.values(), default=0)
+    return DiTSizes(total=outside + sum(blocks.values()), outside_blocks=outside, block=block, layers=layers, dim=dim)
+
+
+@functools.lru_cache(maxsize=8)
+def dit_sizes(config_name_or_cfg, weight_bytes: int = 2) -> dict[str, DiTSizes]:
+    """Bytes of the DiT at every recipe, counted from a meta-device model (no memory used)."""
+    from .models.load import build_empty
+    from .models.recipes import RECIPES, get_recipe
+    from .models.wan_dit import DIT_CONFIGS, WanDiT, keeps_fp32
+
+    cfg = DIT_CONFIGS[config_name_or_cfg] if isinstance(config_name_or_cfg, str) else config_name_or_cfg
+    model = build_empty(lambda: WanDiT(replace(cfg, num_layers=1)))  # blocks are identical: count one
+    params = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    out = {}
+    for recipe in RECIPES:  # the ladder, and int8 for a user who pins it
+        layers = get_recipe(recipe).plan(model)
+        per = {}
+        for name, shape in params.items():
+            module, _, leaf = name.rpartition(".")
+            if module in layers and leaf == "weight":
+                per[name] = _quant_bytes(shape, layers[module])
+            else:
+                per[name] = torch.Size(shape).numel() * (4 if keeps_fp32(name) else weight_bytes)
+        one = _sizes(per, 1, cfg.dim)
+        out[recipe] = DiTSizes(one.outside_blocks + cfg.num_layers * one.block, one.outside_blocks, one.block, cfg.num_layers, cfg.dim)
+    return out
+
+
+def _header(path: Path, patterns) -> dict | None:
+    from .weights.files import read_header
+
+    try:
+        return read_header(path, patterns)
+    except Exception:  # an unreadable file fails later with its own clear error; the plan just cannot use it
+        return None
+
+
+def dit_job_sizes(preset: Preset, path: Path | None, weight_bytes: int) -> tuple[dict[str, DiTSizes], bool]:
+    """(sizes by recipe, prequantized) from the checkpoint's header, else from the backbone's ``dit_config``."""
+    from .models.dit_loader import DIT_PATTERNS, infer_config
+    from .models.recipes import read_metadata
+    from .weights.keys import normalize_dit_keys
+
+    header = _header(path, DIT_PATTERNS) if path is not None else None
+    if header:
+        quantized = read_metadata(path) is not None or any(dt in QUANT_ELEMENT and dt != torch.uint8 for _, dt in header.values())
+        if quantized:
+            from .models.wan_dit import keeps_fp32
+
+            per = {k: torch.Size(s).numel() * QUANT_ELEMENT.get(dt, 4 if keeps_fp32(k) else weight_bytes) for k, (s, dt) in header.items()}
+            dim = next(s[0] for k, (s, _) in header.items() if k.endswith("patch_embedding.weight"))
+            layers = 1 + max((int(m.group(1)) for m in map(_BLOCK.search, header) if m), default=0)
+            return {"prequantized": _sizes(per, layers, dim)}, True
+        try:
+            names = normalize_dit_keys({k: s for k, (s, _) in header.items()})
+            cfg = infer_config({names[k]: header[k][0] for k in names})
+            return dit_sizes(cfg, weight_bytes), False
+        except Exception:
+            pass
+    return dit_sizes(preset.backbone.dit_config or "wan2.1-i2v-14b", weight_bytes), False
+
+
+# --- encoders and the VAE --------------------------------------------------------------------------------------------
+def _numel(header: dict | None, keep=lambda k: True) -> int | None:
+    return sum(torch.Size(s).numel() for k, (s, _) in header.items() if keep(k)) if header else None
+
+
+def text_encoder_bytes(path: Path | None, declared: int | None, weight_bytes: int) -> int:
+    """Resident umT5 bytes: from the file's header (float8 weights of a ComfyUI fp8_scaled file stay 1 byte), else
+    the declared download size (a 16-bit or fp8 file holds what loads), else the umT5-XXL config."""
+    from .models.text_encoder import TEXT_ENCODER_PATTERNS
+
+    header = _header(path, TEXT_ENCODER_PATTERNS) if path else None
+    if header:
+        return sum(torch.Size(s).numel() * (1 if dt in QUANT_ELEMENT else weight_bytes) for k, (s, dt) in header.items()
+                   if not k.startswith(("decoder.", "lm_head.")))
+    return declared or text_encoder_params(None) * weight_bytes
+
+
+def text_encoder_params(path: Path | None) -> int:
+    from .models.text_encoder import TEXT_ENCODER_CONFIGS, TEXT_ENCODER_PATTERNS
+
+    found = _numel(_header(path, TEXT_ENCODER_PATTERNS) if path else None, lambda k: not k.startswith(("decoder.", "lm_head.")))
+    if found:
+        return found
+    c = TEXT_ENCODER_CONFIGS["umt5-xxl"]  # umT5-XXL encoder: embedding + 24 × (attention, gated FFN, rel. bias)
+    inner = c.num_heads * c.head_dim
+    return c.vocab_size * c.dim + c.num_layers * (4 * c.dim * inner + 3 * c.dim * c.dim_ffn + c.num_buckets * c.num_heads + 2 * c.dim) + c.dim
+
+
+def image_encoder_params(path: Path | None) -> int:
+    from .models.image_encoder import IMAGE_ENCODER_CONFIGS, IMAGE_ENCODER_PATTERNS
+
+    header = _header(path, IMAGE_ENCODER_PATTERNS) if path else None
+    if header:
+        towers = [k for k in header if k.startswith(("visual.", "vision_model."))]
+        return _numel(header, lambda k: k in set(towers) if towers else True) or 0
+    c = IMAGE_ENCODER_CONFIGS["vit-h-14"]  # ViT-H/14: the first 31 of 32 blocks are built
+    block = 4 * c.dim * c.dim + 2 * c.dim * c.dim_mlp + 9 * c.dim + c.dim_mlp
+    return (c.num_layers - 1) * block + c.num_tokens * c.dim + 3 * c.patch_size**2 * c.dim + 4 * c.dim
+
+
+def vae_params(path: Path | None) -> int:
+    from .models.load import build_empty
+    from .models.vae_loader import VAE_PATTERNS
+    from .models.wan_vae import WanVAE
+
+    return _numel(_header(path, VAE_PATTERNS) if path else None) or sum(p.numel() for p in build_empty(WanVAE).parameters())
+
+
+def tiny_vae_bytes() -> int:
+    """TAEW2.1 in fp32 (encoder and decoder: an upper bound for decode-only files)."""
+    from .models.load import build_empty
+    from .models.tiny_vae import TINY_VAE_CONFIGS, TinyVAE
+
+    return 4 * sum(p.numel() for p in build_empty(lambda: TinyVAE(TINY_VAE_CONFIGS["taew2.1"])).parameters())
+
+
+def file_bytes(info: dict | None, declared: int | None) -> int:
+    return (info or {}).get("bytes") or declared or 0
+
+
+def prompt_cached(text_encoder: Path | None, prompts: list[str]) -> bool:
+    from . import prompt_cache
+
+    if text_encoder is None:
+        return False
+    identity = prompt_cache.encoder_identity(text_encoder)
+    return all((prompt_cache.cache_dir() / f"{prompt_cache.cache_key(identity, p)}.safetensors").is_file() for p in prompts)
+
+
+def job(preset: Preset, p: Plan, weights: dict[str, dict], *, device: torch.device, dtype: torch.dtype,
+        quantize: str | None = None, fast_decode: bool = False, offload: str = "auto") -> Job:
+    """The memory plan's view of one run: sizes of every component and of the clip."""
+    from .devices import activation_dtype
+
+    path = lambda k: Path(weights[k]["path"]) if weights.get(k, {}).get("path") else None  # noqa: E731
+    refs = preset.weights()
+    wbytes = torch.empty(0, dtype=dtype).element_size()
+    abytes = torch.empty(0, dtype=activation_dtype(device, dtype)).element_size()
+    sizes, prequantized = dit_job_sizes(preset, path("dit"), wbytes)
+    recipe = "prequantized" if prequantized else quantize
+    default = preset.backbone.quantize or "none"
+    quant_cached = frozenset()
+    if not prequantized and path("dit") is not None and all(path(f"lora:{c.name}") for c in preset.backbone.merge):
+        from .models.quant_cache import cached_path
+        from .models.recipes import get_recipe
+
+        merges = [(path(f"lora:{c.name}"), c.strength) for c in preset.backbone.merge]
+        quant_cached = frozenset(r for r in sizes if r != "none" and cached_path(path("dit"), get_recipe(r), merges).is_file())
+    prompts = [p.prompt] + ([p.negative_prompt] if p.sampler.kind != "distill" and p.sampler.guidance != 1.0 else [])
+    effect = next((k for k in weights if k.startswith("effect:")), None)
+    return Job(
+        dit=sizes, frames=p.frames, width=p.width, height=p.height, steps=p.sampler.num_steps,
+        text_encoder_bytes=text_encoder_bytes(path("text_encoder"), refs["text_encoder"].bytes, wbytes),
+        image_encoder_bytes=image_encoder_params(path("image_encoder")) * abytes,
+        vae_bytes=vae_params(path("vae")) * 4, act_bytes=abytes, default_recipe=default, pinned_recipe=recipe,
+        prompt_cached=prompt_cached(path("text_encoder"), prompts),
+        effect_bytes=file_bytes(weights.get(effect), refs[effect].bytes) if effect else 0,
+        fast_decode=fast_decode,
+        tiny_vae_bytes=tiny_vae_bytes() if preset.backbone.tiny_vae else 0,
+        dit_source_bytes=file_bytes(weights.get("dit"), refs["dit"].bytes), quant_cached=quant_cached, offload=offload,
+    )
