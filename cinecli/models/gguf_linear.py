@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import Linear, chunked_linear
+from .layers import Linear
 
 # type → (weights per block, bytes per block)
 BLOCKS = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24),
@@ -158,9 +158,13 @@ class GGUFLinear(Linear):
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_rows(self.weight, self.fmt, dtype)
 
+    def rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+        # as QuantLinear: Linear.forward asks for a slice of output rows at a time, or for all rows once inside
+        # layers.weights_held (the FFN over token chunks: decoded once per block call)
+        return dequantize_rows(self.weight[r0:r1], self.fmt, dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = lambda r0, r1: dequantize_rows(self.weight[r0:r1], self.fmt, x.dtype)  # noqa: E731
-        y = chunked_linear(x, rows, self.out_features, self.in_features, self.bias)
+        y = super().forward(x)
         for down, up in self.low_rank:
             y = y + F.linear(F.linear(x, down.to(x.dtype)), up.to(x.dtype))
         return y
