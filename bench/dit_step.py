@@ -38,15 +38,20 @@ def diffusers_kwargs(cfg: DiTConfig) -> dict:
     )
 
 
-def make_checkpoint(cfg_name: str, root: Path) -> Path:
-    """A diffusers folder with random bf16 weights (N(0, 1/fan_in) projections), written once."""
-    folder = root / f"dit-{cfg_name}"
+def make_checkpoint(cfg_name: str, root: Path, cfg: DiTConfig | None = None) -> Path:
+    """A diffusers folder with random bf16 weights (N(0, 1/fan_in) projections), written once.
+
+    ``cfg`` (default ``DIT_CONFIGS[cfg_name]``) may change the depth: the folder name then says so.
+    """
+    cfg = cfg or DIT_CONFIGS[cfg_name]
+    depth = "" if cfg.num_layers == DIT_CONFIGS.get(cfg_name, cfg).num_layers else f"-{cfg.num_layers}layers"
+    folder = root / f"dit-{cfg_name}{depth}"
     if (folder / "config.json").exists():
         return folder
     from diffusers import WanTransformer3DModel
 
     with torch.device("meta"):
-        model = WanTransformer3DModel(**diffusers_kwargs(DIT_CONFIGS[cfg_name]))
+        model = WanTransformer3DModel(**diffusers_kwargs(cfg))
     model = model.to_empty(device="cpu").to(torch.bfloat16)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():

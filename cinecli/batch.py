@@ -9,17 +9,21 @@ line has the same parameters hash.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import glob
 import hashlib
 import json
 import os
 import re
+import string
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .checks import parse_shard  # noqa: F401 - launcher variables are checked with every other value
-from .errors import UsageError
+from .errors import UsageError, output_error
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 MANIFEST = "manifest.jsonl"
@@ -67,23 +71,26 @@ class BatchOptions:
 
 # --- inputs, seeds, shards ----------------------------------------------------------------------------------------------
 def collect(inputs: list[str], recursive: bool) -> list[tuple[str, str]]:
-    """Folders, files, globs and ``-`` (newline-separated paths on stdin) → sorted unique (abs path, rel path)."""
+    """Folders, files, globs and ``-`` (newline-separated paths on stdin) → sorted unique (abs path, rel path).
+
+    ``rel`` is the path below the input's root: the folder given, a glob's literal folder, or for listed files
+    (stdin, file arguments) the deepest folder they share, so ``DCIM/100/IMG_0001.jpg`` and ``DCIM/101/IMG_0001.jpg``
+    stay ``100/IMG_0001.jpg`` and ``101/IMG_0001.jpg`` however they are spelled (relative, absolute, ``../``).
+    """
     found: dict[str, str] = {}
+    listed: list[Path] = []  # stdin lines and file arguments: one group, one common root
 
     def add(path: Path, rel: str) -> None:
         found.setdefault(str(path.resolve()), rel)
 
     for spec in inputs:
         if spec == "-":
-            for line in sys.stdin.read().splitlines():
-                if line.strip():
-                    p = Path(line.strip())
-                    add(p, p.name if p.is_absolute() else p.as_posix())
+            listed += [Path(line.strip()) for line in sys.stdin.read().splitlines() if line.strip()]
         elif any(c in spec for c in "*?["):
             prefix = re.split(r"[*?\[]", spec, maxsplit=1)[0]  # the literal part: paths are relative to its folder
-            root = Path(prefix) if prefix.endswith(("/", os.sep)) else Path(prefix).parent
+            root = Path(os.path.abspath(prefix if prefix.endswith(("/", os.sep)) else Path(prefix).parent))
             for match in sorted(glob.glob(spec, recursive=True)):
-                p = Path(match)
+                p = Path(os.path.abspath(match))
                 if p.is_file():
                     add(p, p.relative_to(root).as_posix() if p.is_relative_to(root) else p.name)
         elif Path(spec).is_dir():
@@ -93,7 +100,12 @@ def collect(inputs: list[str], recursive: bool) -> list[tuple[str, str]]:
                 if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."):
                     add(p, p.relative_to(root).as_posix())
         else:
-            add(Path(spec), Path(spec).name)  # a file (a missing one fails as an item, not the batch)
+            listed.append(Path(spec))  # a file (a missing one fails as an item, not the batch)
+    if listed:
+        absolute = [Path(os.path.abspath(p)) for p in listed]  # normalized, symlinks kept: the path as named
+        root = Path(os.path.commonpath([str(p.parent) for p in absolute]))
+        for p in absolute:
+            add(p, p.relative_to(root).as_posix())
     return sorted(found.items(), key=lambda kv: kv[1])
 
 
@@ -131,28 +143,69 @@ def in_shard(rel: str, shard: tuple[int, int]) -> bool:
 
 
 # --- the manifest ----------------------------------------------------------------------------------------------------
+# Every append takes an exclusive flock, so a repair (truncating a torn tail) never races another shard's append.
 def read_manifest(outdir: Path) -> dict[tuple[str, str], dict]:
-    """Last line per (rel, effect); torn last lines from a killed run are skipped."""
+    """Last line per (rel, effect); lines that are not JSON (torn by an older cine) are skipped."""
     records = {}
     path = outdir / MANIFEST
     if path.exists():
-        for line in path.read_text().splitlines():
+        for line in path.read_text(errors="replace").splitlines():
             try:
                 r = json.loads(line)
                 records[(r["rel"], r["effect"])] = r
-            except (ValueError, KeyError):
+            except (ValueError, KeyError, TypeError):
                 continue
     return records
 
 
-def append_manifest(outdir: Path, record: dict) -> None:
-    """One write per line with O_APPEND: lines from concurrent shards do not interleave."""
-    line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
-    fd = os.open(outdir / MANIFEST, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+@contextlib.contextmanager
+def _locked_manifest(outdir: Path):
     try:
-        os.write(fd, line)
+        fd = os.open(outdir / MANIFEST, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise output_error(exc, outdir / MANIFEST) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
     finally:
-        os.close(fd)
+        os.close(fd)  # releases the lock
+
+
+def repair_manifest(outdir: Path) -> int:
+    """Cut a torn last line (a run killed or out of space mid-append) so the next line does not glue onto it.
+
+    Returns the number of bytes removed (0 when the file ends in a newline, as it always does when intact).
+    """
+    if not (outdir / MANIFEST).exists():
+        return 0
+    with _locked_manifest(outdir) as fd:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return 0
+        tail_start = max(0, size - (1 << 20))  # a manifest line is a few hundred bytes; look back 1 MiB at most
+        tail = os.pread(fd, size - tail_start, tail_start)
+        if tail.endswith(b"\n"):
+            return 0
+        cut = tail.rfind(b"\n")
+        keep = tail_start + cut + 1 if cut >= 0 else (0 if tail_start == 0 else size)
+        os.ftruncate(fd, keep)
+        return size - keep
+
+
+def append_manifest(outdir: Path, record: dict) -> None:
+    """One checked write of one whole line, under the lock: lines from concurrent shards never interleave, and a
+    short write (disk full) is cut back so the file stays valid JSONL."""
+    line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+    with _locked_manifest(outdir) as fd:
+        size = os.fstat(fd).st_size
+        try:
+            written = os.write(fd, line)
+            if written != len(line):
+                raise OSError(errno.ENOSPC, f"short write ({written} of {len(line)} bytes)")
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            raise output_error(exc, outdir / MANIFEST) from None
 
 
 def file_sha256(path: Path) -> str:
@@ -164,21 +217,64 @@ def file_sha256(path: Path) -> str:
 
 
 # --- planning ----------------------------------------------------------------------------------------------------------
+NAME_FIELDS = ("stem", "effect", "ext")
+
+
+def check_name_pattern(pattern: str) -> None:
+    """``--name``: only {stem}, {effect}, {ext}; a relative ``.mp4`` path that stays inside OUTDIR (exit 2 otherwise)."""
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(pattern) if f is not None]
+        unknown = [f for f in fields if f not in NAME_FIELDS]
+        if unknown:
+            raise UsageError(f"--name {pattern!r}: unknown field {{{unknown[0]}}} (use {', '.join(f'{{{f}}}' for f in NAME_FIELDS)})")
+        sample = pattern.format(stem="photo", effect="effect", ext="jpg")
+    except (ValueError, IndexError, KeyError) as exc:
+        raise UsageError(f"--name {pattern!r}: not a valid pattern ({exc})") from None
+    if not sample.lower().endswith(".mp4"):
+        raise UsageError(f"--name {pattern!r}: must end in .mp4, e.g. '{{stem}}.{{effect}}.mp4'")
+    path = Path(sample)
+    if path.is_absolute() or ".." in path.parts or sample.startswith("~"):
+        raise UsageError(f"--name {pattern!r}: must be a path inside OUTDIR (no absolute path, no '..')")
+
+
+def output_path(outdir: Path, rel: str, name: str) -> Path:
+    """OUTDIR / (rel's folder) / name, refused if it would leave OUTDIR (a stray '..' in an input path)."""
+    inner = Path(os.path.normpath(Path(rel).parent / name))
+    if inner.is_absolute() or inner.parts[:1] == ("..",):
+        raise UsageError(f"output for {rel} would leave the output folder ({inner})")
+    return outdir / inner
+
+
+def check_clashes(items: list[Item]) -> None:
+    """Two photos must never write one file (the second would overwrite the first): refuse before any work."""
+    first: dict[str, Item] = {}
+    clashes = [(other, item) for item in items if (other := first.setdefault(os.path.normcase(item.output), item)) is not item]
+    if clashes:
+        a, b = clashes[0]
+        what = (f"{a.input} and {b.input}" if a.input != b.input else f"{a.input} with effects {a.effect} and {b.effect}")
+        more = f" (and {len(clashes) - 1} more)" if len(clashes) > 1 else ""
+        raise UsageError(f"outputs clash: {what} would both write {a.output}{more}; pass their common parent folder, "
+                         "or use --name '{stem}.{ext}.{effect}.mp4'")
+
+
 def plan_items(opts: BatchOptions, catalog) -> list[Item]:
+    """Every (photo, effect) item of this shard, with its output, seed and parameters hash.
+
+    Outputs are checked over the whole batch (every shard refuses the same clash), before any model loads.
+    """
+    check_name_pattern(opts.name)
     # With --preset FILE the file is the one effect (resolve(None) reads it); otherwise each named effect.
     effects = opts.effects if opts.preset_file is None else [None]
     presets = {e: catalog.resolve(e, backbone=opts.backbone) for e in effects}
     items = []
     found, last_frames = pair_last_frames(collect(opts.inputs, opts.recursive), opts.last_frame_pattern)
     for path, rel in found:
-        if not in_shard(rel, opts.shard):
-            continue
         sidecar = Path(path).with_suffix(".txt")
         prompt = sidecar.read_text().strip() if sidecar.is_file() else None
         for preset in presets.values():
             stem = Path(rel).stem
             name = opts.name.format(stem=stem, effect=preset.name, ext=Path(rel).suffix.lstrip("."))
-            output = opts.outdir / Path(rel).parent / name
+            output = output_path(opts.outdir, rel, name)
             seed = item_seed(opts.seed, rel)
             stat = Path(path).stat() if Path(path).exists() else None
             last = last_frames.get(path)
@@ -192,8 +288,19 @@ def plan_items(opts: BatchOptions, catalog) -> list[Item]:
             h = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
             items.append(Item(input=path, rel=rel, effect=preset.name, output=str(output), seed=seed, prompt=prompt, params_hash=h,
                               last_frame=last))
+    check_clashes(items)
+    items = [it for it in items if in_shard(it.rel, opts.shard)]
     items.sort(key=lambda it: (it.effect, it.rel))  # grouped by effect: each LoRA switch happens once
     return items
+
+
+def item_record(item: Item, outdir: Path) -> dict:
+    """An item as the manifest (and --json) shows it: input and output relative to OUTDIR, where the manifest
+    lives, so the file holds no absolute local path and stays valid when the folders move together."""
+    record = {**asdict(item), "input": os.path.relpath(item.input, outdir), "output": os.path.relpath(item.output, outdir)}
+    if item.last_frame:
+        record["last_frame"] = os.path.relpath(item.last_frame, outdir)
+    return record
 
 
 def is_done(item: Item, manifest: dict) -> bool:

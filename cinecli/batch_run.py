@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from .batch import (
@@ -15,10 +14,12 @@ from .batch import (
     append_manifest,
     file_sha256,
     is_done,
+    item_record,
     plan_items,
     read_manifest,
+    repair_manifest,
 )
-from .errors import EXIT_INTERRUPTED, CineError
+from .errors import EXIT_INTERRUPTED, CineError, DiskFullError
 
 EXIT_SOME_FAILED = 8
 
@@ -42,13 +43,13 @@ class Worker:
 
         key = preset.backbone.name
         if key not in self.generators:
-            paths = resolve_all(local_refs(preset), pull_hint(preset))
+            paths = resolve_all(local_refs(preset), pull_hint(preset, self.opts.backbone, self.opts.preset_file))
             device = choose_device(self.opts.device)
             self.generators[key] = Generator(preset.backbone, paths, device, choose_dtype(self.opts.dtype, device),
                                              quantize=self.opts.quantize)
         gen = self.generators[key]
         if preset.effect is not None and f"effect:{preset.effect.name}" not in gen.paths:  # another effect, same backbone
-            gen.paths.update(resolve_all(local_refs(preset), pull_hint(preset)))
+            gen.paths.update(resolve_all(local_refs(preset), pull_hint(preset, self.opts.backbone, self.opts.preset_file)))
         gen.timings = timings
         timings.device = gen.device
         return gen
@@ -78,7 +79,7 @@ class Worker:
         from .video import frames_to_uint8, write_mp4
 
         timings = Timings()
-        record = {**asdict(item), "status": "failed", "error": None, "stage": None}
+        record = {**item_record(item, self.opts.outdir), "status": "failed", "error": None, "stage": None}
         started = time.time()
         try:
             preset = self.catalog.resolve(item.effect if self.opts.preset_file is None else None, backbone=self.opts.backbone)
@@ -97,8 +98,11 @@ class Worker:
                           crf=self.opts.crf, overwrite=True)
             record.update(status="ok", output_sha256=file_sha256(Path(item.output)), frames=the_plan.frames,
                           output_frames=the_plan.output_frames, width=the_plan.width, height=the_plan.height)
+        except DiskFullError:
+            raise  # every later item would fail the same way: the batch stops (exit 6)
         except CineError as exc:
-            record.update(error=str(exc).splitlines()[0], stage=timings.last_stage, exit_code=exc.exit_code)
+            error = str(exc).splitlines()[0].replace(item.input, record["input"])  # no absolute local path
+            record.update(error=error, stage=timings.last_stage, exit_code=exc.exit_code)
         except (MemoryError, RuntimeError) as exc:
             if not (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc)):
                 raise
@@ -125,14 +129,16 @@ def _free_memory() -> None:
 def run_batch(opts: BatchOptions, console, ray_address: str | None = None) -> int:
     from .preset import Catalog
 
-    items = plan_items(opts, Catalog(extra_preset=opts.preset_file))  # bad presets fail before OUTDIR is made
-    opts.outdir.mkdir(parents=True, exist_ok=True)
+    items = plan_items(opts, Catalog(extra_preset=opts.preset_file))  # usage errors before anything is written
+    prepare_outdir(opts.outdir)
+    if torn := repair_manifest(opts.outdir):
+        console.print(f"{MANIFEST}: removed a torn last line ({torn} bytes) left by an interrupted run", highlight=False)
     manifest = read_manifest(opts.outdir)
     todo, skipped = [], []
     for item in items:
         (skipped if not opts.overwrite and is_done(item, manifest) else todo).append(item)
     for item in skipped:
-        emit(opts, {**asdict(item), "status": "skipped"}, record_in_manifest=False)
+        emit(opts, {**item_record(item, opts.outdir), "status": "skipped"}, record_in_manifest=False)
     shard = f" (shard {opts.shard[0]}/{opts.shard[1]})" if opts.shard[1] > 1 else ""
     if not opts.quiet:
         console.print(f"{len(items)} item(s){shard}: {len(todo)} to make, {len(skipped)} already done → {opts.outdir}", highlight=False)
@@ -150,11 +156,30 @@ def run_batch(opts: BatchOptions, console, ray_address: str | None = None) -> in
     return EXIT_SOME_FAILED if failed else 0
 
 
+def prepare_outdir(outdir: Path) -> None:
+    """OUTDIR exists and takes new files, and its manifest takes appends: checked before any model loads."""
+    from .errors import output_error
+    from .video import check_writable
+
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise output_error(exc, outdir) from None
+    check_writable(outdir / MANIFEST, overwrite=True)
+
+
 def emit(opts: BatchOptions, record: dict, record_in_manifest: bool = True) -> None:
     if record_in_manifest:
         append_manifest(opts.outdir, record)
     if opts.as_json:
-        print(json.dumps(record, separators=(",", ":")), flush=True)
+        try:
+            print(json.dumps(record, separators=(",", ":")), flush=True)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:  # stdout on a full disk
+            from .errors import output_error
+
+            raise output_error(exc, "stdout") from None
 
 
 def run_local(opts: BatchOptions, todo: list[Item], console) -> list[dict]:

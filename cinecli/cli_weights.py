@@ -16,17 +16,24 @@ models_app = typer.Typer(no_args_is_help=True, help="Download, list, verify and 
 lora_app = typer.Typer(no_args_is_help=True, help="Look inside LoRA files.")
 
 
-def _refs_for(target: str) -> dict[str, object]:
-    """``all`` or an effect/alias → {component label: WeightRef}, deduplicated across presets."""
+def _refs_for(target: str | None, backbone: str | None = None, preset_file: Path | None = None,
+              fast_decode: bool = False) -> dict[str, object]:
+    """``all``, an effect/alias, ``--preset FILE`` and/or ``--backbone NAME`` → {component label: WeightRef},
+    deduplicated across presets: the same selection a run with those options resolves."""
     from .preset import Catalog
 
-    catalog = Catalog()
-    names = catalog.names() if target == "all" else [catalog.resolve(target).name]
+    catalog = Catalog(extra_preset=preset_file)
+    if target is None and preset_file is None:
+        if backbone is None:
+            raise UsageError("name an effect (or all), --preset FILE or --backbone NAME")
+        found = catalog.backbone(backbone, Path("."))
+        return found.components() | ({"tiny_vae": found.tiny_vae} if fast_decode and found.tiny_vae else {})
+    names = [None] if target is None else catalog.names() if target == "all" else [catalog.resolve(target).name]
     refs = {}
     from .weights.scan import local_refs
 
     for name in names:
-        for label, ref in local_refs(catalog.resolve(name), hash_files=False).items():  # models-dir files count
+        for label, ref in local_refs(catalog.resolve(name, backbone=backbone), fast_decode, hash_files=False).items():  # models-dir files count
             refs.setdefault(str(ref), (label, ref))
     return {label: ref for label, ref in refs.values()}
 
@@ -56,13 +63,16 @@ def models_list(target: str = typer.Argument("all", help="An effect, or all."),
 
 @models_app.command("pull")
 @handle_errors
-def models_pull(target: str = typer.Argument(..., help="An effect (or alias), or all."),
+def models_pull(target: Optional[str] = typer.Argument(None, help="An effect (or alias), or all."),
+                backbone: Optional[str] = typer.Option(None, "--backbone", help="With this backbone instead of the preset's (alone: only the backbone)."),
+                preset_file: Optional[Path] = typer.Option(None, "--preset", help="What a preset TOML file needs."),
+                fast_decode: bool = typer.Option(False, "--fast-decode", help="Also the tiny VAE that --fast-decode uses."),
                 yes: bool = typer.Option(False, "-y", "--yes", help="Do not ask before downloading."),
                 dry_run: bool = typer.Option(False, "--dry-run", help="Only show what would be downloaded.")) -> None:
     """Download an effect's weights (sizes first, then a progress bar per file) and lock their revision and hash."""
     from .weights.hub import download, hub_reachable, locate, offline, remote_sizes
 
-    refs = _refs_for(target)
+    refs = _refs_for(target, backbone, preset_file, fast_decode)
     todo = {label: ref for label, ref in refs.items() if locate(ref).path is None}
     if not todo:
         print("all weights present")
@@ -90,15 +100,18 @@ def models_pull(target: str = typer.Argument(..., help="An effect (or alias), or
 @models_app.command("verify")
 @handle_errors
 def models_verify(as_json: bool = typer.Option(False, "--json")) -> None:
-    """Re-hash every downloaded file against the lock file (sha256); exit 4 on any difference."""
+    """Re-hash every downloaded file, and every local weight file used so far, against the lock (sha256); exit 4 on any difference."""
     from .preset import WeightRef
     from .weights import lock
     from .weights.hub import _cached
 
     results = {}
-    for key, entry in lock.read_lock()["refs"].items():
+    data = lock.read_lock()
+    for key, entry in data["refs"].items():
         found = _cached(WeightRef(repo=entry["repo"], file=entry["file"], revision=entry["revision"]))
         results[key] = ["not in the cache"] if found.root is None else lock.verify(entry, found.root, full=True)
+    for name, entry in data["local"].items():
+        results[name] = lock.verify_local(name, entry)
     bad = {k: v for k, v in results.items() if v}
     if as_json:
         print(json.dumps({"ok": not bad, "refs": results}, indent=2))
@@ -106,7 +119,7 @@ def models_verify(as_json: bool = typer.Option(False, "--json")) -> None:
         for key, problems in results.items():
             print(f"{'ok  ' if not problems else 'FAIL'} {key}" + (f": {'; '.join(problems)}" if problems else ""))
         if not results:
-            print("nothing downloaded yet (the lock file is empty)")
+            print("nothing downloaded or used yet (the lock file is empty)")
     if bad:
         raise typer.Exit(EXIT_WEIGHTS)
 

@@ -7,6 +7,9 @@ AVX-512/AMX machines we target), fp16 on MPS.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
+
 import torch
 
 from .errors import DeviceError
@@ -14,12 +17,43 @@ from .errors import DeviceError
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def choose_device(name: str | torch.device = "auto") -> torch.device:
-    """``auto|cpu|cuda|cuda:N|mps`` → a usable ``torch.device`` or a clear error."""
+def local_rank_index(env: Mapping[str, str] | None = None) -> int | None:
+    """The GPU index of this process under a launcher (torchrun, accelerate, deepspeed set LOCAL_RANK), else None."""
+    env = os.environ if env is None else env
+    value = env.get("LOCAL_RANK", "").strip()
+    if not value:
+        return None
+    if not value.isdigit():
+        raise DeviceError(f"LOCAL_RANK={value!r} is not a GPU index")
+    return int(value)
+
+
+def _cuda_for_rank(env: Mapping[str, str] | None) -> torch.device:
+    """Plain ``cuda`` (or ``auto`` on a CUDA machine) → cuda:LOCAL_RANK under a launcher, so ranks do not share GPU 0.
+
+    With one visible device per process (CUDA_VISIBLE_DEVICES set per rank) every rank uses its cuda:0.
+    """
+    rank = local_rank_index(env)
+    if rank is None:
+        return torch.device("cuda")
+    count = torch.cuda.device_count()
+    if rank >= count and count != 1:
+        raise DeviceError(f"LOCAL_RANK={rank} but only {count} CUDA device(s) are visible: start at most {count} "
+                          "processes per machine (torchrun --nproc-per-node)")
+    index = rank if rank < count else 0
+    torch.cuda.set_device(index)  # memory stats and empty_cache follow the current device
+    return torch.device("cuda", index)
+
+
+def choose_device(name: str | torch.device = "auto", env: Mapping[str, str] | None = None) -> torch.device:
+    """``auto|cpu|cuda|cuda:N|mps`` → a usable ``torch.device`` or a clear error.
+
+    ``auto`` and ``cuda`` follow ``LOCAL_RANK`` (``env``, default os.environ) when a launcher set it.
+    """
     name = str(name)
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return _cuda_for_rank(env)
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -30,6 +64,8 @@ def choose_device(name: str | torch.device = "auto") -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise DeviceError("CUDA was asked for but no CUDA device is available (try --device cpu)")
+        if device.index is None:
+            return _cuda_for_rank(env)
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise DeviceError(f"{name} does not exist: {torch.cuda.device_count()} CUDA device(s) present")
     elif device.type == "mps" and not torch.backends.mps.is_available():

@@ -5,6 +5,8 @@ Every expected failure is one of these: the CLI prints its one-line message to s
 
 from __future__ import annotations
 
+import errno
+
 EXIT_OK = 0
 EXIT_FAILURE = 1  # unexpected runtime failure (the message says what; --debug shows the traceback)
 EXIT_USAGE = 2  # bad options, unknown effect, malformed preset (Click uses 2 for usage errors too)
@@ -47,3 +49,14 @@ class OutputError(CineError):
 
 class DeviceError(CineError):
     exit_code = EXIT_DEVICE
+
+
+class DiskFullError(OutputError):
+    """No space left on the device (or the quota is used up): a batch stops instead of failing every later item."""
+
+
+def output_error(exc: OSError, path: object) -> OutputError:
+    """An OSError met while writing ``path`` → the one-line error the user sees (disk full said as such)."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(f"disk full: cannot write {path} ({exc.strerror or exc}); free some space and rerun")
+    return OutputError(f"cannot write {path}: {exc.strerror or exc}")

@@ -350,7 +350,7 @@ def metadata(request: Request, the_plan: Plan, gen: Generator) -> dict:
     preset = request.preset
     return {
         "cine": __version__, "effect": preset.name, "seed": the_plan.seed, "prompt": the_plan.prompt,
-        "negative_prompt": the_plan.negative_prompt, "backbone": gen.backbone.name, "dit": str(gen.backbone.dit),
+        "negative_prompt": the_plan.negative_prompt, "backbone": gen.backbone.name, "dit": _describe_dit(gen),
         "loras": [c.name for c in gen.backbone.merge] + ([preset.effect.name] if preset.effect else []),
         "steps": the_plan.sampler.num_steps, "sampler": the_plan.sampler.kind, "frames": the_plan.frames,
         **sampler_settings(the_plan.sampler),
@@ -360,3 +360,10 @@ def metadata(request: Request, the_plan: Plan, gen: Generator) -> dict:
         "interpolation": INTERPOLATION if the_plan.slowdown > 1 else None,
         "last_frame": Path(str(request.last_frame)).name if request.last_frame is not None else None,
     }
+
+
+def _describe_dit(gen: Generator) -> str:
+    """The DiT as the MP4 names it: hub repo/file, or file name + sha256 for local weights (never a local path)."""
+    from .weights.lock import describe
+
+    return describe(gen.backbone.dit, gen.paths.get("dit"))

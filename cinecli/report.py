@@ -33,6 +33,8 @@ def build_report(timings: Timings, *, job: dict, sizes: dict, device: torch.devi
     """A JSON-ready report. ``stages`` are in run order; ``total_s`` is wall time from start to report."""
     import torch
 
+    from .models.attention import used_backends
+
     stages = {name: round(seconds, 6) for name, seconds in timings.stages.items()}
     total = timings.total()
     frames = sizes.get("frames") or 0
@@ -46,6 +48,7 @@ def build_report(timings: Timings, *, job: dict, sizes: dict, device: torch.devi
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "dtype": str(dtype).removeprefix("torch."),
         "quantization": quantization,
+        "attention": used_backends(),
         "threads": torch.get_num_threads(),
         "stages": stages,
         "stages_total_s": round(sum(stages.values()), 6),
@@ -63,8 +66,14 @@ def write_report(report: dict, path: str | Path) -> None:
     """Write atomically (temp + rename): a report is never half-written."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        from .errors import output_error
+
+        tmp.unlink(missing_ok=True)
+        raise output_error(exc, path) from None
 
 
 def summary_table(report: dict):

@@ -17,7 +17,7 @@ from .preset import Catalog, Preset
 from .report import human_bytes
 from .slowdown import parse_slowdown, slow_down
 from .timing import Timings
-from .video import STDOUT, check_writable, frames_to_uint8, write_mp4
+from .video import STDOUT, check_report_path, check_writable, frames_to_uint8, write_mp4
 
 
 @dataclass
@@ -53,8 +53,14 @@ class RunOptions:
     offload: str = "auto"  # DiT blocks: auto (the memory plan decides; resident until it does), none, blocks
 
 
-def pull_hint(preset: Preset) -> str:
-    return f"cine models pull {preset.name}"
+def pull_hint(preset: Preset, backbone: str | None = None, preset_file: Path | None = None, fast_decode: bool = False) -> str:
+    """The `cine models pull` command that fetches exactly what this run needs (the same effect, backbone, file)."""
+    import shlex
+
+    args = ["cine", "models", "pull", *(["--preset", str(preset_file)] if preset_file is not None else [preset.name])]
+    args += ["--backbone", backbone] if backbone else []
+    args += ["--fast-decode"] if fast_decode else []
+    return shlex.join(args)
 
 
 def weights_needed(preset: Preset) -> dict[str, dict]:
@@ -101,6 +107,10 @@ def default_output(image: str, effect: str, output: str | None) -> str:
     return output
 
 
+def _hint(opts: RunOptions, preset: Preset) -> str:
+    return pull_hint(preset, opts.backbone, opts.preset_file, opts.fast_decode)
+
+
 def run_one(opts: RunOptions, console) -> dict | None:
     check_options(opts)  # every value against checks.RULES, before anything is read or loaded
     timings = Timings()
@@ -109,6 +119,8 @@ def run_one(opts: RunOptions, console) -> dict | None:
         preset = catalog.resolve(opts.effect if opts.preset_file is None else None, backbone=opts.backbone)
         output = default_output(opts.image, preset.name, opts.output)
         check_writable(output, opts.overwrite)  # before any expensive work
+        if opts.report_file is not None:
+            check_report_path(opts.report_file)
         image = read_image(opts.image)
         request = Request(image=opts.image, preset=preset, output=output, seed=opts.seed, frames=opts.frames, fps=opts.fps,
                           fit=opts.fit, last_frame=opts.last_frame, prompt=opts.prompt, negative_prompt=opts.negative_prompt,
@@ -136,7 +148,7 @@ def run_one(opts: RunOptions, console) -> dict | None:
 
         from .weights.scan import local_refs
 
-        paths = resolve_all(local_refs(preset, opts.fast_decode), pull_hint(preset))
+        paths = resolve_all(local_refs(preset, opts.fast_decode), _hint(opts, preset))
         device = choose_device(opts.device)
         timings.device = device
         gen = Generator(preset.backbone, paths, device, choose_dtype(opts.dtype, device), timings=timings, quantize=opts.quantize,
@@ -201,7 +213,7 @@ def _dry_run(opts: RunOptions, preset: Preset, p: Plan, image_size, output: str)
     mem = doc["memory_estimate"]
     lines.append(f"  memory estimate: ~{human_bytes(mem['peak_bytes'])} peak ({human_bytes(mem['weights_bytes'])} weights)")
     if doc["missing"]:
-        lines.append(f"  missing weights download on first run, or now with: {pull_hint(preset)}")
+        lines.append(f"  missing weights download on first run, or now with: {_hint(opts, preset)}")
     sys.stderr.write("\n".join(lines) + "\n")
     print(output)
     return doc

@@ -119,3 +119,21 @@ class Timings:
         if device.type == "cuda":
             return {"kind": "cuda_max_allocated", "bytes": torch.cuda.max_memory_allocated(device)}
         return {"kind": "peak_rss", "bytes": peak_rss()}
+
+
+def time_call(fn, device: torch.device | str | None):
+    """(seconds, result) of one call of ``fn``: CUDA events around it on CUDA (the GPU's time, no host jitter),
+    else wall clock with the device synchronized."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / 1e3, out
+    synchronize(device)
+    t0 = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return time.perf_counter() - t0, out

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import OutputError
+from .errors import InputError, OutputError, output_error
 
 STDOUT = "-"
 METADATA_KEY = "cine"
@@ -52,6 +52,14 @@ def check_writable(path: str | Path, overwrite: bool) -> None:
         raise OutputError(f"output folder {parent} is not writable ({exc.strerror or exc})") from None
 
 
+def check_report_path(path: str | Path) -> None:
+    """``--report FILE`` must be writable before anything runs (an existing report is replaced)."""
+    try:
+        check_writable(path, overwrite=True)
+    except OutputError as exc:
+        raise OutputError(f"--report {path}: {exc}") from None
+
+
 def _encode(container, frames: np.ndarray, fps: int, crf: int) -> None:
     stream = container.add_stream("libx264", rate=fps)
     stream.height, stream.width = frames.shape[1:3]
@@ -74,12 +82,17 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: int, metadata: dict | N
     tags = {"comment": json.dumps(metadata, separators=(",", ":")), METADATA_KEY: json.dumps(metadata)} if metadata else {}
     if str(path) == STDOUT:
         check_writable(path, overwrite)
-        container = av.open(sys.stdout.buffer, "w", format="mp4",
-                            options={"movflags": "frag_keyframe+empty_moov+default_base_moof+use_metadata_tags"})
-        container.metadata.update(tags)
-        _encode(container, frames, fps, crf)
-        container.close()
-        sys.stdout.buffer.flush()
+        try:
+            container = av.open(sys.stdout.buffer, "w", format="mp4",
+                                options={"movflags": "frag_keyframe+empty_moov+default_base_moof+use_metadata_tags"})
+            container.metadata.update(tags)
+            _encode(container, frames, fps, crf)
+            container.close()
+            sys.stdout.buffer.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as exc:  # e.g. stdout redirected to a full disk
+            raise output_error(exc, "stdout") from None
         return STDOUT
     path = Path(path)
     check_writable(path, overwrite)
@@ -147,7 +160,7 @@ def atomic_file(path: Path, overwrite: bool) -> Iterator[str]:
     except OSError as exc:
         if exc.errno == 17:  # EEXIST from linkat
             raise OutputError(f"{path} appeared while encoding; pass --overwrite to replace it") from None
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise output_error(exc, path) from None
     finally:
         if fd is not None:
             os.close(fd)
@@ -161,24 +174,50 @@ def _umask() -> int:
     return mask
 
 
+IMAGE_DEMUXERS = ("image2", "_pipe")  # ffmpeg opens a PNG/JPEG as a one-frame "video" through these
+
+
 def read_info(path: str | Path) -> dict:
-    """What ``cine info`` shows: stream facts plus the cine metadata stored in the file."""
+    """What ``cine info`` shows: stream facts plus the cine metadata stored in the file.
+
+    Counts frames by demuxing (no decoding); a file that is not a video, or whose packets stop short of what
+    its index promises (or end in a cut packet), is an InputError: "not a video" / "truncated".
+    """
     import av
 
     try:
         with av.open(str(path)) as container:
+            fmt = container.format.name
+            if not container.streams.video or fmt == "image2" or fmt.endswith("_pipe"):
+                raise InputError(f"{path}: not a video ({'an image' if container.streams.video else 'no video stream'})")
             stream = container.streams.video[0]
-            frames = stream.frames or sum(1 for _ in container.decode(video=0))
+            packets = cut = 0
+            for packet in container.demux(stream):
+                if packet.size:
+                    packets += 1
+                    cut += packet.is_corrupt  # a packet the file ends in the middle of
+            if cut or (stream.frames and packets < stream.frames):
+                raise InputError(f"{path}: truncated ({packets} of {stream.frames or '?'} frames present)")
             info = {
                 "path": str(path), "codec": stream.codec_context.name, "width": stream.width, "height": stream.height,
-                "fps": float(stream.average_rate) if stream.average_rate else None, "frames": frames,
+                "fps": float(stream.average_rate) if stream.average_rate else None, "frames": stream.frames or packets,
                 "pix_fmt": stream.pix_fmt,
             }
             raw = container.metadata.get(METADATA_KEY) or container.metadata.get("comment")
-    except (av.error.FFmpegError, IndexError, OSError) as exc:
-        raise OutputError(f"cannot read {path} as a video: {exc}") from None
+    except av.error.FFmpegError as exc:
+        why = "truncated" if _looks_like_mp4(path) else "not a video"
+        raise InputError(f"{path}: {why} ({getattr(exc, 'strerror', None) or type(exc).__name__})") from None
+    except (IndexError, OSError) as exc:
+        raise InputError(f"{path}: not a video ({exc})") from None
     try:
         info["cine"] = json.loads(raw) if raw else None
     except ValueError:
         info["cine"] = None
     return info
+
+
+def _looks_like_mp4(path: str | Path) -> bool:
+    """An ISO-BMFF file starts with an ``ftyp`` box: if ffmpeg still cannot read it, it was cut short."""
+    with contextlib.suppress(OSError), open(path, "rb") as f:
+        return f.read(12)[4:8] == b"ftyp"
+    return False

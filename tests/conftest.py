@@ -21,9 +21,10 @@ def backbone(tmp_path_factory) -> Path:
 def env(tmp_path, monkeypatch) -> dict:
     """Isolated cine caches, config and HF home; offline; no colour; no launcher shard variables."""
     values = {"CINE_CACHE_DIR": str(tmp_path / "cache"), "XDG_CONFIG_HOME": str(tmp_path / "config"),
-              "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "NO_COLOR": "1"}
+              "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "NO_COLOR": "1",
+              "CINE_DATA_DIR": str(tmp_path / "data")}
     for k, v in values.items():
         monkeypatch.setenv(k, v)
-    for k in ("RANK", "WORLD_SIZE", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"):
         monkeypatch.delenv(k, raising=False)
     return values

@@ -126,7 +126,7 @@ def test_stdin_paths_and_json_stream(backbone, env, tmp_path):
     r = cine("batch", "-", "--preset", backbone, "-o", out, "--frames", "1", "--json", input="\n".join(map(str, files)) + "\n")
     assert r.exit_code == 0, r.output
     records = [json.loads(x) for x in r.stdout.splitlines()]
-    assert [x["status"] for x in records] == ["ok", "ok"] and all(Path(x["output"]).exists() for x in records)
+    assert [x["status"] for x in records] == ["ok", "ok"] and all((out / x["output"]).exists() for x in records)
 
 
 def test_ray_runs_the_same_items(backbone, env, tmp_path):
@@ -141,7 +141,7 @@ def test_ray_runs_the_same_items(backbone, env, tmp_path):
     assert r.exit_code == 0, r.output
     records = manifest(out)
     assert sorted(x["rel"] for x in records) == ["face0.png", "face1.png"] and all(x["status"] == "ok" for x in records)
-    assert all(frames_of(Path(x["output"])) == 1 for x in records)
+    assert all(frames_of(out / x["output"]) == 1 for x in records)
     again = cine("batch", src, "--preset", backbone, "-o", out, "--frames", "1", "--ray", "--json")
     assert [json.loads(x)["status"] for x in again.stdout.splitlines()] == ["skipped", "skipped"]
 

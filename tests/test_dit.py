@@ -180,3 +180,11 @@ def test_ffn_token_chunks_give_the_same_output(monkeypatch):
         monkeypatch.setattr(wan_dit, "FFN_CHUNK_ELEMENTS", 7 * cfg.ffn_dim)  # 7-token chunks over a 45-token video
         chunked = model(*args)
     assert rel_err(chunked, whole) <= 1e-6
+
+
+def test_attention_backends_used_are_recorded():
+    from cinecli.models.attention import attention, used_backends
+
+    q = torch.randn(1, 5, 2, 8)
+    attention(q, q, q)
+    assert "sdpa" in used_backends()

@@ -78,3 +78,25 @@ def test_other_types_are_refused_by_name(tmp_path):
     with pytest.raises(WeightsError, match=r"blocks\.0\.ffn\.0\.weight is GGUF type Q2_K, which cine does not support") as info:
         load_dit(path)
     assert "\n" not in str(info.value) and info.value.exit_code == 4
+
+
+def test_merged_lora_on_a_gguf_dit_equals_merging_into_its_dequantized_weights(tmp_path):
+    from cinecli.models.adapters import merge_into
+
+    cfg = tiny_config("i2v")
+    meant = write_city96_gguf(random_state_dict(cfg, seed=6), tmp_path / "dit-Q4_K.gguf", "Q4_K")
+    g = torch.Generator().manual_seed(2)
+    lora = {}
+    for module, (out, inp) in {"blocks.0.self_attn.q": (256, 256), "blocks.1.ffn.0": (512, 256)}.items():
+        lora[f"diffusion_model.{module}.lora_down.weight"] = torch.randn(4, inp, generator=g) * 0.5
+        lora[f"diffusion_model.{module}.lora_up.weight"] = torch.randn(out, 4, generator=g) * 0.5
+        lora[f"diffusion_model.{module}.alpha"] = torch.tensor(2.0)
+    gguf_model, float_model = load_dit(tmp_path / "dit-Q4_K.gguf", dtype="fp32"), load_dit(meant, dtype="fp32")
+    args = inputs(cfg)
+    with torch.no_grad():
+        before = gguf_model(*args)
+        merge_into(gguf_model, lora, strength=0.8)
+        merge_into(float_model, lora, strength=0.8)
+        after, want = gguf_model(*args), float_model(*args)
+    assert len(gguf_model.blocks[1].ffn[0].low_rank) == 1 and gguf_model.blocks[1].ffn[0].weight.dtype == torch.uint8
+    assert rel_err(after, want) <= 1e-5 and rel_err(before, want) > 100 * rel_err(after, want)

@@ -220,3 +220,49 @@ def test_fp8_bit_decoding_is_exact_for_every_code():
     expected = codes.float()
     finite = ~torch.isnan(expected)
     assert torch.equal(fp8_bits_to_half(codes).float()[finite] * 256, expected[finite])
+
+
+@pytest.mark.parametrize("activations", [torch.bfloat16, torch.float32])
+def test_ffn_weights_are_converted_once_per_block_call_with_identical_output(activations, monkeypatch):
+    """Weight-stationary FFN (layers.weights_held): over many token chunks each quantized (or upcast) FFN weight is
+    dequantized once per block call, and the output is bit-identical to converting it per chunk."""
+    from cinecli.models import layers, wan_dit
+
+    cfg = tiny_config("i2v")
+    model = load_dit(random_state_dict(cfg), dtype="bf16")
+    model.compute_dtype = activations  # fp32: the path of CPUs without native bf16 (bf16 weights upcast)
+    quantize_dit(model, RECIPES["hybrid"])
+    x, t, context, clip, y = inputs(cfg, batch=1)
+    monkeypatch.setattr(wan_dit, "FFN_CHUNK_ELEMENTS", 8 * cfg.ffn_dim)  # 8 tokens a chunk: 45 tokens → 6 chunks
+    calls = []
+    rows = QuantLinear.rows
+    monkeypatch.setattr(QuantLinear, "rows", lambda self, r0, r1, dtype: calls.append(self) or rows(self, r0, r1, dtype))
+    with torch.no_grad():
+        held = model(x, t, context, clip, y)
+        ffn_calls = [c for c in calls if c in {m for b in model.blocks for m in b.ffn}]
+        assert len(ffn_calls) == 2 * cfg.num_layers  # once per FFN layer per block call, not once per chunk
+        original = layers.weights_held
+        monkeypatch.setattr(wan_dit, "weights_held", lambda module, enabled=True: original(module, False))
+        calls.clear()
+        per_chunk = model(x, t, context, clip, y)
+    assert len([c for c in calls if c in {m for b in model.blocks for m in b.ffn}]) == 2 * cfg.num_layers * 6
+    assert torch.equal(held, per_chunk)
+    assert all(m._held is None for m in model.modules() if isinstance(m, layers.Linear))  # copies freed after the block
+
+
+def test_fp8_gemm_path_matches_dequantized_linear():
+    """quant.fp8_linear (FP8 x FP8 GEMM with per-token activation scales, the CUDA sm90+ path behind
+    CINE_FP8_MATMUL=1) checked through torch's CPU kernel: within FP8 activation rounding of the bf16 path."""
+    from cinecli.models.quant import fp8_linear, fp8_matmul_supported
+
+    g = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(64, 48)
+    layer.weight.data = torch.randn(48, 64, generator=g) / 8
+    q = QuantLinear.from_linear(layer, "fp8")
+    x = (torch.randn(2, 10, 64, generator=g) * torch.linspace(0.1, 10, 10)[:, None]).bfloat16()  # rows of varied scale
+    ref = F.linear(x.float(), q.dequantized(torch.float32), q.bias.float())
+    out = fp8_linear(x, q.weight, q.weight_scale, q.bias)
+    assert out.shape == (2, 10, 48) and out.dtype == torch.bfloat16
+    err = ((out.float() - ref).pow(2).mean() / ref.pow(2).mean()).sqrt().item()
+    assert err < 0.04, err
+    assert not fp8_matmul_supported(x)  # never taken on the CPU: there it is not faster than dequantize + bf16 GEMM

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import socket
 from pathlib import Path
@@ -138,3 +139,51 @@ def test_lora_inspect_counts_and_refuses_misfits(hub):
     assert misfit.exit_code == 4 and "does not fit" in misfit.stderr and "0 of 2 targets match" in misfit.stdout
     save_file({"blocks.0.self_attn.q.diff": torch.zeros(256, 256)}, str(hub["tmp"] / "d.safetensors"))
     assert json.loads(cine("lora", "inspect", hub["tmp"] / "d.safetensors", "--json").stdout)["full_deltas"] == 1
+
+
+def _hinted(stderr: str) -> tuple[set[str], list[str]]:
+    """The missing references and the hinted command of a missing-weights error line."""
+    line = stderr.strip().splitlines()[-1]
+    missing, command = line.split("): ", 1)[1].split("; fetch them with: ")
+    return set(missing.split(", ")), shlex.split(command)
+
+
+def test_missing_weights_hint_is_a_command_that_fetches_exactly_them(hub, monkeypatch):
+    """--backbone and --preset runs: the hinted `cine models pull …` (run as printed, against a simulated hub that
+    copies files into the test cache) downloads exactly the missing references, and the run then finds them all."""
+    from cinecli.weights import hub as hub_module
+
+    fetched = []
+
+    def download(ref):  # the hub, simulated: the bytes come from the tiny stack instead of the network
+        src = hub["snap"] / ref.file.rstrip("/")
+        if not src.exists():
+            src = hub["snap"] / ("tokenizer" if ref.file.endswith("/") else "Wan2.1_VAE.pth")
+        fake_hub_repo(hub["tmp"] / "hf" / "hub", ref.repo, {ref.file.rstrip("/"): src})
+        fetched.append(str(ref))
+        return hub_module._cached(ref)
+
+    monkeypatch.setattr(hub_module, "hub_reachable", lambda *a: not hub_module.offline())
+    monkeypatch.setattr(hub_module, "remote_sizes", lambda ref: {ref.file: 1})
+    monkeypatch.setattr(hub_module, "download", download)
+    mine = hub["tmp"] / "my.toml"
+    mine.write_text('name = "mine"\nprompt = "the camera orbits"\nframes = 5\nmax_area = 4096\n[backbone]\nname = "mine"\n'
+                    + "".join(f'{k} = {{ repo = "cine-test/mine", file = "{f}" }}\n' for k, f in (
+                        ("dit", "dit/"), ("vae", "Wan2.1_VAE.pth"), ("text_encoder", "text_encoder/"),
+                        ("tokenizer", "tokenizer/"), ("image_encoder", "image_encoder/"))))
+    for run in (["bullet-time", hub["photo"], "--backbone", "wan2.1-fun-1.3b-inp", "--offline"],
+                ["run", hub["photo"], "--preset", mine, "--offline"]):
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        r = cine(*run, "-o", hub["tmp"] / "x.mp4")
+        assert r.exit_code == 4, r.output
+        missing, command = _hinted(r.stderr)
+        assert command[:3] == ["cine", "models", "pull"]
+        monkeypatch.delenv("HF_HUB_OFFLINE")
+        fetched.clear()
+        pull = cine(*command[1:])
+        assert pull.exit_code == 0, pull.output
+        assert set(fetched) == missing  # exactly what was missing, nothing else
+        dry = json.loads(cine(*run, "-o", hub["tmp"] / "x.mp4", "--dry-run", "--json").stdout)
+        assert dry["missing"] == []
+    r = cine("run", hub["photo"], "--preset", mine, "-o", hub["tmp"] / "mine.mp4", "--offline")
+    assert r.exit_code == 0, r.output

@@ -23,6 +23,7 @@ import torch.nn as nn
 from ..errors import WeightsError
 from ..weights import Source
 from ..weights.lora_file import LoraFile, LowRank, check_fit, check_ignored, read_lora, warn_ignored
+from .gguf_linear import GGUFLinear
 from .quant import QuantLinear, quantize
 
 
@@ -35,7 +36,7 @@ def _param_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     ``q.weight``, and a quantized layer's weight has its unpacked [out, in] shape."""
     shapes = {name.replace(".base_layer.", "."): tuple(p.shape) for name, p in model.named_parameters() if ".lora_" not in name}
     for name, module in model.named_modules():
-        if isinstance(module, QuantLinear):
+        if isinstance(module, (QuantLinear, GGUFLinear)):
             shapes[f"{name.replace('.base_layer', '')}.weight"] = (module.out_features, module.in_features)
     return shapes
 
@@ -53,6 +54,8 @@ def _add_delta(model: nn.Module, name: str, delta: torch.Tensor, strength: float
     module_name, _, leaf = name.rpartition(".")
     layer = model.get_submodule(module_name) if module_name else model
     layer = getattr(layer, "base_layer", layer)
+    if isinstance(layer, GGUFLinear) and leaf == "weight":
+        raise WeightsError(f"{name}: a full weight delta (.diff) cannot be added to a GGUF layer; use a 16-bit backbone")
     if isinstance(layer, QuantLinear) and leaf == "weight":
         merged = layer.dequantized(torch.float32) + strength * delta.float().to(layer.weight.device)
         layer.weight.data, layer.weight_scale.data = quantize(merged, layer.fmt)
@@ -79,7 +82,12 @@ def merge_into(model: nn.Module, lora: Source | LoraFile, strength: float = 1.0,
     check_fit(lora, _param_shapes(model), what)
     warn_ignored(lora, what)
     for module, lr in lora.low_rank.items():
-        if lr.magnitude is not None:
+        layer = model.get_submodule(module)
+        if isinstance(getattr(layer, "base_layer", layer), GGUFLinear):  # GGML blocks: kept factored, added per call
+            if lr.magnitude is not None or f"{module}.weight" in lora.full:
+                raise WeightsError(f"{what}: DoRA and full deltas cannot be merged into GGUF layers ({module})")
+            getattr(layer, "base_layer", layer).merge_low_rank(lr.down, lr.up, lr.scale * strength)
+        elif lr.magnitude is not None:
             _add_delta(model, f"{module}.weight", _dora_delta(model, module, lr, strength), 1.0)
         else:
             _add_delta(model, f"{module}.weight", lr.delta(torch.float32), strength)
@@ -112,7 +120,7 @@ class Effects:
 
         def is_quantized(module: str) -> bool:
             layer = self.model.get_submodule(module)
-            return isinstance(getattr(layer, "base_layer", layer), QuantLinear)
+            return isinstance(getattr(layer, "base_layer", layer), (QuantLinear, GGUFLinear))
 
         quantized = [p for p in lora.full if p.endswith(".weight") and is_quantized(p.rpartition(".")[0])]
         if quantized:

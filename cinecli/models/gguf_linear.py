@@ -10,8 +10,8 @@ bf16 tokens, 2 threads of a CPU with native bf16 shared with other jobs, all sid
   GGUF Q4_K per call                  38   4.51x
   GGUF Q3_K per call                  29   4.81x
 
-Memory decides: a 14B DiT is ~9 GB as Q4_K and 28 GB as bf16, and Q3/Q4 files exist to fit 8-12 GB cards, so
-converting to bf16 defeats them; converting to cine's INT4 keeps the memory and saves decode time, but changes
+Memory decides: a 14B DiT is ~8 GB as Q4_K (4.5 bits/weight) and 28 GB as bf16, and Q3/Q4 files exist to fit
+8-12 GB cards, so converting to bf16 defeats them; converting to cine's INT4 keeps the memory and saves decode time, but changes
 the weights the user chose (not exact). The decode cost is per call and per weight, so it shrinks relative to
 the matmul as tokens grow (a 480p 49-frame clip is ~20,000 tokens) and on GPUs, where decoding is memory-bound.
 
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .layers import Linear, chunked_linear
 
@@ -146,13 +147,23 @@ class GGUFLinear(Linear):
         self.weight = nn.Parameter(torch.empty(out_features, in_features // per_block * size, dtype=torch.uint8, device=device),
                                    requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
+        # Merged LoRAs (the backbone's distill LoRA) stay factored: GGML blocks cannot be re-quantized here, and a
+        # dense delta per layer would cost what bf16 weights cost. Each: (down [r, in], scale·up [out, r]).
+        self.low_rank: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def merge_low_rank(self, down: torch.Tensor, up: torch.Tensor, scale: float) -> None:
+        device = self.weight.device
+        self.low_rank.append((down.to(device), (up.float() * scale).to(up.dtype).to(device)))
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_rows(self.weight, self.fmt, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = lambda r0, r1: dequantize_rows(self.weight[r0:r1], self.fmt, x.dtype)  # noqa: E731
-        return chunked_linear(x, rows, self.out_features, self.in_features, self.bias)
+        y = chunked_linear(x, rows, self.out_features, self.in_features, self.bias)
+        for down, up in self.low_rank:
+            y = y + F.linear(F.linear(x, down.to(x.dtype)), up.to(x.dtype))
+        return y
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"

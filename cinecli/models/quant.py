@@ -1,7 +1,8 @@
 """Weight-only quantized linear layers: FP8 e4m3 and INT8 per output channel, INT4 group-wise, packed two per byte.
 
 Activations stay 16-bit (or fp32 on CPUs without native bf16); each forward dequantizes the one weight it needs
-into the activation dtype and frees it after the matmul, so no full-precision copy of the model ever exists.
+into the activation dtype and frees it after the matmul, so no full-precision copy of the model ever exists
+(a layer called over many token chunks holds its one dequantized weight for the chunks: layers.weights_held).
 
 ``QuantLinear`` subclasses ``layers.Linear`` (so ``nn.Linear``): peft wraps it like any linear layer and calls
 its forward for the base output, which is why effect LoRAs work on quantized backbones unchanged — the adapter
@@ -15,14 +16,20 @@ Storage (state-dict keys, same names as lightx2v / ComfyUI use for per-channel f
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn as nn
 
-from .layers import Linear, chunked_linear
+from .layers import Linear
 
 FORMATS = ("fp8", "int8", "int4")
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
+# FP8 GEMMs (torch._scaled_mm) for fp8 layers on CUDA GPUs with FP8 tensor cores and row-wise scaling (Hopper, sm90+).
+# Opt-in (CINE_FP8_MATMUL=1) until bench/speed.py has measured it faster than dequantize + bf16 GEMM on a GPU:
+# no GPU was available when it was written, so it has only been checked for numerics (through the CPU kernel).
+FP8_MATMUL = os.environ.get("CINE_FP8_MATMUL") == "1"
 
 
 def parse_format(fmt: str) -> tuple[str, int]:
@@ -80,6 +87,25 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, fmt: str, dtype: torch.dtyp
     return (w.to(dtype) * scale.to(dtype).unsqueeze(-1)).view(out, -1)
 
 
+def fp8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x Wᵀ + b computed in FP8: x quantized to e4m3 per row (per token, LightX2V's scheme), W as stored.
+
+    x: [..., in] bf16; q: [out, in] float8_e4m3fn; scale: [out, 1] float32 → [..., out] in x.dtype
+    """
+    x2 = x.reshape(-1, x.shape[-1])  # [M, in]
+    xs = x2.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX  # [M, 1]
+    xq = (x2.float() / xs).to(FP8)
+    y = torch._scaled_mm(xq, q.t(), scale_a=xs, scale_b=scale.float().t().contiguous(),
+                         bias=bias.to(x.dtype) if bias is not None else None, out_dtype=x.dtype)  # [M, out]
+    return y.reshape(*x.shape[:-1], q.shape[0])
+
+
+def fp8_matmul_supported(x: torch.Tensor) -> bool:
+    """Row-wise-scaled FP8 GEMMs: CUDA compute capability 9.0+ (H100/H200), bf16 activations, sizes multiple of 16."""
+    return (FP8_MATMUL and x.is_cuda and x.dtype == torch.bfloat16 and x.shape[-1] % 16 == 0
+            and torch.cuda.get_device_capability(x.device) >= (9, 0))
+
+
 # --- the layer -------------------------------------------------------------------------------------------------------
 class QuantLinear(Linear):
     """A linear layer whose ``weight`` is stored quantized (see module doc); bias stays 16/32-bit."""
@@ -109,10 +135,15 @@ class QuantLinear(Linear):
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.weight, self.weight_scale, self.fmt, dtype)
 
+    def rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+        # Linear.forward asks for a slice of output rows at a time (never a whole full-precision weight in
+        # memory), or for all rows once inside layers.weights_held
+        return dequantize(self.weight[r0:r1], self.weight_scale[r0:r1], self.fmt, dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # dequantized a slice of output rows at a time: never a whole full-precision weight in memory
-        rows = lambda r0, r1: dequantize(self.weight[r0:r1], self.weight_scale[r0:r1], self.fmt, x.dtype)  # noqa: E731
-        return chunked_linear(x, rows, self.out_features, self.in_features, self.bias)
+        if self.fmt == "fp8" and self.out_features % 16 == 0 and fp8_matmul_supported(x):
+            return fp8_linear(x, self.weight, self.weight_scale, self.bias)
+        return super().forward(x)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import attention
-from .layers import Linear
+from .layers import Linear, weights_held
 
 
 @dataclass(frozen=True)
@@ -203,9 +203,11 @@ class Block(nn.Module):
         h = (self.norm2(x) * (1 + scale2) + shift2).to(dtype)
         # The FFN's hidden layer is the largest activation ([L, ffn_dim]); run it over token chunks and add each
         # chunk into the residual stream in place, so its peak stays ~FFN_CHUNK_ELEMENTS whatever the video size.
+        # Weights held over the chunks: a quantized/upcast FFN weight is converted once per call, not per chunk.
         step = max(1, FFN_CHUNK_ELEMENTS // self.ffn[0].out_features)
-        for s in range(0, h.shape[1], step):
-            x[:, s:s + step] += self.ffn(h[:, s:s + step]) * gate2
+        with weights_held(self.ffn, enabled=h.shape[1] > step):
+            for s in range(0, h.shape[1], step):
+                x[:, s:s + step] += self.ffn(h[:, s:s + step]) * gate2
         return x
 
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
+import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -53,6 +55,8 @@ def resolve_files(source: str | os.PathLike, patterns: Sequence[str] = ("*.safet
                 return resolve_files(indexes[0])
             matches = sorted(p for p in path.glob(pattern) if p.is_file() and not _is_index(p))
             if matches:
+                for match in matches:
+                    check_weight_file(match)
                 return matches
         raise WeightsError(f"no weight file matching {' or '.join(patterns)} in folder {path}")
     if _is_index(path):
@@ -64,15 +68,55 @@ def resolve_files(source: str | os.PathLike, patterns: Sequence[str] = ("*.safet
         missing = [str(s) for s in shards if not s.is_file()]
         if missing:
             raise WeightsError(f"shard index {path.name} names missing files: {', '.join(missing)}")
+        for shard in shards:
+            check_weight_file(shard)
         return shards
+    check_weight_file(path)
     return [path]
+
+
+def check_weight_file(path: Path) -> None:
+    """Say "empty", "truncated" or "corrupt" in one line before a reader says something cryptic (cheap: the header only).
+
+    safetensors: an 8-byte little-endian header length, a JSON header, then data up to the largest offset it names.
+    .pth: a zip archive (torch.save since 1.6; its directory sits at the end) or a legacy pickle (starts with 0x80).
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if size == 0:
+                raise WeightsError(f"{path}: empty weight file (0 bytes); download or copy it again")
+            if path.suffix == ".safetensors":
+                n = int.from_bytes(head, "little") if len(head) == 8 else -1
+                if not 2 <= n <= size - 8:
+                    raise WeightsError(f"{path}: corrupt safetensors file (no valid header: it claims {max(n, 0)} bytes "
+                                       f"of a {size}-byte file)")
+                try:
+                    header = json.loads(f.read(n))
+                    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+                except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+                    raise WeightsError(f"{path}: corrupt safetensors file (its header is not valid JSON)") from None
+                if 8 + n + end > size:
+                    raise WeightsError(f"{path}: truncated safetensors file ({size} of {8 + n + end} bytes)")
+            elif path.suffix in PICKLE_SUFFIXES:
+                if head[:4] == b"PK\x03\x04":
+                    if not zipfile.is_zipfile(f):
+                        raise WeightsError(f"{path}: truncated or corrupt checkpoint (its zip directory is missing)")
+                elif head[:1] != b"\x80":
+                    raise WeightsError(f"{path}: corrupt checkpoint (neither a torch.save zip nor a pickle)")
+    except OSError as exc:
+        raise WeightsError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "GLOBAL" not in str(exc):  # not a refused class: the pickle itself is broken
+            raise WeightsError(f"{path}: corrupt checkpoint (not a readable pickle)") from None
+        named = re.search(r"GLOBAL (\S+)", str(exc))
+        first = f"it names {named.group(1)}" if named else type(exc).__name__
         raise WeightsError(
             f"refusing to load {path.name}: it holds Python objects, not only tensors ({first}); "
             "convert it to .safetensors from a trusted copy"
@@ -80,7 +124,9 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     except (RuntimeError, OSError, EOFError, ValueError) as exc:
         try:  # legacy (non-zip) checkpoints cannot be memory-mapped; weights_only still applies
             obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
+        except pickle.UnpicklingError as exc2:
+            if "GLOBAL" not in str(exc2):
+                raise WeightsError(f"{path}: corrupt checkpoint (not a readable pickle)") from None
             raise WeightsError(f"refusing to load {path.name}: it holds Python objects, not only tensors") from None
         except Exception:
             raise WeightsError(f"unreadable checkpoint {path}: {str(exc).splitlines()[0]}") from None

@@ -162,4 +162,6 @@ def resolve_all(refs: dict[str, WeightRef], pull_hint: str, allow_download: bool
         raise WeightsError(f"missing weights ({why}): {names}; fetch them with: {pull_hint}")
     for r in found.values():
         check_against_lock(r)
+    local = [f for r in found.values() if r.ref.path is not None for f in r.files]
+    lock.note_local(local)
     return {name: r.path for name, r in found.items()}

@@ -8,6 +8,10 @@
 The first download of a reference without a pinned revision records the commit it resolved to; later
 downloads ask for that commit, so a preset keeps producing the same weights. Runs check sizes (cheap);
 ``cine models verify`` re-hashes everything against the lock.
+
+Local weight files (``{ path = ... }`` references, ComfyUI folders) are recorded on first use under ``"local"``:
+``{"<absolute path>": {"size": ..., "mtime_ns": ..., "sha256": ...}}``. Later runs only stat them and re-hash a
+file whose size or mtime moved (a warning says when its content changed); ``cine models verify`` re-hashes all.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 from .. import dirs
@@ -33,12 +38,13 @@ def key(ref: WeightRef) -> str:
 def read_lock() -> dict:
     path = lock_path()
     if not path.exists():
-        return {"version": 1, "refs": {}}
+        return {"version": 1, "refs": {}, "local": {}}
     try:
         data = json.loads(path.read_text())
     except ValueError as exc:
         raise WeightsError(f"corrupt lock file {path}: {exc}; delete it to start over") from None
     data.setdefault("refs", {})
+    data.setdefault("local", {})
     return data
 
 
@@ -88,3 +94,67 @@ def verify(entry: dict, root: Path, full: bool = True) -> list[str]:
         elif full and sha256(path) != want["sha256"]:
             problems.append(f"{rel}: sha256 differs from the lock")
     return problems
+
+
+# --- local files ---------------------------------------------------------------------------------------------------
+WEIGHT_SUFFIXES = (".safetensors", ".sft", ".pth", ".pt", ".bin", ".ckpt", ".gguf")  # what is hashed (not configs, tokenizers)
+
+
+def weight_files(files: list[Path]) -> list[Path]:
+    return [f for f in files if f.suffix in WEIGHT_SUFFIXES]
+
+
+def check_local(files: list[Path]) -> list[str]:
+    """Record local weight files on first use; re-hash only those whose size or mtime changed since.
+
+    Returns one warning per file whose content changed (the record then follows the new content).
+    """
+    data = read_lock()
+    warnings, changed = [], False
+    for f in weight_files(files):
+        st, name = f.stat(), str(f.resolve())
+        old = data["local"].get(name)
+        if old and old["size"] == st.st_size and old.get("mtime_ns") == st.st_mtime_ns:
+            continue  # unchanged: no hashing (a 30 GB DiT would take a minute)
+        digest = sha256(f)
+        if old and old["sha256"] != digest:
+            warnings.append(f"{f} changed since cine first used it (size {old['size']} → {st.st_size} bytes, "
+                            f"sha256 {old['sha256'][:12]}… → {digest[:12]}…)")
+        data["local"][name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+        changed = True
+    if changed:
+        write_lock(data)
+    return warnings
+
+
+def note_local(files: list[Path]) -> None:
+    """``check_local`` with its warnings on stderr (one line each): what runs call for the local files they use."""
+    for warning in check_local(files):
+        sys.stderr.write(f"cine: warning: {warning}; `cine models verify` checks every file\n")
+
+
+def verify_local(name: str, entry: dict) -> list[str]:
+    """Problems of one recorded local file: missing, or (full re-hash) content differing from the record."""
+    path = Path(name)
+    if not path.exists():
+        return ["missing"]
+    if path.stat().st_size != entry["size"]:
+        return [f"size {path.stat().st_size} ≠ {entry['size']}"]
+    return [] if sha256(path) == entry["sha256"] else ["sha256 differs from the record made at first use"]
+
+
+def describe(ref: WeightRef, path: Path | None = None) -> str:
+    """A reference as shared files show it: ``repo/file`` on the hub, else file names and sha256 (no local path)."""
+    if ref.path is None:
+        return str(ref)
+    target = Path(path or ref.path)
+    files = weight_files(sorted(p for p in target.rglob("*") if p.is_file())) if target.is_dir() else [target]
+    local = read_lock()["local"]
+    shas = [local.get(str(f.resolve()), {}).get("sha256") for f in files]
+    if not files or None in shas:
+        return target.name + ("/" if target.is_dir() else "")
+    if len(files) == 1:
+        name = f"{target.name}/{files[0].name}" if target.is_dir() else target.name
+        return f"{name} sha256:{shas[0][:16]}"
+    combined = hashlib.sha256("".join(f"{f.relative_to(target).as_posix()}:{h}\n" for f, h in zip(files, shas)).encode())
+    return f"{target.name}/ ({len(files)} files) sha256:{combined.hexdigest()[:16]}"

@@ -237,16 +237,10 @@ def choose(backbone: Backbone, found: list[Found], cards=(), dit: dict | None = 
 
 
 def record(path: Path) -> dict:
-    """sha256 of a used local file in the lock's ``local`` table; re-hashed only when its size or mtime changed."""
-    data = lock.read_lock()
-    table = data.setdefault("local", {})
-    stat = path.stat()
-    entry = table.get(str(path))
-    if entry and entry["size"] == stat.st_size and entry["mtime"] == stat.st_mtime:
-        return entry
-    table[str(path)] = entry = {"sha256": lock.sha256(path), "size": stat.st_size, "mtime": stat.st_mtime}
-    lock.write_lock(data)
-    return entry
+    """sha256 of a used local file in the lock's ``local`` table; re-hashed only when its size or mtime changed
+    (lock.check_local, the one place that does this for every local weight file)."""
+    lock.note_local([path])
+    return lock.read_lock()["local"][str(path.resolve())]
 
 
 def with_local(backbone: Backbone, refs: dict[str, WeightRef], cards=(), hash_files: bool = True) -> dict[str, WeightRef]:
