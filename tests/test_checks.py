@@ -143,16 +143,15 @@ def test_bad_values_fail_in_one_line_before_anything_loads(files, loud_loaders, 
     assert not files["out"].exists() and not (files["tmp"] / "out.mp4").exists()
 
 
-def test_unavailable_but_valid_device_stays_exit_7(files, monkeypatch):
+def test_unavailable_but_valid_device_stays_exit_7(backbone, files, monkeypatch):
     import torch
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    from cinecli.devices import choose_device
-    from cinecli.errors import DeviceError
+    import cinecli.models
 
-    with pytest.raises(DeviceError) as exc:  # the run path: the value is fine, the machine lacks it → 7
-        choose_device("cuda")
-    assert exc.value.exit_code == 7
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU box, even where a GPU is present
+    monkeypatch.setattr(cinecli.models, "load_dit", lambda *a, **k: pytest.fail("loaded a model"))
+    r = cine("run", files["photo"], "--preset", backbone, "-o", files["tmp"] / "o.mp4", "--device", "cuda:1")
+    assert r.exit_code == 7 and "CUDA was asked for but no CUDA device is available" in r.stderr, r.output
 
 
 def test_options_that_do_nothing_warn(files):
