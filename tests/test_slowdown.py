@@ -144,7 +144,8 @@ def test_batch_sidecar_pair(backbone, env, tmp_path):
     assert r.exit_code == 0, r.output
     records = {x["rel"]: x for x in map(json.loads, r.stdout.splitlines())}
     assert set(records) == {"jump.png", "solo.png"}  # the sidecar is not an item of its own
-    assert records["jump.png"]["last_frame"] == str((src / "jump.last.jpg").resolve()) and records["solo.png"]["last_frame"] is None
+    assert (out / records["jump.png"]["last_frame"]).resolve() == (src / "jump.last.jpg").resolve()  # relative to OUTDIR
+    assert records["solo.png"]["last_frame"] is None
     for rel in records:
         assert decode(out / f"{Path(rel).stem}.selftest.mp4")[0].shape[0] == 2 * 5 - 1
     meta = json.loads(cine("info", out / "jump.selftest.mp4", "--json").stdout)["cine"]
