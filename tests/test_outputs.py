@@ -38,7 +38,8 @@ def no_model(monkeypatch):
 
 def one_line(result, code: int) -> str:
     assert result.exit_code == code, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
+    # non-terminal stderr carries a progress line per stage ("cine: [  1.2 s] load dit: …") before a load error
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("cine: [")]
     assert len(lines) == 1 and lines[0].startswith("cine: error:"), result.stderr
     return lines[0]
 
