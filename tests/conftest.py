@@ -25,6 +25,8 @@ def env(tmp_path, monkeypatch) -> dict:
               "CINE_DATA_DIR": str(tmp_path / "data")}
     for k, v in values.items():
         monkeypatch.setenv(k, v)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"):
-        monkeypatch.delenv(k, raising=False)
+    # --models-dir sets CINE_MODELS_DIR in-process (cli_common.set_models_dir): setenv first so teardown removes it
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "CINE_MODELS_DIR"):
+        monkeypatch.setenv(k, "")
+        monkeypatch.delenv(k)
     return values
