@@ -20,7 +20,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, is_dataclass
 
 from .errors import UsageError
-from .pipeline import MAX_FRAMES
+
+# 2x the frame count Wan2.1 was trained on; longer clips degrade and waste memory. Here, not in pipeline.py, so
+# the CLI can check values without importing torch.
+MAX_FRAMES = 161
 
 Rule = Callable[[object], "str | None"]  # a value → None when good, else what is wrong (one short phrase)
 

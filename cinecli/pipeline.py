@@ -20,6 +20,7 @@ import torch
 
 from . import __version__, prompt_cache
 from .devices import image_encoder_dtype
+from .checks import MAX_FRAMES
 from .errors import UsageError
 from .image import check_pair, enlarge_notice, fit_image, read_image, target_size, to_tensor
 from .preset import Backbone, Preset, SamplerSpec
@@ -29,7 +30,6 @@ from .slowdown import output_frames as upsampled_frames
 from .timing import Timings
 
 VAE_TILE, VAE_TILE_OVERLAP = 256, 32  # pixels; tiles spread evenly (480x832: 2x4 tiles, 1.3x the pixels)
-MAX_FRAMES = 161  # 2x the frame count Wan2.1 was trained on; longer clips degrade and waste memory
 
 
 @dataclass

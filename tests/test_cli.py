@@ -195,3 +195,9 @@ def test_fast_decode_uses_the_tiny_vae(backbone, env, photo, tmp_path):
     assert "vae decode (tiny)" in stages and "load tiny_vae" in stages and "vae decode" not in stages
     frames, _ = decode(out)
     assert frames.shape == (9, 48, 64, 3)
+
+
+def test_cli_start_imports_no_torch():
+    """`cine --help`, bad-value checks and did-you-mean answer in a fraction of a second: torch (2+ s) loads lazily."""
+    code = "import sys, cinecli.cli; assert 'torch' not in sys.modules, 'cinecli.cli imported torch'"
+    subprocess.run([sys.executable, "-c", code], check=True)
