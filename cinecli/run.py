@@ -64,16 +64,19 @@ def pull_hint(preset: Preset, backbone: str | None = None, preset_file: Path | N
     return shlex.join(args)
 
 
-def weights_needed(preset: Preset, fast_decode: bool = False) -> dict[str, dict]:
+def weights_needed(preset: Preset, fast_decode: bool = False, refs: dict | None = None) -> dict[str, dict]:
     """Each component's reference, whether it is present locally, and its size: on disk, else as declared by the
-    backbone or LoRA card (the download size; None when nobody declared it). No network, no loading."""
+    backbone or LoRA card (the download size; None when nobody declared it). No network, no loading.
+    ``refs``: the run's references when it already has them (scan.local_refs), so the models dirs are read once."""
     from .weights.hub import locate
 
     from .weights.scan import local_refs
 
     out = {}
     asked = preset.weights(fast_decode)
-    for name, ref in local_refs(preset, fast_decode, hash_files=False).items():  # models-dir files in place of missing hub ones
+    if refs is None:
+        refs = local_refs(preset, fast_decode, hash_files=False)  # models-dir files in place of missing hub ones
+    for name, ref in refs.items():
         found = locate(ref)
         size = sum(f.stat().st_size for f in found.files if f.is_file()) if found.path else ref.bytes
         source = "models dir" if ref != asked.get(name) else "local path" if ref.path else "hub cache" if found.path else "hub"
@@ -157,8 +160,11 @@ def run_one(opts: RunOptions, console) -> dict | None:
     with timings.stage("plan memory"):  # before any download or load: a job that cannot fit stops here (exit 7)
         from .devices import choose_device, choose_dtype
 
+        from .weights.scan import local_refs
+
         device = choose_device(opts.device)
-        weights = weights_needed(preset, opts.fast_decode)
+        refs = local_refs(preset, opts.fast_decode, hash_files=False)  # one read of the models dirs per run
+        weights = weights_needed(preset, opts.fast_decode, refs)
         mp = memory_plan(opts, preset, the_plan, weights, device)
     if opts.dry_run:
         _print_notices(console, the_plan)
@@ -168,9 +174,10 @@ def run_one(opts: RunOptions, console) -> dict | None:
         from .report import build_report, summary_table, write_report
         from .weights.hub import resolve_all
 
-        from .weights.scan import local_refs
+        from .weights.scan import record_used
 
-        paths = resolve_all(local_refs(preset, opts.fast_decode), _hint(opts, preset))
+        record_used(refs, preset.weights(opts.fast_decode))  # models-dir files this run uses: hashed into the lock
+        paths = resolve_all(refs, _hint(opts, preset))
         timings.device = device
         gen = Generator(preset.backbone, paths, device, choose_dtype(opts.dtype, device), timings=timings, quantize=opts.quantize,
                         fast_decode=opts.fast_decode)

@@ -264,9 +264,16 @@ def with_local(backbone: Backbone, refs: dict[str, WeightRef], cards=(), hash_fi
         if label != "dit" and "dit" in missing and "dit" not in chosen:
             continue  # the encoders must fit the DiT the run will use; without a local DiT that is the hub's
         out[label] = WeightRef(path=chosen[label].path)
-        if hash_files:
-            record(chosen[label].path)
+    if hash_files:
+        record_used(out, refs)
     return out
+
+
+def record_used(refs: dict[str, WeightRef], asked: dict[str, WeightRef]) -> None:
+    """Hash into the lock the models-dir files that ``refs`` uses in place of the ``asked`` hub references."""
+    for label, ref in refs.items():
+        if ref != asked.get(label) and ref.path is not None:
+            record(ref.path)
 
 
 def _dit_info(path: Path) -> dict | None:
@@ -286,4 +293,4 @@ def local_refs(preset, fast_decode: bool = False, hash_files: bool = True) -> di
     return with_local(preset.backbone, preset.weights(fast_decode), cards, hash_files)
 
 
-__all__ = ["Found", "choose", "identify", "local_refs", "models_dirs", "record", "remember", "scan", "with_local"]
+__all__ = ["Found", "choose", "identify", "local_refs", "models_dirs", "record", "record_used", "remember", "scan", "with_local"]
