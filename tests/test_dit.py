@@ -169,7 +169,8 @@ def test_malicious_pth_is_refused(tmp_path):
     assert marker.exists()
 
 
-def test_ffn_token_chunks_give_the_same_output(monkeypatch):
+@pytest.mark.parametrize("knob", ["FFN_CHUNK_ELEMENTS", "TOKEN_CHUNK_ELEMENTS"])
+def test_token_chunks_give_the_same_output(monkeypatch, knob):
     import cinecli.models.wan_dit as wan_dit
 
     cfg = tiny_config("i2v")
@@ -177,9 +178,20 @@ def test_ffn_token_chunks_give_the_same_output(monkeypatch):
     args = inputs(cfg)
     with torch.no_grad():
         whole = model(*args)
-        monkeypatch.setattr(wan_dit, "FFN_CHUNK_ELEMENTS", 7 * cfg.ffn_dim)  # 7-token chunks over a 45-token video
+        width = cfg.ffn_dim if knob == "FFN_CHUNK_ELEMENTS" else cfg.dim
+        monkeypatch.setattr(wan_dit, knob, 7 * width)  # 7-token chunks over a 45-token video
         chunked = model(*args)
+        # the chunked block against the reference order of work: whole-sequence attention, out-of-place residual
+        blk, x = model.blocks[0], torch.randn(1, 45, cfg.dim)
+        e0, kv = torch.randn(1, 6, cfg.dim) * 0.1, [torch.randn(1, 9, cfg.num_heads, cfg.head_dim) for _ in range(4)]
+        rope = model.rope((5, 3, 3), x.device)
+        s1, c1, g1, s2, c2, g2 = (blk.modulation + e0).unsqueeze(2).unbind(1)
+        ref = x + blk.self_attn(blk.norm1(x) * (1 + c1) + s1, *rope) * g1
+        ref = ref + blk.cross_attn(blk.norm3(ref), kv)
+        ref = ref + blk.ffn(blk.norm2(ref) * (1 + c2) + s2) * g2
+        got = blk(x.clone(), e0, kv, rope, torch.float32)
     assert rel_err(chunked, whole) <= 1e-6
+    assert rel_err(got, ref) <= 1e-6
 
 
 def test_attention_backends_used_are_recorded():

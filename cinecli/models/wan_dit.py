@@ -59,6 +59,10 @@ DIT_CONFIGS: dict[str, DiTConfig] = {
 }
 
 FFN_CHUNK_ELEMENTS = 1 << 22  # 4M elements of FFN hidden activations per chunk: 16 MB in fp32
+# Tokens × width per chunk everywhere else in a block (modulated inputs, norms, RoPE, attention queries and
+# outputs, cross-attention): their temporaries stay ~16 MB (fp32) whatever the video size, so a block's memory
+# is the fp32 residual stream plus one q, k and v (bench/memory.py: 480p 49 frames, 20k tokens).
+TOKEN_CHUNK_ELEMENTS = 1 << 22
 
 # Parameters kept in float32 whatever the weight dtype (reference §A.6): norms and modulation tables, which
 # form the fp32 residual stream directly. The time embedding, time projection and head *compute* in fp32 as
@@ -137,14 +141,16 @@ class SelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (Linear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)  # over the whole width, before heads
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x: [B, L, dim] compute dtype → [B, L, dim]."""
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x: [B, l, dim] compute dtype (any run of tokens; cos/sin its rows) → q, k, v [B, l, H, D] compute dtype."""
         dtype = x.dtype
-        q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)), cos, sin)  # [B, L, H, D] fp32
+        q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)), cos, sin)  # [B, l, H, D] fp32
         k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1)), cos, sin)
-        v = self.v(x).unflatten(-1, (self.num_heads, -1))
-        out = attention(q.to(dtype), k.to(dtype), v)  # [B, L, H, D]
-        return self.o(out.flatten(2))
+        return q.to(dtype), k.to(dtype), self.v(x).unflatten(-1, (self.num_heads, -1))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: [B, L, dim] compute dtype → [B, L, dim] (the whole sequence at once; ``Block`` runs it in chunks)."""
+        return self.o(attention(*self.qkv(x, cos, sin)).flatten(2))
 
 
 class CrossAttention(nn.Module):
@@ -195,19 +201,34 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, kv: tuple[torch.Tensor, ...], rope: tuple, dtype: torch.dtype,
                 text_bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [B, L, dim] float32 residual stream; e0: [B, 6, dim] float32 → [B, L, dim] float32."""
+        """x: [B, L, dim] float32 residual stream (updated in place); e0: [B, 6, dim] float32 → [B, L, dim] float32.
+
+        Same math as the reference block; only the order of work differs. Everything but the attention core is
+        per token, so it runs over token chunks and adds into the residual stream in place: the live set is x, the
+        whole-sequence q, k, v (self-attention needs every key) and chunk-sized temporaries — 16 B per token and
+        width with fp32 activations instead of ~33 (memory_plan.DIT_STEP_PER_TOKEN_DIM).
+        """
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).unsqueeze(2).unbind(1)  # [B,1,dim]
-        y = self.self_attn((self.norm1(x) * (1 + scale1) + shift1).to(dtype), *rope)
-        x = x + y * gate1
-        x = x + self.cross_attn(self.norm3(x).to(dtype), kv, text_bias)
-        h = (self.norm2(x) * (1 + scale2) + shift2).to(dtype)
-        # The FFN's hidden layer is the largest activation ([L, ffn_dim]); run it over token chunks and add each
-        # chunk into the residual stream in place, so its peak stays ~FFN_CHUNK_ELEMENTS whatever the video size.
-        # Weights held over the chunks: a quantized/upcast FFN weight is converted once per call, not per chunk.
+        b, n, dim = x.shape
+        cos, sin = rope
+        step = max(1, TOKEN_CHUNK_ELEMENTS // dim)
+        heads = self.self_attn.num_heads
+        q, k, v = (x.new_empty(b, n, heads, dim // heads, dtype=dtype) for _ in range(3))  # [B, L, H, D]
+        for s in range(0, n, step):  # q, k, v of every token before any token's residual changes
+            h = (self.norm1(x[:, s:s + step]) * (1 + scale1) + shift1).to(dtype)
+            q[:, s:s + step], k[:, s:s + step], v[:, s:s + step] = self.self_attn.qkv(h, cos[s:s + step], sin[s:s + step])
+        for s in range(0, n, step):  # queries in chunks, every key: exact attention, chunk-sized output
+            x[:, s:s + step] += self.self_attn.o(attention(q[:, s:s + step], k, v).flatten(2)) * gate1
+        del q, k, v
+        for s in range(0, n, step):  # cross-attention is per query token
+            x[:, s:s + step] += self.cross_attn(self.norm3(x[:, s:s + step]).to(dtype), kv, text_bias)
+        # The FFN's hidden layer is the largest activation ([L, ffn_dim]): the same token chunking, with its own
+        # chunk size. Weights held over the chunks: a quantized/upcast FFN weight is converted once per call.
         step = max(1, FFN_CHUNK_ELEMENTS // self.ffn[0].out_features)
-        with weights_held(self.ffn, enabled=h.shape[1] > step):
-            for s in range(0, h.shape[1], step):
-                x[:, s:s + step] += self.ffn(h[:, s:s + step]) * gate2
+        with weights_held(self.ffn, enabled=n > step):
+            for s in range(0, n, step):
+                h = (self.norm2(x[:, s:s + step]) * (1 + scale2) + shift2).to(dtype)
+                x[:, s:s + step] += self.ffn(h) * gate2
         return x
 
 
