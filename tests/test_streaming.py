@@ -6,6 +6,10 @@ copied in from the host store before it runs and dropped after — minus the sid
 
 from __future__ import annotations
 
+import sys
+from dataclasses import replace
+
+import pytest
 import torch
 from test_dit import inputs
 from test_lora import TARGETS, known_delta, write_style
@@ -14,7 +18,8 @@ from wan_fixtures import random_state_dict, tiny_config
 from cinecli.models import load_dit
 from cinecli.models.adapters import Effects
 from cinecli.models.recipes import get_recipe, quantize_dit
-from cinecli.models.streaming import stream_blocks
+from cinecli.models.load import release_pages
+from cinecli.models.streaming import PagedBlocks, stream_blocks
 
 
 def _host_ptrs(model):
@@ -43,7 +48,7 @@ def test_streaming_on_off_bit_identical_and_copies_every_block():
     assert streamed.block_stream.copied_bytes == 2 * block_bytes
     assert len(seen) == cfg.num_layers and not set(sum(seen, [])) & set(host)  # ran on copies, never the store
     assert _host_ptrs(streamed) == host  # and the store is back in place
-    assert stream_blocks(load_dit(sd), "cpu").block_stream is None  # CPU default: memory-mapped, no copies
+    assert isinstance(stream_blocks(load_dit(sd), "cpu").block_stream, PagedBlocks)  # CPU default: no copies
 
 
 def test_streamed_quantized_model_bit_identical():
@@ -83,3 +88,51 @@ def test_effect_loras_on_streamed_blocks_switch_without_reload(tmp_path):
     assert not torch.equal(outs[True, 0], base) and not torch.equal(outs[True, 1], outs[True, 0])
     assert torch.equal(outs[True, 2], base)  # no effect: the backbone alone
     assert torch.equal(outs[True, 3], outs[True, 0])  # A → B → none → A gives A again, no reload
+
+
+def _resident_file_bytes(tensors) -> int:
+    """Bytes of the tensors' pages resident in this process (mincore-free: /proc/self/pagemap present bits)."""
+    import struct
+
+    total = 0
+    with open("/proc/self/pagemap", "rb") as f:
+        for t in tensors:
+            a, b = t.data_ptr() // 4096, (t.data_ptr() + t.numel() * t.element_size() - 1) // 4096 + 1
+            f.seek(a * 8)
+            total += 4096 * sum(bool(v >> 63) for v in struct.unpack(f"<{b - a}Q", f.read((b - a) * 8)))
+    return total
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="page release is Linux-only (a no-op elsewhere)")
+def test_cpu_streaming_drops_each_blocks_pages_with_identical_output(tmp_path):
+    from safetensors.torch import save_file
+
+    cfg = replace(tiny_config("i2v"), dim=512, ffn_dim=1024, num_heads=4)  # blocks of many pages
+    sd = random_state_dict(cfg)
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in sd.items()}, tmp_path / "dit.safetensors")
+    args = inputs(cfg)
+    with torch.no_grad():
+        want = load_dit(tmp_path / "dit.safetensors", dtype="bf16")(*args)
+        model = stream_blocks(load_dit(tmp_path / "dit.safetensors", dtype="bf16"), "cpu")
+        weights = [p for p in model.blocks.parameters() if p.numel() * p.element_size() >= 1 << 16]
+        got = model(*args)
+        assert torch.equal(got, want)
+        size = sum(p.numel() * p.element_size() for p in weights)
+        # dropped after use, but for pages a block shares with a tensor outside it (the fp32 norms are copies)
+        assert model.block_stream.released_bytes > 0.9 * size and _resident_file_bytes(weights) < 0.02 * size
+        assert torch.equal(model(*args), want)  # refaulted from the file: same numbers
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="page release is Linux-only (a no-op elsewhere)")
+def test_release_pages_keeps_pages_a_write_made(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.arange(1 << 18, dtype=torch.float32), "b": torch.ones(1 << 18)}, tmp_path / "w.safetensors")
+    with safe_open(str(tmp_path / "w.safetensors"), "pt") as f:
+        a, b = f.get_tensor("a"), f.get_tensor("b")
+    b.mul_(3)  # a merged LoRA writes like this: those pages are private copies now
+    assert a.sum() > 0 and release_pages(a, b) >= a.numel() * 4 - 8192
+    assert _resident_file_bytes([a]) <= 8192  # its two edge pages are shared with the header and with b
+    assert torch.equal(b, torch.full((1 << 18,), 3.0)) and torch.equal(a, torch.arange(1 << 18, dtype=torch.float32))
+    assert release_pages(torch.ones(1 << 20)) == 0  # heap memory is never touched

@@ -7,6 +7,7 @@ peak memory stays near the size of the loaded model.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable
 
 import torch
@@ -107,3 +108,86 @@ def release_source(module: nn.Module) -> nn.Module:
     gc.collect()
     trim_heap()
     return module
+
+
+# --- resident pages of memory-mapped weights ------------------------------------------------------------------------
+_PAGE = 4096
+_MADV_DONTNEED = 4
+_FILE_PAGE = 1 << 61  # /proc/self/pagemap: the page is a file page (not a private copy made by a write)
+_PRESENT = 1 << 63
+
+
+def _storage_ranges(objs) -> list[tuple[int, int]]:
+    """Merged, sorted [start, end) address ranges of the CPU storages behind modules' parameters and buffers."""
+    seen: dict[int, int] = {}
+    for obj in objs:
+        tensors = [*obj.parameters(), *obj.buffers()] if isinstance(obj, nn.Module) else [obj]
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and not t.is_meta:
+                s = t.untyped_storage()
+                if s.nbytes():
+                    seen[s.data_ptr()] = max(seen.get(s.data_ptr(), 0), s.nbytes())
+    merged: list[list[int]] = []
+    for start, size in sorted(seen.items()):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], start + size)
+        else:
+            merged.append([start, start + size])
+    return [(a, b) for a, b in merged]
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """[start, end) of this process's file-backed mappings (/proc/self/maps rows with an inode)."""
+    out = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[4] != "0" and fields[5].startswith("/"):
+                a, b = (int(v, 16) for v in fields[0].split("-"))
+                out.append((a, b))
+    return out
+
+
+def release_pages(*objs) -> int:
+    """Drop this process's resident pages of memory-mapped weights (modules or tensors); returns bytes released.
+
+    Weights loaded zero-copy from a checkpoint (safetensors, ``torch.load(mmap=True)``, cine's quantized DiT) are
+    file pages: once a stage is done with a component (CLIP after the image encode, the DiT before the VAE
+    decode, each DiT block when streamed on the CPU) they can leave the process. ``madvise(MADV_DONTNEED)`` unmaps
+    them; they stay in the page cache while RAM allows, so the next use refaults them at memory speed, and a
+    machine short of RAM re-reads them from disk instead of swapping. Only unmodified file pages are dropped
+    (``/proc/self/pagemap`` says which): a page a LoRA merge wrote is a private copy and stays. Linux only; a
+    no-op elsewhere and for memory that is not file-backed (the GPU, pinned or heap tensors).
+    """
+    if sys.platform != "linux":
+        return 0
+    import ctypes
+    import struct
+
+    try:
+        maps = _file_mappings()
+        libc = ctypes.CDLL(None, use_errno=True)
+        pagemap = open("/proc/self/pagemap", "rb")
+    except OSError:
+        return 0
+    released = 0
+    with pagemap:
+        for start, end in _storage_ranges(objs):
+            for m0, m1 in maps:
+                a, b = max(start, m0), min(end, m1)
+                a, b = -(-a // _PAGE) * _PAGE, b // _PAGE * _PAGE  # whole pages inside the weights only
+                if a >= b:
+                    continue
+                pagemap.seek(a // _PAGE * 8)
+                flags = struct.unpack(f"<{(b - a) // _PAGE}Q", pagemap.read((b - a) // _PAGE * 8))
+                run = None  # first page of the current run of droppable pages
+                for i, bits in enumerate((*flags, _PRESENT)):  # a sentinel written page closes the last run
+                    keep = bits & _PRESENT and not bits & _FILE_PAGE
+                    if not keep and run is None:
+                        run = i
+                    elif keep and run is not None:
+                        n = (i - run) * _PAGE
+                        if libc.madvise(ctypes.c_void_p(a + run * _PAGE), ctypes.c_size_t(n), _MADV_DONTNEED) == 0:
+                            released += sum(_PAGE for f in flags[run:i] if f & _PRESENT)
+                        run = None
+    return released
