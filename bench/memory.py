@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import struct
 import subprocess
 import sys
 import threading
@@ -42,7 +41,6 @@ sys.path.insert(0, str(REPO))
 GB = 1e9
 PROMPT = "the camera orbits around the frozen subject, cinematic"
 
-_DTYPE_NAMES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 
 
 # --- random weights at real sizes, written one chunk at a time -------------------------------------------------------
@@ -72,24 +70,18 @@ def _values(name: str, shape: tuple[int, ...], noise: _Noise, start: int, n: int
     return 0.02 * x
 
 
-def write_safetensors(path: Path, specs: dict[str, tuple[tuple[int, ...], torch.dtype]], seed: int) -> None:
-    """A safetensors file of random tensors, streamed: memory stays at one 16M-element chunk."""
-    header, offset = {}, 0
-    for key, (shape, dtype) in specs.items():
-        size = int(torch.tensor(shape).prod()) * torch.empty(0, dtype=dtype).element_size() if shape else 0
-        header[key] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    blob = json.dumps({"__metadata__": {"format": "pt"}, **header}).encode()
-    blob += b" " * (-len(blob) % 8)
-    noise, tmp = _Noise(seed=seed), path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
+def write_random(path: Path, specs: dict[str, tuple[tuple[int, ...], torch.dtype]], seed: int) -> None:
+    """A safetensors file of random tensors, streamed: memory stays at one 4M-element chunk."""
+    from cinecli.weights.files import write_safetensors
+
+    def pieces():
+        noise = _Noise(seed=seed)
         for key, (shape, dtype) in specs.items():
-            total, chunk = int(torch.tensor(shape).prod()), 1 << 22
+            total, chunk = int(torch.Size(shape).numel()), 1 << 22
             for s in range(0, total, chunk):
-                n = min(chunk, total - s)
-                f.write(_values(key, shape, noise, s, n).to(dtype).view(torch.uint8).numpy().tobytes())
-    tmp.replace(path)
+                yield _values(key, shape, noise, s, min(chunk, total - s)).to(dtype)
+
+    write_safetensors(path, specs, pieces(), {"format": "pt"})
 
 
 def _meta_specs(factory, dtype: torch.dtype, skip: tuple[str, ...] = ()) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -122,7 +114,7 @@ def write_weights(root: Path = ROOT) -> Path:
     for seed, (path, specs) in enumerate(jobs):
         if not path.exists():
             t0 = time.time()
-            write_safetensors(path, specs(), seed)
+            write_random(path, specs(), seed)
             print(f"wrote {path} ({path.stat().st_size / GB:.2f} GB, {time.time() - t0:.0f} s)", file=sys.stderr)
     vae = root / "Wan2.1_VAE.pth"
     if not vae.exists():

@@ -5,7 +5,10 @@ once). Each request is planned first (``plan``: sizes, frames, seed, prompt — 
 ``--dry-run`` prints), then run stage by stage under ``Timings`` so the report sees every stage.
 
 Memory order for one request: the text encoder (11 GB for umT5-XXL) loads only on a prompt-cache miss and is
-freed before the DiT loads; CLIP and the VAE are small and stay.
+freed before the DiT loads. The other components stay loaded (batches reuse them), but on the CPU, where their
+weights are memory-mapped files, each one's pages leave the process when its stage ends (``release_pages``:
+CLIP after the image encode, the VAE after encoding, the DiT before the decode), so a stage holds only its own
+component's weights; the next request refaults them from the page cache.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from .slowdown import output_frames as upsampled_frames
 from .timing import Timings
 
 VAE_TILE, VAE_TILE_OVERLAP = 256, 32  # pixels; tiles spread evenly (480x832: 2x4 tiles, 1.3x the pixels)
+VAE_TILES = (256, 192, 128)  # tile sides the memory plan may choose, largest (fewest seams, least overlap) first
 
 
 @dataclass
@@ -305,10 +309,13 @@ class Generator:
         if self.fast_decode:
             self.tiny_vae  # noqa: B018
         self.use_effect(preset, request.effect_strength)
+        from .models.load import release_pages
+
         with self._stage("image encode"):
             clip_fea = clip.encode(first[None].to(self.device))  # [1, 257, 1280]
             if dit.config.model_type == "flf2v":
                 clip_fea = torch.cat([clip_fea, clip.encode((last if last is not None else first)[None].to(self.device))], 1)
+            release_pages(clip)
         with self._stage("vae encode"):
             video = torch.zeros(3, p.frames, p.height, p.width)
             video[:, 0] = first
@@ -319,6 +326,7 @@ class Generator:
             mask = condition_mask(p.frames, lat_h, lat_w, last is not None)[None].to(self.device)
             y = torch.cat([mask, cond_latent.float()], dim=1)  # [1, 20, F_lat, lat_h, lat_w]
             del video
+            release_pages(vae)
 
         with torch.no_grad(), self._stage("prepare context"):  # text/image embeddings once per video
             ctx = dit.prepare_context(text[None].to(self.device), clip_fea)
@@ -332,12 +340,16 @@ class Generator:
             hint = self.nonfinite_hint()
             latents = sample(denoise, p.sampler, (1, *p.latent_shape), generator, self.device,
                              step_hook=lambda i, n: self._stage(f"denoise step {i + 1}/{n}"), nonfinite_hint=hint)
+            del ctx, ctx_neg, y
+            release_pages(dit)
         if self.fast_decode:
             tiny = self.tiny_vae
             with self._stage("vae decode (tiny)"):
                 return tiny.decode(latents)[0].float().cpu()
         with self._stage("vae decode"):
-            return vae.decode(latents, tile_size=self.vae_tile, tile_overlap=VAE_TILE_OVERLAP)[0].float().cpu()  # [3, T, H, W]
+            video = vae.decode(latents, tile_size=self.vae_tile, tile_overlap=VAE_TILE_OVERLAP)[0].float().cpu()  # [3, T, H, W]
+            release_pages(vae)
+            return video
 
 
 def sampler_settings(spec: SamplerSpec) -> dict:

@@ -25,9 +25,11 @@ METADATA_KEY = "cine"
 
 
 def frames_to_uint8(video: torch.Tensor) -> np.ndarray:
-    """video [3, T, H, W] in [-1, 1] → frames [T, H, W, 3] uint8."""
-    frames = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return frames.permute(1, 2, 3, 0).cpu().numpy()
+    """video [3, T, H, W] in [-1, 1] → frames [T, H, W, 3] uint8, a frame at a time (no clip-sized temporaries)."""
+    out = torch.empty(video.shape[1], *video.shape[2:], 3, dtype=torch.uint8)
+    for t in range(video.shape[1]):
+        out[t] = ((video[:, t].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0)
+    return out.numpy()
 
 
 def check_writable(path: str | Path, overwrite: bool) -> None:

@@ -186,12 +186,14 @@ def test_quantize_once_then_memory_map(backbone, env, photo, tmp_path, monkeypat
     def boom(*a, **k):
         raise AssertionError("quantized again instead of loading the cached file")
 
-    original = recipes.quantize_dit
+    original = recipes.quantize_dit, recipes.write_quantized
     monkeypatch.setattr(recipes, "quantize_dit", boom)
+    monkeypatch.setattr(recipes, "write_quantized", boom)
     r2 = cine("run", photo, "--preset", backbone, "-o", tmp_path / "b.mp4", "--frames", "5", "--seed", "1", "--quantize", "hybrid", "--json")
     assert r2.exit_code == 0, r2.output
     assert json.loads(r2.stdout)["plan"]["quantize"] == "hybrid" and json.loads(r2.stdout)["quantization"] == "hybrid"
-    monkeypatch.setattr(recipes, "quantize_dit", original)
+    monkeypatch.setattr(recipes, "quantize_dit", original[0])
+    monkeypatch.setattr(recipes, "write_quantized", original[1])
     assert cine("run", photo, "--preset", backbone, "-o", tmp_path / "c.mp4", "--frames", "5", "--quantize", "fp8").exit_code == 0
     assert len(list((cache_dir() / "dit").glob("*.safetensors"))) == 2  # a different recipe never reuses a stale file
 

@@ -266,3 +266,28 @@ def test_fp8_gemm_path_matches_dequantized_linear():
     err = ((out.float() - ref).pow(2).mean() / ref.pow(2).mean()).sqrt().item()
     assert err < 0.04, err
     assert not fp8_matmul_supported(x)  # never taken on the CPU: there it is not faster than dequantize + bf16 GEMM
+
+
+def test_converting_while_writing_equals_quantize_then_write(tmp_path):
+    """The first-run conversion (write_quantized with a recipe: layer by layer from the memory-mapped 16-bit file)
+    writes exactly the file of quantizing the whole model first, and drops the source pages it read."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from cinecli.models.recipes import read_metadata, write_quantized
+
+    cfg = tiny_config("i2v")
+    save_file({k: v.to(torch.bfloat16) for k, v in random_state_dict(cfg).items()}, tmp_path / "dit.safetensors")
+    whole = load_dit(tmp_path / "dit.safetensors", dtype="bf16")
+    quantize_dit(whole, RECIPES["hybrid"])
+    write_quantized(whole, tmp_path / "whole.safetensors")
+    write_quantized(load_dit(tmp_path / "dit.safetensors", dtype="bf16"), tmp_path / "streamed.safetensors", RECIPES["hybrid"])
+    a, b = load_file(tmp_path / "whole.safetensors"), load_file(tmp_path / "streamed.safetensors")
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a)
+    assert read_metadata(tmp_path / "whole.safetensors") == read_metadata(tmp_path / "streamed.safetensors")
+    with safe_open(str(tmp_path / "streamed.safetensors"), "pt") as f:
+        assert list(f.keys()) == sorted(a)  # a valid file safetensors itself reads
+    loaded = load_dit(tmp_path / "streamed.safetensors", dtype="bf16")
+    x = inputs(cfg, batch=1)
+    with torch.no_grad():
+        assert torch.equal(loaded(*x), whole(*x))

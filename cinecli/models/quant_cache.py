@@ -1,8 +1,8 @@
 """Quantize once: a 16-bit DiT quantized at load is written to cine's cache and memory-mapped on later runs.
 
-The first run loads the checkpoint on the CPU (memory-mapped), merges the backbone's LoRAs, quantizes it layer by
-layer and writes the result with ``recipes.write_quantized`` (the same self-describing file ``cine quantize``
-writes) atomically into ``<cache>/dit/``. Then it loads that file like any pre-quantized checkpoint, so the first
+The first run loads the checkpoint on the CPU (memory-mapped), merges the backbone's LoRAs, and quantizes it layer
+by layer as ``recipes.write_quantized`` writes the result (the same self-describing file ``cine quantize`` writes)
+atomically into ``<cache>/dit/``, dropping each source layer's pages once written. Then it loads that file like any pre-quantized checkpoint, so the first
 run and every later one hold the same thing: the quantized file's pages, never the 16-bit source's.
 
 The file name carries a key over everything that changes the result: each source file's resolved path, size and
@@ -69,12 +69,12 @@ def load_quantized(source: Path, recipe, merges: list[tuple[Path, float, str]], 
     model = load_dit(source, device="cpu", dtype=dtype)  # converted on the CPU: the device never holds 16-bit weights
     for path, strength, name in merges:
         merge_into(model, path, strength=strength, what=f"LoRA {name}")
-    quantize_dit(model, recipe)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        write_quantized(model, target)
+        write_quantized(model, target, recipe)  # layer by layer: one layer's quantized copy at a time
     except OSError as exc:  # a read-only or full cache only costs the conversion next time
         print(f"warning: could not cache the quantized DiT in {target.parent}: {exc.strerror or exc}", file=sys.stderr)
+        quantize_dit(model, recipe)
         return release_source(model).to(device)  # unmap the 16-bit file: only the quantized copy stays
     del model
     gc.collect()

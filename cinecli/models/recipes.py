@@ -102,25 +102,47 @@ def metadata_for(model: nn.Module) -> dict[str, str]:
 
 
 
-def write_quantized(model: nn.Module, output) -> int:
-    """Write ``model`` (quantized) as one self-describing safetensors file, atomically: a temp file in the same
-    folder renamed over ``output``, so a killed run never leaves a half-written checkpoint. Returns the bytes of
-    tensor data. Raises OSError (the temp file removed) when the folder cannot take it."""
-    import os
-    from pathlib import Path
+def write_quantized(model: nn.Module, output, recipe: Recipe | None = None) -> int:
+    """Write a quantized DiT as one self-describing safetensors file, one tensor at a time, atomically (a temp file
+    renamed over ``output``: a killed run never leaves a half-written checkpoint). Returns the bytes of tensor data;
+    raises OSError (the temp file removed) when the folder cannot take it.
 
-    from safetensors.torch import save_file
+    ``recipe``: ``model`` is still 16-bit (memory-mapped from its checkpoint) and each layer is quantized as it is
+    written, its source pages dropped after (load.release_pages): converting never holds more than one layer's
+    quantized copy, so a 14B checkpoint converts in the memory of its largest layer, not of the whole model.
+    """
+    from ..weights.files import write_safetensors
+    from .load import build_empty, release_pages
+    from .quant import quantize
 
-    output = Path(output)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.part")
-    try:
-        save_file(state, str(tmp), metadata=metadata_for(model))
-        os.replace(tmp, output)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return sum(t.numel() * t.element_size() for t in state.values())
+    formats = recipe.plan(model) if recipe is not None else {}
+    real = model.state_dict()
+    if formats:  # the layout comes from an empty twin with the quantized layers swapped in
+        twin = swap_in(build_empty(lambda: type(model)(model.config)), formats, meta=True)
+        twin.config, twin.quant_recipe = model.config, recipe.name
+        twin.quant_layers = {**getattr(model, "quant_layers", {}), **formats}
+        keys = list(twin.state_dict())
+        meta = metadata_for(twin)
+    else:
+        keys, meta = list(real), metadata_for(model)
+    quantized = {f"{name}.{leaf}" for name in formats for leaf in ("weight", "weight_scale")}
+    layout = {k: (tuple(twin.get_parameter(k).shape), twin.get_parameter(k).dtype) if k in quantized
+              else (tuple(real[k].shape), real[k].dtype) for k in keys}
+
+    def pieces():
+        scale = None
+        for key in keys:
+            if key.endswith(".weight") and key in quantized:
+                q, scale = quantize(real[key], formats[key.removesuffix(".weight")])
+                release_pages(real[key])
+                yield q
+            elif key in quantized:  # the weight_scale that follows its weight
+                yield scale
+            else:
+                yield real[key]
+
+    return write_safetensors(output, layout, pieces(), meta)
+
 
 def read_metadata(source) -> dict | None:
     """The ``cine_quant`` metadata of a (first) safetensors file, if it is one of ours."""

@@ -217,4 +217,4 @@ def _tiled(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], tile: in
             out[..., oy : oy + th, ox : ox + tw] += part * wgt
             weight[oy : oy + th, ox : ox + tw] += wgt
     assert out is not None
-    return out / weight
+    return out.div_(weight)  # in place: the clip-sized accumulator becomes the result

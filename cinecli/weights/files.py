@@ -185,6 +185,41 @@ def read_header(source: Source, patterns: Sequence[str] = ("*.safetensors", "*.p
     return header
 
 
+_DTYPE_NAMES = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
+
+
+def write_safetensors(path: str | os.PathLike, layout: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+                      pieces: Iterator[torch.Tensor], metadata: dict[str, str] | None = None) -> int:
+    """Write a safetensors file one piece at a time: ``pieces`` yields the data of ``layout``'s entries in order,
+    each tensor whole or as consecutive pieces, so neither a whole model nor a whole large tensor needs to exist
+    in memory (safetensors' ``save_file`` first copies every tensor into bytes). Atomic: a temp file in the same
+    folder renamed over ``path``, removed on any failure. Returns the bytes of tensor data."""
+    path = Path(path)
+    header, offset = {}, 0
+    for key, (shape, dtype) in layout.items():
+        size = int(torch.Size(shape).numel()) * torch.empty(0, dtype=dtype).element_size()
+        header[key] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps({**({"__metadata__": metadata} if metadata else {}), **header}, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # tensor data starts 8-byte aligned
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(len(blob).to_bytes(8, "little") + blob)
+            written = 0
+            for piece in pieces:
+                data = piece.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+                f.write(memoryview(data))
+                written += data.nbytes
+            if written != offset:
+                raise ValueError(f"write_safetensors: {written} bytes of tensor data for a layout of {offset}")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return offset
+
+
 def read_shapes(source: Source, patterns: Sequence[str] = ("*.safetensors", "*.pth")) -> dict[str, tuple[int, ...]]:
     """Keys and shapes of a source without reading tensor data (used to infer configs)."""
     return {k: shape for k, (shape, _) in read_header(source, patterns).items()}
