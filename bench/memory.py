@@ -258,6 +258,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, default=49)
     ap.add_argument("--quantize", default="hybrid")
+    ap.add_argument("--steps", type=int, help="denoising steps (each step peaks alike: 1 measures the same peak sooner)")
+    ap.add_argument("--budget", help="--memory-budget for the run, e.g. 1.85GiB (the 1.8 GB-over-baseline target)")
     ap.add_argument("--write-only", action="store_true")
     ap.add_argument("--json", type=Path, help="also write the table here")
     ap.add_argument("--from-logs", action="store_true",
@@ -275,9 +277,11 @@ def main() -> None:
     cine = [str(Path(sys.executable).parent / "cine"), "run", str(ROOT / "photo-832x480.png"), "--preset", str(preset),
             "--frames", str(args.frames), "--quantize", args.quantize, "--device", "cpu", "--seed", "0",
             "-o", str(ROOT / f"out-{args.frames}.mp4"), "--overwrite", "-q"]
-    plan = planned(cine, env)
-    label = f"{args.frames} frames 832x480, --quantize {args.quantize}"
+    cine += ["--steps", str(args.steps)] if args.steps else []
+    cine += ["--memory-budget", args.budget] if args.budget else []
+    label = f"{args.frames} frames 832x480, --quantize {args.quantize}, steps {args.steps or 'preset'}, budget {args.budget}"
     if args.from_logs:
+        plan = planned(cine, env)
         samples = _read_jsonl(args.samples or ROOT / "stages-run.samples")
         rows = stage_rows([tuple(s[:4]) for s in samples], _read_jsonl(ROOT / "stages-run.jsonl"))
         text = stage_rows([tuple(s[:4]) for s in _read_jsonl(ROOT / "stages-text.samples")], _read_jsonl(ROOT / "stages-text.jsonl"))
@@ -286,6 +290,8 @@ def main() -> None:
     text_rows, rc, err = measured([sys.executable, __file__, "--child-encode", str(preset)], env, ROOT / "stages-text.jsonl")
     if rc:
         sys.exit(f"prompt encoding failed ({rc}):\n{err}")
+    plan = planned(cine, env)  # after the prompt is cached: the plan of the run below
+    print(f"planned: {json.dumps(plan)}", flush=True)
     t0 = time.time()
     rows, rc, err = measured(cine, env, ROOT / "stages-run.jsonl")
     if rc:

@@ -48,7 +48,7 @@ def _quant_bytes(shape: tuple[int, ...], fmt: str) -> int:
     return out * inp + out * 4  # one byte per weight + fp32 per-channel scale
 
 
-def _sizes(per_param: dict[str, int], layers: int, dim: int) -> DiTSizes:
+def _sizes(per_param: dict[str, int], layers: int, dim: int, ffn_dim: int = 0) -> DiTSizes:
     blocks: dict[int, int] = {}
     outside = 0
     for name, n in per_param.items():
@@ -58,7 +58,8 @@ def _sizes(per_param: dict[str, int], layers: int, dim: int) -> DiTSizes:
         else:
             outside += n
     block = max(blocks.values(), default=0)
-    return DiTSizes(total=outside + sum(blocks.values()), outside_blocks=outside, block=block, layers=layers, dim=dim)
+    return DiTSizes(total=outside + sum(blocks.values()), outside_blocks=outside, block=block, layers=layers, dim=dim,
+                    ffn_dim=ffn_dim)
 
 
 @functools.lru_cache(maxsize=8)
@@ -82,7 +83,8 @@ def dit_sizes(config_name_or_cfg, weight_bytes: int = 2) -> dict[str, DiTSizes]:
             else:
                 per[name] = torch.Size(shape).numel() * (4 if keeps_fp32(name) else weight_bytes)
         one = _sizes(per, 1, cfg.dim)
-        out[recipe] = DiTSizes(one.outside_blocks + cfg.num_layers * one.block, one.outside_blocks, one.block, cfg.num_layers, cfg.dim)
+        out[recipe] = DiTSizes(one.outside_blocks + cfg.num_layers * one.block, one.outside_blocks, one.block, cfg.num_layers,
+                               cfg.dim, cfg.ffn_dim)
     return out
 
 
@@ -110,7 +112,8 @@ def dit_job_sizes(preset: Preset, path: Path | None, weight_bytes: int) -> tuple
             per = {k: torch.Size(s).numel() * QUANT_ELEMENT.get(dt, 4 if keeps_fp32(k) else weight_bytes) for k, (s, dt) in header.items()}
             dim = next(s[0] for k, (s, _) in header.items() if k.endswith("patch_embedding.weight"))
             layers = 1 + max((int(m.group(1)) for m in map(_BLOCK.search, header) if m), default=0)
-            return {"prequantized": _sizes(per, layers, dim)}, True
+            ffn = next((s[0] for k, (s, _) in header.items() if k.endswith("ffn.0.weight")), 0)
+            return {"prequantized": _sizes(per, layers, dim, ffn)}, True
         try:
             names = normalize_dit_keys({k: s for k, (s, _) in header.items()})
             cfg = infer_config({names[k]: header[k][0] for k in names})
@@ -213,8 +216,8 @@ def job(preset: Preset, p: Plan, weights: dict[str, dict], *, device: torch.devi
     return Job(
         dit=sizes, frames=p.frames, width=p.width, height=p.height, steps=p.sampler.num_steps,
         text_encoder_bytes=text_encoder_bytes(path("text_encoder"), refs["text_encoder"].bytes, wbytes),
-        image_encoder_bytes=image_encoder_params(path("image_encoder")) * abytes,
-        vae_bytes=vae_params(path("vae")) * 4, act_bytes=abytes, default_recipe=default, pinned_recipe=recipe,
+        image_encoder_bytes=image_encoder_params(path("image_encoder")) * (4 if dtype == torch.float32 else 2),
+        vae_bytes=vae_params(path("vae")) * 4, act_bytes=abytes, weight_bytes=wbytes, default_recipe=default, pinned_recipe=recipe,
         prompt_cached=prompt_cached(path("text_encoder"), prompts),
         effect_bytes=file_bytes(weights.get(effect), refs[effect].bytes) if effect else 0,
         fast_decode=fast_decode,

@@ -8,15 +8,18 @@ optional budget) and what the job needs (``Job``: the DiT config, component size
                 a recipe the user pinned (or a pre-quantized checkpoint) is kept as it is
   DiT           resident on the device, else streamed block by block (the device holds two blocks)
   text encoder  not loaded on a prompt-cache hit, else on the device, else on the CPU
-  VAE           whole frames, else spatial tiles of ``VAE_TILE`` pixels ("vae_decode": "tiled" tiles the
-                conditioning encode too)
+  VAE           whole frames, else spatial tiles of the largest side in ``VAE_TILES`` that fits ("vae_decode":
+                "tiled", ``vae_tile`` the side; the conditioning encode is tiled alike)
 
 Estimates follow the model code (see ``dit_step_bytes``, ``vae_encode_bytes``, ``vae_decode_bytes``): the
 constants are live-tensor peaks traced through the real modules on the ``meta`` device at real widths (one
 denoising step of WanDiT, the chunked Wan VAE), so they track tokens, frame size and frame count; weight bytes
 per recipe are counted layer by layer from a meta-device DiT (memory_inputs.py). On the CPU the device *is* host
-RAM, so a stage's ``device_peak_bytes`` and ``host_peak_bytes`` are the same number there, except that pages of a
-memory-mapped source file (the 16-bit DiT while the first run converts it) count as host only: the OS reclaims them.
+RAM, so a stage's ``device_peak_bytes`` and ``host_peak_bytes`` are the same number there; and there every
+component is a memory-mapped file whose pages leave the process when its stage ends (pipeline.py,
+``load.release_pages``), so a CPU stage holds the runtime, its own component and its activations, nothing else:
+CLIP for the image encode, the VAE encoder or decoder, the DiT (whole, or one block at a time when streamed).
+Host peaks include the process itself (``RUNTIME_BYTES``), so they compare with a measured RSS (bench/memory.py).
 """
 
 from __future__ import annotations
@@ -24,28 +27,31 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 
-from .pipeline import VAE_TILE  # the pipeline's tile side: a tiled VAE never works on more than VAE_TILE² pixels
+from .pipeline import VAE_TILES  # tile sides the pipeline can run: a tiled VAE works on at most tile² pixels
 from .report import human_bytes as human
 
 LADDER = ("none", "fp8", "hybrid", "compact")  # least lossy first
 TEXT_ROWS = 128  # text rows assumed in the per-video cross-attention keys/values (prompts are shorter; 512 max)
 GiB = 1 << 30
 
-# Live-tensor peak of one denoising step, in bytes per (token × model width): traced with cinecli.models.wan_dit
-# on meta tensors (attention as a flash/memory-efficient kernel, O(L) memory) for the 1.3B and 14B widths and
-# 7.8k-75k tokens: 26.3 with 16-bit activations, 32.5 with fp32 activations (CPUs without native bf16). The fp32
-# residual stream, fp32 RoPE'd q/k next to their 16-bit copies, v and the attention output make it up.
-DIT_STEP_PER_TOKEN_DIM = {2: 26.3, 4: 32.5}
+# One denoising step (models/wan_dit.Block over token chunks), traced on meta tensors at real widths (1.3B and 14B,
+# 7.8k and 20k tokens; tests re-trace it). Attention phase: the fp32 residual stream plus the whole-sequence q, k,
+# v, i.e. (4 + 3·act) bytes per token·width, fitted as 11.5 (16-bit) / 17.0 (fp32) plus chunk-sized temporaries.
+# FFN phase: the residual stream plus, for quantized or upcast FFN weights, both FFN weights held in the activation
+# dtype (layers.weights_held) and the FFN chunk. A step peaks at the larger of the two.
+DIT_STEP_PER_TOKEN_DIM = {2: 11.5, 4: 17.0}
+DIT_STEP_CHUNKS = {2: 75 << 20, 4: 85 << 20}
+DIT_FFN_CHUNK = 150 << 20
 # Wan VAE (fp32), live-tensor peak per output pixel of one frame, traced the same way: the chunk working set at
 # full resolution (96 channels × 4 frames through a causal ResidualBlock) plus every cached conv's 2-frame context;
 # the clip itself (3 × T × 4 bytes per pixel) comes on top. Independent of T otherwise: the VAE works chunk by chunk.
 VAE_ENCODE_PER_PIXEL = 14_070
 VAE_DECODE_PER_PIXEL = 16_450
-# Allocator and conv-kernel workspace the trace cannot see: the issue 9 table measured the VAE's anonymous RSS at
-# 624x624 about 1.25x the traced live peak on a CPU (before the VAE's in-place norms; bench/memory.py re-measures);
-# the DiT step runs a little over its trace.
+VAE_ENCODER_SHARE = 0.4224  # of the Wan VAE's weights: the encoder (+ conv1) 214 MB, the decoder (+ conv2) 293 MB
+# Allocator and conv-kernel workspace the trace cannot see (bench/memory.py measures RSS against these).
 VAE_SLACK = 1.25
 DIT_SLACK = 1.1
+RUNTIME_BYTES = 256 << 20  # the process before any model: Python, torch, cinecli (bench/memory.py: 0.23 GB RSS)
 TEXT_ENCODE_BYTES = 512 << 20  # umT5 activations for one 512-token prompt (64 heads × 512² fp32 bias and scores)
 IMAGE_ENCODE_BYTES = 256 << 20  # CLIP ViT-H on 257 tokens
 
@@ -75,6 +81,7 @@ class DiTSizes:
     block: int
     layers: int
     dim: int
+    ffn_dim: int = 0  # the FFN width (a step holds both FFN weights in the activation dtype); 0 when unknown
 
     @property
     def streamed(self) -> int:
@@ -92,6 +99,7 @@ class Job:
     image_encoder_bytes: int
     vae_bytes: int
     act_bytes: int = 2  # activation element size: 2, or 4 on CPUs that emulate bf16
+    weight_bytes: int = 2  # element size of unquantized weights (--dtype)
     default_recipe: str = "none"  # the backbone's recipe: where the ladder starts
     pinned_recipe: str | None = None  # --quantize, or "prequantized"
     prompt_cached: bool = False
@@ -128,13 +136,14 @@ class MemoryPlan:
     stages: list[Stage] = field(default_factory=list)
     device: str = "cpu"
     dit_bytes: int = 0  # the DiT's weights at the chosen recipe
+    vae_tile: int | None = None  # the tile side (pixels) when "tiled"
 
     def peak(self, which: str = "device_peak_bytes") -> int:
         return max((getattr(s, which) for s in self.stages), default=0)
 
     def to_json(self) -> dict:
         return {"dit": self.dit, "quantize": self.quantize, "text_encoder": self.text_encoder, "vae_decode": self.vae_decode,
-                "stages": [{k: v for k, v in asdict(s).items() if k != "mapped_bytes"} for s in self.stages]}
+                "vae_tile": self.vae_tile, "stages": [{k: v for k, v in asdict(s).items() if k != "mapped_bytes"} for s in self.stages]}
 
 
 class NoFit(Exception):
@@ -146,63 +155,84 @@ class NoFit(Exception):
 
 
 # --- estimates (bytes) -----------------------------------------------------------------------------------------------
-def dit_step_bytes(job: Job, dim: int, layers: int) -> int:
+def dit_block_bytes(tokens: int, dim: int, ffn_dim: int, act: int, held: int) -> int:
+    """Live activations of one block: the larger of its attention and FFN phases (see DIT_STEP_PER_TOKEN_DIM);
+    ``held``: bytes per element of the FFN weights held in the activation dtype (0 when used as stored)."""
+    attention = DIT_STEP_PER_TOKEN_DIM[act] * tokens * dim + DIT_STEP_CHUNKS[act]
+    ffn = 4 * tokens * dim + 2 * dim * ffn_dim * held + DIT_FFN_CHUNK
+    return int(max(attention, ffn))
+
+
+def dit_step_bytes(job: Job, sizes: DiTSizes, recipe: str) -> int:
     """One denoising step's activations plus the per-video context (every block's cross-attention keys/values)."""
-    act = DIT_STEP_PER_TOKEN_DIM[job.act_bytes] * job.tokens * dim * DIT_SLACK
-    kv = layers * (TEXT_ROWS + 257) * dim * 2 * 2  # k and v, 16-bit, text + image rows
+    a = job.act_bytes
+    held = a if recipe != "none" or job.weight_bytes != a else 0  # FFN weights converted (dequantized or upcast)
+    kv = sizes.layers * (TEXT_ROWS + 257) * sizes.dim * 2 * 2  # k and v, 16-bit, text + image rows
     latents = 8 * 36 * job.tokens * 4 * 4  # x ‖ y, noise, velocity, fp32 at latent size (tokens × 4 pixels)
-    return int(act + kv + latents)
+    return int(dit_block_bytes(job.tokens, sizes.dim, sizes.ffn_dim, a, held) * DIT_SLACK + kv + latents)
 
 
-def vae_encode_bytes(job: Job, tiled: bool) -> int:
+def vae_encode_bytes(job: Job, tile: int | None) -> int:
     pixels = job.width * job.height
-    work = min(pixels, VAE_TILE * VAE_TILE) if tiled else pixels
+    work = min(pixels, tile * tile) if tile else pixels
     return int(work * VAE_ENCODE_PER_PIXEL * VAE_SLACK + 12 * job.frames * pixels)  # + the conditioning clip
 
 
-def vae_decode_bytes(job: Job, tiled: bool) -> int:
+def vae_decode_bytes(job: Job, tile: int | None) -> int:
     pixels = job.width * job.height
-    work = min(pixels, VAE_TILE * VAE_TILE) if tiled else pixels
-    out = 12 * job.frames * pixels * (2 if tiled else 1)  # the clip (+ the blend accumulator when tiled)
-    return int(work * VAE_DECODE_PER_PIXEL * VAE_SLACK + out)
+    work = min(pixels, tile * tile) if tile else pixels
+    return int(work * VAE_DECODE_PER_PIXEL * VAE_SLACK + 12 * job.frames * pixels)  # + the clip (tiles blend into it)
 
 
 def tiny_decode_bytes(job: Job) -> int:
     return int(job.width * job.height * 4 * 64 * 4 * 3 + 12 * job.frames * job.width * job.height)  # 64 ch, 4 frames
 
 
+def convert_bytes(sizes: DiTSizes) -> int:
+    """Quantizing at load, layer by layer as it is written (recipes.write_quantized): the largest layer in fp32
+    plus its quantization temporaries, about 14 bytes per weight."""
+    return 14 * sizes.dim * max(sizes.ffn_dim, sizes.dim)
+
+
 # --- the plan --------------------------------------------------------------------------------------------------------
-def _stages(job: Job, m: Machine, recipe: str, streamed: bool, text: str, tiled: bool) -> list[Stage]:
+def _stages(job: Job, m: Machine, recipe: str, streamed: bool, text: str, tile: int | None) -> list[Stage]:
     """Per-stage peaks for one set of choices, in pipeline order (names as Timings records them)."""
     on_cpu = m.device == "cpu"
     sizes = job.dit[recipe]
-    dit_dev = sizes.streamed if streamed else sizes.total
-    dit_host = 0 if on_cpu or not streamed else sizes.total  # streamed blocks wait in pinned host memory
-    resident = job.image_encoder_bytes + job.vae_bytes + job.effect_bytes + (job.tiny_vae_bytes if job.fast_decode else 0)
     out: list[Stage] = []
+    if on_cpu:  # one pool, and each stage holds only its own component's pages (module doc)
+        dit = sizes.outside_blocks + sizes.block if streamed else sizes.total  # streamed: one block at a time
+        keep = {"clip": job.image_encoder_bytes, "vae encode": job.vae_bytes * VAE_ENCODER_SHARE,
+                "dit": dit + job.effect_bytes, "vae decode": job.vae_bytes * (1 - VAE_ENCODER_SHARE)}
+        dit_host = 0
+    else:  # everything loaded stays on the device; streamed blocks wait in pinned host memory
+        dit = sizes.streamed if streamed else sizes.total
+        always = dit + job.image_encoder_bytes + job.vae_bytes + job.effect_bytes + (job.tiny_vae_bytes if job.fast_decode else 0)
+        keep = dict.fromkeys(("clip", "vae encode", "dit", "vae decode"), always)
+        dit_host = sizes.total if streamed else 0
 
     def add(name: str, dev: int, host: int, mapped: int = 0) -> None:
-        if on_cpu:  # one pool: the device is host RAM
-            out.append(Stage(name, int(dev + host - mapped), int(dev + host), int(mapped)))
+        if on_cpu:  # the device is host RAM
+            out.append(Stage(name, int(RUNTIME_BYTES + dev + host - mapped), int(RUNTIME_BYTES + dev + host), int(mapped)))
         else:
-            out.append(Stage(name, int(dev), int(host), int(mapped)))
+            out.append(Stage(name, int(dev), int(RUNTIME_BYTES + host), int(mapped)))
 
     if text != "cached":
         t = job.text_encoder_bytes + TEXT_ENCODE_BYTES
         add("text encode", t if text == "device" else 0, t if text == "cpu" else 0)
     if recipe in ("none", "prequantized") or recipe in job.quant_cached:
-        add("load dit", dit_dev, dit_host)
-    else:  # first run: the 16-bit source is mapped while the quantized copy is built on the host, then written
-        add("load dit", 0 if on_cpu else dit_dev, sizes.total + job.dit_source_bytes, mapped=job.dit_source_bytes)
-    add("image encode", dit_dev + resident + IMAGE_ENCODE_BYTES, dit_host)
-    add("vae encode", dit_dev + resident + vae_encode_bytes(job, tiled), dit_host)
-    step = dit_step_bytes(job, sizes.dim, sizes.layers)
+        add("load dit", 0 if on_cpu else dit, dit_host)  # CPU: mapped, nothing read yet
+    else:  # first run: converted layer by layer on the host, then mapped from cine's cache
+        add("load dit", 0 if on_cpu else dit, dit_host + convert_bytes(sizes))
+    add("image encode", keep["clip"] + IMAGE_ENCODE_BYTES, dit_host)
+    add("vae encode", keep["vae encode"] + vae_encode_bytes(job, tile), dit_host)
+    step = dit_step_bytes(job, sizes, recipe)
     for i in range(job.steps):
-        add(f"denoise step {i + 1}/{job.steps}", dit_dev + resident + step, dit_host)
+        add(f"denoise step {i + 1}/{job.steps}", keep["dit"] + step, dit_host)
     if job.fast_decode:
-        add("vae decode (tiny)", dit_dev + resident + tiny_decode_bytes(job), dit_host)
+        add("vae decode (tiny)", keep["vae decode"] + job.tiny_vae_bytes + tiny_decode_bytes(job), dit_host)
     else:
-        add("vae decode", dit_dev + resident + vae_decode_bytes(job, tiled), dit_host)
+        add("vae decode", keep["vae decode"] + vae_decode_bytes(job, tile), dit_host)
     return out
 
 
@@ -235,12 +265,12 @@ def make_plan(job: Job, m: Machine) -> MemoryPlan:
     texts = ["cached"] if job.prompt_cached else ["device", "cpu"] if m.device != "cpu" else ["cpu"]
     best: tuple[int, str] | None = None
     for recipe, streamed in candidates(job):
-        for tiled in (False, True):
+        for tile in (None, *VAE_TILES):
             for text in texts:
-                stages = _stages(job, m, recipe, streamed, text, tiled)
+                stages = _stages(job, m, recipe, streamed, text, tile)
                 if _fits(stages, m):
-                    return MemoryPlan("streamed" if streamed else "resident", recipe, text, "tiled" if tiled else "whole",
-                                      stages, m.device, job.dit[recipe].total)
+                    return MemoryPlan("streamed" if streamed else "resident", recipe, text, "tiled" if tile else "whole",
+                                      stages, m.device, job.dit[recipe].total, tile)
                 dev, host = _needs(stages, m)
                 short_on_device = dev > m.device_cap
                 need = dev if short_on_device else host

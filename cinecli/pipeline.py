@@ -211,7 +211,7 @@ class Generator:
                 from .models.image_encoder import load_image_encoder
 
                 self._clip = load_image_encoder(self.paths["image_encoder"], device=self.device,
-                                                dtype=image_encoder_dtype(self.device, self.dtype))
+                                                dtype=image_encoder_dtype(self.device, self.dtype), weight_dtype=self.dtype)
         return self._clip
 
     @property

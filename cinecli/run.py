@@ -105,12 +105,10 @@ def apply_plan(gen: Generator, mp) -> None:
     """Put the plan's choices into the generator (the one place a plan becomes settings)."""
     import torch
 
-    from .pipeline import VAE_TILE
-
     if mp.quantize != "prequantized":
         gen.quantize = mp.quantize
     gen.text_device = torch.device("cpu") if mp.text_encoder == "cpu" else None
-    gen.vae_tile = VAE_TILE if mp.vae_decode == "tiled" else None
+    gen.vae_tile = mp.vae_tile
     gen.stream_blocks = mp.dit == "streamed"  # --offload blocks|none pins it; auto: the plan's choice
 
 
@@ -243,7 +241,8 @@ def _dry_run(opts: RunOptions, preset: Preset, p: Plan, image_size, output: str,
     if doc["missing"]:
         lines.append(f"  missing weights ({human_bytes(doc['download_bytes'])}) download on first run, or now with: {_hint(opts, preset)}")
     lines.append(f"  memory plan on {mp.device}: DiT {mp.quantize} ({human_bytes(mp.dit_bytes)}) {mp.dit}, "
-                 f"text encoder {mp.text_encoder}, VAE {mp.vae_decode}; CLIP and VAE on the {mp.device}")
+                 f"text encoder {mp.text_encoder}, VAE {mp.vae_decode}" + (f" ({mp.vae_tile}-px tiles)" if mp.vae_tile else "")
+                 + f"; CLIP and VAE on the {mp.device}")
     for st in mp.stages:
         lines.append(f"    {st.stage:22s} device {human_bytes(st.device_peak_bytes):>9s}   host {human_bytes(st.host_peak_bytes):>9s}")
     sys.stderr.write("\n".join(lines) + "\n")

@@ -470,3 +470,20 @@ def test_clip_head_count_guesses_are_said(tmp_path, caplog):
     odd = wan_clip_state(other_tower(dim=200, heads=5))
     with pytest.raises(WeightsError, match=r"width 200 does not split into 3 heads \(assumed 3 heads \(width 200 / 64"):
         load_image_encoder(odd, dtype="fp32")
+
+
+def test_clip_with_16bit_weights_and_fp32_compute_matches_fp32_weights(tmp_path):
+    """CPUs that emulate bf16: CLIP keeps its linear weights bf16 (memory-mapped) and multiplies in fp32."""
+    from safetensors.torch import save_file
+
+    from cinecli.models.image_encoder import load_image_encoder
+    from cinecli.models.layers import Linear
+
+    sd = {k: v.to(torch.bfloat16).contiguous() for k, v in wan_clip_state(VIT).items()}
+    save_file(sd, tmp_path / "clip.safetensors")
+    full = load_image_encoder(tmp_path / "clip.safetensors", dtype=torch.float32, config=VIT)
+    lean = load_image_encoder(tmp_path / "clip.safetensors", dtype=torch.float32, config=VIT, weight_dtype=torch.bfloat16)
+    linears = [m for m in lean.tower.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(isinstance(m, Linear) and m.weight.dtype == torch.bfloat16 for m in linears)
+    image = torch.rand(1, 3, 40, 48) * 2 - 1
+    assert lean.dtype == torch.float32 and torch.allclose(lean.encode(image), full.encode(image), atol=1e-5, rtol=1e-5)
