@@ -315,7 +315,7 @@ class Generator:
             clip_fea = clip.encode(first[None].to(self.device))  # [1, 257, 1280]
             if dit.config.model_type == "flf2v":
                 clip_fea = torch.cat([clip_fea, clip.encode((last if last is not None else first)[None].to(self.device))], 1)
-            release_pages(clip)
+            release_pages(clip.model)
         with self._stage("vae encode"):
             video = torch.zeros(3, p.frames, p.height, p.width)
             video[:, 0] = first

@@ -136,3 +136,28 @@ def test_release_pages_keeps_pages_a_write_made(tmp_path):
     assert _resident_file_bytes([a]) <= 8192  # its two edge pages are shared with the header and with b
     assert torch.equal(b, torch.full((1 << 18,), 3.0)) and torch.equal(a, torch.arange(1 << 18, dtype=torch.float32))
     assert release_pages(torch.ones(1 << 20)) == 0  # heap memory is never touched
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="page release is Linux-only (a no-op elsewhere)")
+def test_each_stage_drops_its_components_pages(tmp_path, monkeypatch):
+    """After a run on the CPU, no component keeps the memory-mapped pages it read: CLIP's go after the image
+    encode, the VAE's after encoding and decoding, the DiT's before the decode (pipeline.Generator)."""
+    from cinecli.models.load import _file_mappings
+    from cinecli.pipeline import Generator, Request, plan
+    from cinecli.preset import Catalog
+    from cinecli.selftest import sample_image, write_backbone
+    from cinecli.weights.hub import resolve_all
+
+    monkeypatch.setenv("CINE_CACHE_DIR", str(tmp_path / "cache"))
+    preset = Catalog(extra_preset=write_backbone(tmp_path / "backbone")).resolve(None)
+    gen = Generator(preset.backbone, resolve_all(preset.weights(), "test"), torch.device("cpu"), torch.bfloat16)
+    image = sample_image(64, 64)
+    request = Request(image="photo.png", preset=preset, frames=5, seed=0)
+    gen.generate(request, plan(request, image.size), image)
+    maps = _file_mappings()
+    mapped = lambda m: [p for p in m.parameters() if any(a <= p.data_ptr() < b for a, b in maps)]  # noqa: E731
+    checked = {name: mapped(m) for name, m in (("clip", gen.clip.model), ("vae", gen.vae), ("dit", gen.dit))}
+    assert checked["vae"] and checked["dit"]  # memory-mapped from the files (CLIP: only when stored as computed)
+    for name, weights in checked.items():
+        size = sum(p.numel() * p.element_size() for p in weights)
+        assert _resident_file_bytes(weights) <= 0.1 * size + 4096 * 2 * len(weights), name
