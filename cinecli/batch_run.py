@@ -36,17 +36,23 @@ class Worker:
 
     def generator(self, preset, timings):
         from .devices import choose_device, choose_dtype
-        from .pipeline import Generator
-        from .run import pull_hint
+        from .pipeline import Generator, Request, plan
+        from .run import apply_plan, memory_plan, pull_hint, weights_needed
         from .weights.hub import resolve_all
         from .weights.scan import local_refs
 
         key = preset.backbone.name
         if key not in self.generators:
-            paths = resolve_all(local_refs(preset), pull_hint(preset, self.opts.backbone, self.opts.preset_file))
+            refs = local_refs(preset)
+            paths = resolve_all(refs, pull_hint(preset, self.opts.backbone, self.opts.preset_file))
             device = choose_device(self.opts.device)
-            self.generators[key] = Generator(preset.backbone, paths, device, choose_dtype(self.opts.dtype, device),
-                                             quantize=self.opts.quantize)
+            gen = Generator(preset.backbone, paths, device, choose_dtype(self.opts.dtype, device), quantize=self.opts.quantize)
+            # One plan per backbone (it loads once), sized for the preset's clip at its full pixel budget: every
+            # photo's frame is within max_area, whatever its aspect ratio.
+            side = int(preset.max_area**0.5)
+            clip = plan(Request(image="-", preset=preset, frames=self.opts.frames, steps=self.opts.steps, seed=0), (side, side))
+            apply_plan(gen, memory_plan(self.opts, preset, clip, weights_needed(preset, refs=refs), device))
+            self.generators[key] = gen
         gen = self.generators[key]
         if preset.effect is not None and f"effect:{preset.effect.name}" not in gen.paths:  # another effect, same backbone
             gen.paths.update(resolve_all(local_refs(preset), pull_hint(preset, self.opts.backbone, self.opts.preset_file)))

@@ -86,15 +86,16 @@ def weights_needed(preset: Preset, fast_decode: bool = False, refs: dict | None 
 
 
 def memory_plan(opts: RunOptions, preset: Preset, p: Plan, weights: dict[str, dict], device):
-    """The memory plan for this run on this machine (memory_plan.py); exit 7 with one line of advice when nothing fits."""
+    """The memory plan for this run on this machine (memory_plan.py); exit 7 with one line of advice when nothing fits.
+    ``opts``: a RunOptions, or cine batch's BatchOptions (which has no --fast-decode, --offload or budget option)."""
     from .devices import choose_dtype
     from .errors import DeviceError
     from .memory_inputs import job, machine
     from .memory_plan import NoFit, advice, make_plan
 
     the_job = job(preset, p, weights, device=device, dtype=choose_dtype(opts.dtype, device), quantize=opts.quantize,
-                  fast_decode=opts.fast_decode, offload=opts.offload)
-    the_machine = machine(device, opts.memory_budget)
+                  fast_decode=getattr(opts, "fast_decode", False), offload=getattr(opts, "offload", "auto"))
+    the_machine = machine(device, getattr(opts, "memory_budget", None))
     try:
         return make_plan(the_job, the_machine)
     except NoFit as exc:

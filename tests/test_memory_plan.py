@@ -164,7 +164,7 @@ def test_dry_run_with_missing_weights_shows_real_sizes(env, photo, roomy):
     assert {"text encode", "load dit", "vae encode", "denoise step 1/4", "vae decode"} <= set(stages)
     # first run: converted layer by layer as it is written (the largest layer, 5120×13824, and its temporaries),
     # not the 32.8 GB source mapped next to a 13.8 GB converted copy
-    assert 0.5e9 < stages["load dit"]["host_peak_bytes"] < 2e9
+    assert 0.5e9 < stages["load dit"]["host_peak_bytes"] < 3e9
     text = cine("bullet-time", photo, "--dry-run")
     assert "MISSING    30.5 GB" in text.stderr and "memory plan on cpu: DiT hybrid (12.8 GB)" in text.stderr
 

@@ -136,7 +136,7 @@ def test_clip_dtype_follows_the_reference_on_cuda(device, dtype, want, monkeypat
     from cinecli.pipeline import Generator
 
     seen = {}
-    monkeypatch.setattr(image_encoder, "load_image_encoder", lambda path, device, dtype: seen.update(dtype=dtype))
+    monkeypatch.setattr(image_encoder, "load_image_encoder", lambda path, device, dtype, weight_dtype=None: seen.update(dtype=dtype))
     gen = Generator(backbone=None, paths={"image_encoder": Path("clip.pth")}, device=torch.device(device), dtype=dtype)
     gen.clip  # noqa: B018
     assert seen["dtype"] == want
