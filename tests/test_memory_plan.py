@@ -150,6 +150,25 @@ def test_too_small_budget_exits_7_before_anything_loads(backbone, env, photo, tm
     assert cine("run", photo, "--preset", backbone, "-o", out).exit_code == 7
 
 
+def test_batch_follows_the_memory_plan(backbone, env, photo, tmp_path, monkeypatch):
+    """cine batch plans once per backbone: a budget that fits nothing fails each item with the plan's advice, and a
+    budget that needs tiles gets the plan's tile side."""
+    import cinecli.pipeline as pipeline
+
+    monkeypatch.setenv("CINE_MEMORY_BUDGET", "2MB")
+    r = cine("batch", photo, "--preset", backbone, "-o", tmp_path / "out")
+    assert r.exit_code == 8, r.output
+    manifest = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    assert manifest and all(rec["status"] == "failed" and "does not fit" in rec["error"] for rec in manifest)
+    monkeypatch.delenv("CINE_MEMORY_BUDGET")
+    seen = []
+    original = pipeline.Generator.generate
+    monkeypatch.setattr(pipeline.Generator, "generate", lambda self, *a: seen.append(self.vae_tile) or original(self, *a))
+    r = cine("batch", photo, "--preset", backbone, "-o", tmp_path / "out2")
+    assert r.exit_code == 0, r.output
+    assert seen == [None]  # the tiny self-test clip fits whole (the Generator's own default is 256-px tiles)
+
+
 def test_dry_run_with_missing_weights_shows_real_sizes(env, photo, roomy):
     r = cine("bullet-time", photo, "--dry-run", "--json")
     assert r.exit_code == 0, r.output
