@@ -222,5 +222,5 @@ def job(preset: Preset, p: Plan, weights: dict[str, dict], *, device: torch.devi
         effect_bytes=file_bytes(weights.get(effect), refs[effect].bytes) if effect else 0,
         fast_decode=fast_decode,
         tiny_vae_bytes=tiny_vae_bytes() if preset.backbone.tiny_vae else 0,
-        dit_source_bytes=file_bytes(weights.get("dit"), refs["dit"].bytes), quant_cached=quant_cached, offload=offload,
+        quant_cached=quant_cached, offload=offload,
     )

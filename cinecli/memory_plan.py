@@ -112,7 +112,6 @@ class Job:
     effect_bytes: int = 0  # unmerged effect LoRA (peft) weights
     fast_decode: bool = False
     tiny_vae_bytes: int = 0
-    dit_source_bytes: int = 0  # a 16-bit checkpoint quantized at load: mapped while the first run converts it
     quant_cached: frozenset[str] = frozenset()  # recipes whose converted file is already in cine's cache
     offload: str = "auto"  # --offload: auto (the plan chooses), none (DiT resident), blocks (streamed)
 
@@ -126,11 +125,10 @@ class Stage:
     stage: str  # a Timings stage name of the pipeline
     device_peak_bytes: int
     host_peak_bytes: int
-    mapped_bytes: int = 0  # of host_peak: pages of a memory-mapped source file, which the OS can reclaim
 
     def need(self, device: bool) -> int:
-        """What must fit: the peak less reclaimable mapped pages (counted wherever host RAM is the pool)."""
-        return self.device_peak_bytes if device else self.host_peak_bytes - self.mapped_bytes
+        """What must fit on the device (``device``) or in host RAM."""
+        return self.device_peak_bytes if device else self.host_peak_bytes
 
 
 @dataclass
@@ -149,7 +147,7 @@ class MemoryPlan:
 
     def to_json(self) -> dict:
         return {"dit": self.dit, "quantize": self.quantize, "text_encoder": self.text_encoder, "vae_decode": self.vae_decode,
-                "vae_tile": self.vae_tile, "stages": [{k: v for k, v in asdict(s).items() if k != "mapped_bytes"} for s in self.stages]}
+                "vae_tile": self.vae_tile, "stages": [asdict(s) for s in self.stages]}
 
 
 class NoFit(Exception):
@@ -221,19 +219,18 @@ def _stages(job: Job, m: Machine, recipe: str, streamed: bool, text: str, tile: 
         keep = dict.fromkeys(("clip", "vae encode", "dit", "vae decode"), always)
         dit_host = sizes.total if streamed else 0
 
-    def add(name: str, dev: int, host: int, mapped: int = 0) -> None:
+    def add(name: str, dev: int, host: int) -> None:
         if on_cpu:  # the device is host RAM
-            out.append(Stage(name, int(RUNTIME_BYTES + dev + host - mapped), int(RUNTIME_BYTES + dev + host), int(mapped)))
+            out.append(Stage(name, int(RUNTIME_BYTES + dev + host), int(RUNTIME_BYTES + dev + host)))
         else:
-            out.append(Stage(name, int(dev), int(RUNTIME_BYTES + host), int(mapped)))
+            out.append(Stage(name, int(dev), int(RUNTIME_BYTES + host)))
 
     if text != "cached":
         t = job.text_encoder_bytes + TEXT_ENCODE_BYTES
         add("text encode", t if text == "device" else 0, t if text == "cpu" else 0)
-    if recipe in ("none", "prequantized") or recipe in job.quant_cached:
-        add("load dit", 0 if on_cpu else dit, dit_host)  # CPU: mapped, nothing read yet
-    else:  # first run: converted layer by layer on the host, then mapped from cine's cache
-        add("load dit", 0 if on_cpu else dit, dit_host + convert_bytes(sizes))
+    # CPU: mapped, nothing read yet. A first run converts layer by layer on the host, then maps cine's cache.
+    converted = recipe in ("none", "prequantized") or recipe in job.quant_cached
+    add("load dit", 0 if on_cpu else dit, dit_host + (0 if converted else convert_bytes(sizes)))
     add("image encode", keep["clip"] + IMAGE_ENCODE_BYTES, dit_host)
     add("vae encode", keep["vae encode"] + vae_encode_bytes(job, tile, m.device), dit_host)
     step = dit_step_bytes(job, sizes, recipe, m.device)

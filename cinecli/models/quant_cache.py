@@ -2,8 +2,9 @@
 
 The first run loads the checkpoint on the CPU (memory-mapped), merges the backbone's LoRAs, and quantizes it layer
 by layer as ``recipes.write_quantized`` writes the result (the same self-describing file ``cine quantize`` writes)
-atomically into ``<cache>/dit/``, dropping each source layer's pages once written. Then it loads that file like any pre-quantized checkpoint, so the first
-run and every later one hold the same thing: the quantized file's pages, never the 16-bit source's.
+atomically into ``<cache>/dit/``, dropping each source layer's pages once written. Then it loads that file like
+any pre-quantized checkpoint, so the first run and every later one hold the same thing: the quantized file's
+pages, never the 16-bit source's.
 
 The file name carries a key over everything that changes the result: each source file's resolved path, size and
 modification time, the recipe with its overrides, the merged LoRAs (same identity) with their strengths, and

@@ -117,17 +117,15 @@ def write_quantized(model: nn.Module, output, recipe: Recipe | None = None) -> i
 
     formats = recipe.plan(model) if recipe is not None else {}
     real = model.state_dict()
-    if formats:  # the layout comes from an empty twin with the quantized layers swapped in
+    quantized = {f"{name}.{leaf}" for name in formats for leaf in ("weight", "weight_scale")}
+    keys, shapes, meta = list(real), real, metadata_for(model)
+    if formats:  # the quantized layers' keys, shapes and dtypes come from an empty twin with them swapped in
         twin = swap_in(build_empty(lambda: type(model)(model.config)), formats, meta=True)
         twin.config, twin.quant_recipe = model.config, recipe.name
         twin.quant_layers = {**getattr(model, "quant_layers", {}), **formats}
-        keys = list(twin.state_dict())
-        meta = metadata_for(twin)
-    else:
-        keys, meta = list(real), metadata_for(model)
-    quantized = {f"{name}.{leaf}" for name in formats for leaf in ("weight", "weight_scale")}
-    layout = {k: (tuple(twin.get_parameter(k).shape), twin.get_parameter(k).dtype) if k in quantized
-              else (tuple(real[k].shape), real[k].dtype) for k in keys}
+        empty = twin.state_dict()
+        keys, shapes, meta = list(empty), {**real, **{k: empty[k] for k in quantized}}, metadata_for(twin)
+    layout = {k: (tuple(shapes[k].shape), shapes[k].dtype) for k in keys}
 
     def pieces():
         scale = None
