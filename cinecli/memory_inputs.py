@@ -123,6 +123,19 @@ def dit_job_sizes(preset: Preset, path: Path | None, weight_bytes: int) -> tuple
     return dit_sizes(preset.backbone.dit_config or "wan2.1-i2v-14b", weight_bytes), False
 
 
+def dit_private_bytes(preset: Preset, path: Path | None, sizes: dict[str, DiTSizes], dtype: torch.dtype) -> int:
+    """16-bit DiT bytes a load holds in its own memory (``Job.dit_private_bytes``): all of them when the backbone
+    merges LoRAs (they rewrite every block) or the file stores block weights in another dtype (fp32 shards cast
+    to bf16); 0 for a zero-copy load or a pre-quantized file."""
+    from .models.dit_loader import DIT_PATTERNS
+
+    if "none" not in sizes:
+        return 0
+    header = _header(path, DIT_PATTERNS) if path is not None else None
+    cast = bool(header) and any(dt != dtype for k, (s, dt) in header.items() if _BLOCK.search(k) and len(s) == 2)
+    return sizes["none"].total if preset.backbone.merge or cast else 0
+
+
 # --- encoders and the VAE --------------------------------------------------------------------------------------------
 def _numel(header: dict | None, keep=lambda k: True) -> int | None:
     return sum(torch.Size(s).numel() for k, (s, _) in header.items() if keep(k)) if header else None
@@ -222,5 +235,5 @@ def job(preset: Preset, p: Plan, weights: dict[str, dict], *, device: torch.devi
         effect_bytes=file_bytes(weights.get(effect), refs[effect].bytes) if effect else 0,
         fast_decode=fast_decode,
         tiny_vae_bytes=tiny_vae_bytes() if preset.backbone.tiny_vae else 0,
-        quant_cached=quant_cached, offload=offload,
+        quant_cached=quant_cached, offload=offload, dit_private_bytes=dit_private_bytes(preset, path("dit"), sizes, dtype),
     )

@@ -114,6 +114,9 @@ class Job:
     tiny_vae_bytes: int = 0
     quant_cached: frozenset[str] = frozenset()  # recipes whose converted file is already in cine's cache
     offload: str = "auto"  # --offload: auto (the plan chooses), none (DiT resident), blocks (streamed)
+    # 16-bit DiT weights a load holds in its own memory, not as file pages: cast from the file's dtype (the
+    # official fp32 shards) or rewritten by a backbone LoRA merge. 0 when the load is zero-copy.
+    dit_private_bytes: int = 0
 
     @property
     def tokens(self) -> int:
@@ -210,6 +213,8 @@ def _stages(job: Job, m: Machine, recipe: str, streamed: bool, text: str, tile: 
     out: list[Stage] = []
     if on_cpu:  # one pool, and each stage holds only its own component's pages (module doc)
         dit = sizes.outside_blocks + sizes.block if streamed else sizes.total  # streamed: one block at a time
+        if recipe == "none" and job.dit_private_bytes:  # private pages cannot be dropped after each block
+            dit = sizes.total
         keep = {"clip": job.image_encoder_bytes, "vae encode": job.vae_bytes * VAE_ENCODER_SHARE,
                 "dit": dit + job.effect_bytes, "vae decode": job.vae_bytes * (1 - VAE_ENCODER_SHARE)}
         dit_host = 0
@@ -228,9 +233,11 @@ def _stages(job: Job, m: Machine, recipe: str, streamed: bool, text: str, tile: 
     if text != "cached":
         t = job.text_encoder_bytes + TEXT_ENCODE_BYTES
         add("text encode", t if text == "device" else 0, t if text == "cpu" else 0)
-    # CPU: mapped, nothing read yet. A first run converts layer by layer on the host, then maps cine's cache.
+    # CPU: mapped, nothing read yet. A first run converts layer by layer on the host, then maps cine's cache; a
+    # cast or merged source is whole in memory before its conversion starts.
     converted = recipe in ("none", "prequantized") or recipe in job.quant_cached
-    add("load dit", 0 if on_cpu else dit, dit_host + (0 if converted else convert_bytes(sizes)))
+    first_run = 0 if converted else job.dit_private_bytes + convert_bytes(sizes)
+    add("load dit", 0 if on_cpu else dit, dit_host + first_run)
     add("image encode", keep["clip"] + IMAGE_ENCODE_BYTES, dit_host)
     add("vae encode", keep["vae encode"] + vae_encode_bytes(job, tile, m.device), dit_host)
     step = dit_step_bytes(job, sizes, recipe, m.device)

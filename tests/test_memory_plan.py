@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from cinecli.cli import app
@@ -193,6 +194,32 @@ def test_official_backbone_stays_available(env, photo, roomy):
     assert "Wan-AI/Wan2.1-I2V-14B-480P/diffusion_pytorch_model.safetensors.index.json" in doc["weights"]["dit"]["ref"]
     assert "lora:lightx2v-i2v-480p-4step" in doc["weights"] and doc["plan"]["quantize"] == "none"
     assert doc["download_bytes"] > 80e9  # before: ~83 GB with the encoders and the distill LoRA
+    # Quantized at load, its first run holds the whole merged bf16 model before converting it: the plan says so.
+    doc = json.loads(cine("bullet-time", photo, "--dry-run", "--json", "--backbone", "wan2.1-i2v-14b-480p-official",
+                          "--quantize", "hybrid").stdout)
+    assert {s["stage"]: s for s in doc["plan"]["stages"]}["load dit"]["host_peak_bytes"] > 32e9
+
+
+def test_a_cast_or_merged_dit_is_counted_whole(backbone):
+    """A load that casts its file (fp32 shards → bf16) or merges a LoRA holds private pages: the first run's
+    conversion starts from the whole 16-bit model, and CPU streaming cannot drop blocks that are not file pages."""
+    bf16 = dit_sizes("wan2.1-i2v-14b")["none"].total
+    load = lambda j: {s.stage: s for s in make_plan(j, cpu(64)).stages}["load dit"].host_peak_bytes  # noqa: E731
+    assert load(job("14b", 49)) < 3 * GiB  # zero-copy source: one layer at a time
+    assert load(job("14b", 49, dit_private_bytes=bf16)) > bf16
+    assert load(job("14b", 49, dit_private_bytes=bf16, quant_cached=frozenset({"hybrid"}))) < 1 * GiB  # cached
+    from cinecli.memory_inputs import dit_private_bytes
+    from cinecli.preset import Catalog
+
+    preset = Catalog(extra_preset=backbone).resolve(None)  # the self-test stack: a bf16 DiT file, no backbone LoRA
+    sizes = {"none": dit_sizes("wan2.1-fun-1.3b-inp")["none"]}
+    path = backbone.parent / "dit"
+    assert dit_private_bytes(preset, path, sizes, torch.bfloat16) == 0  # zero-copy
+    assert dit_private_bytes(preset, path, sizes, torch.float32) == sizes["none"].total  # cast on load
+    small = job("1.3b", 49, prompt_cached=True)
+    assert make_plan(small, cpu(2)).dit == "streamed"  # mapped pages: one block resident at a time
+    with pytest.raises(NoFit):
+        make_plan(job("1.3b", 49, prompt_cached=True, dit_private_bytes=dit_sizes("wan2.1-fun-1.3b-inp")["none"].total), cpu(2))
 
 
 def test_quantize_once_then_memory_map(backbone, env, photo, tmp_path, monkeypatch):

@@ -79,20 +79,21 @@ class BlockStream:
 
 
 class PagedBlocks:
-    """CPU streaming: iterate ``blocks`` and drop each block's memory-mapped pages once it has run."""
+    """CPU streaming: iterate ``blocks``; once each has run, drop its memory-mapped pages and trim the heap."""
 
     def __init__(self, blocks: nn.ModuleList):
         self.blocks = blocks
         self.released_bytes = 0
 
     def __iter__(self) -> Iterator[nn.Module]:
-        from .load import release_pages
+        from .load import release_pages, trim_heap
 
         for block in self.blocks:
             try:
                 yield block
             finally:
                 self.released_bytes += release_pages(block)
+                trim_heap()  # and the block's freed activations (glibc keeps q/k/v-sized blocks otherwise)
 
 
 def stream_blocks(model: nn.Module, device: torch.device | str, *, force: bool = False) -> nn.Module:
