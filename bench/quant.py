@@ -31,15 +31,15 @@ from cinecli.models.wan_dit import DIT_CONFIGS, WanDiT  # noqa: E402
 from cinecli.timing import RssSampler, Timings, current_rss  # noqa: E402
 
 
-def random_model(cfg, seed: int = 0) -> WanDiT:
-    """Random bf16 weights, built one parameter at a time (no fp32 copy of the whole model)."""
+def random_model(cfg, seed: int = 0, device: str | torch.device = "cpu") -> WanDiT:
+    """Random bf16 weights, built one parameter at a time (no fp32 copy of the whole model), on ``device``."""
     with torch.device("meta"):
-        model = WanDiT(cfg)
-    model = model.to_empty(device="cpu")
-    gen = torch.Generator().manual_seed(seed)
+        model = cast_dit(WanDiT(cfg), torch.bfloat16)  # dtypes first: memory is allocated once, in bf16
+    model = model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
+            noise = torch.randn(p.shape, generator=gen, device=p.device)
             p.copy_(noise / p[0].numel() ** 0.5 if p.ndim >= 2 and "modulation" not in name else 1 + 0.05 * noise if "norm" in name else 0.05 * noise)
     return cast_dit(model, torch.bfloat16).eval()
 
