@@ -7,6 +7,7 @@ peak memory stays near the size of the loaded model.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Iterable
 
@@ -79,13 +80,18 @@ def trim_heap() -> None:
 
     Quantizing a model or freeing an encoder frees gigabytes in pieces glibc keeps for reuse: RSS would stay up.
     """
-    import ctypes
-    import ctypes.util
-
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        _libc().malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
         pass
+
+
+@functools.cache
+def _libc():
+    """The C library's symbols (looked up once: trim_heap runs after every VAE chunk and streamed block)."""
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def release_source(module: nn.Module) -> nn.Module:
@@ -166,7 +172,7 @@ def release_pages(*objs) -> int:
 
     try:
         maps = _file_mappings()
-        libc = ctypes.CDLL(None, use_errno=True)
+        libc = _libc()
         pagemap = open("/proc/self/pagemap", "rb")
     except OSError:
         return 0
