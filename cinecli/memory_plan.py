@@ -48,19 +48,22 @@ DIT_FFN_CHUNK = 150 << 20
 VAE_ENCODE_PER_PIXEL = 14_070
 VAE_DECODE_PER_PIXEL = 16_450
 VAE_ENCODER_SHARE = 0.4224  # of the Wan VAE's weights: the encoder (+ conv1) 214 MB, the decoder (+ conv2) 293 MB
-# Allocator and conv-kernel workspace the trace cannot see. CPU: bench/memory.py measured the tiled encode's working
-# set at 2.0x (17 frames) and 2.1x (49 frames) the trace, the decode's at 1.83x (49 frames), 192-px tiles, 832x480
-# (glibc arenas, oneDNN scratch). Elsewhere 1.25, the earlier whole-frame CPU figure: GPUs are unmeasured.
-VAE_SLACK = {"cpu": (2.1, 1.9)}  # (encode, decode)
+# Allocator and conv-kernel workspace the trace cannot see (glibc arenas, oneDNN scratch), fitted on the CPU by
+# bench/memory.py with the runtime counted apart (RUNTIME_BYTES): 49 frames at 832x480 in 192-px tiles, the tiled
+# encode's working set peaked at 1.61x the trace and the decode's at 1.81x. Elsewhere 1.25 (GPUs are unmeasured).
+VAE_SLACK = {"cpu": (1.65, 1.85)}  # (encode, decode)
 VAE_SLACK_DEFAULT = (1.25, 1.25)
-# The DiT step: on the CPU the measured RSS of a 20k-token step (1.3B, fp32 activations, streamed) peaked at 1.57x
-# the traced activations while glibc kept freed q/k/v-sized blocks between blocks, at 1.25x once the heap is trimmed
-# after each block (streaming.PagedBlocks); 1.1 elsewhere (unmeasured on GPUs).
-DIT_SLACK = {"cpu": 1.3}
+# The DiT step: on the CPU the measured RSS of a 20k-token step (1.3B, fp32 activations, streamed, the heap trimmed
+# after each block by streaming.PagedBlocks) was the runtime, one block's weights and 1.02x the traced activations;
+# 1.1 elsewhere (unmeasured on GPUs).
+DIT_SLACK = {"cpu": 1.05}
 DIT_SLACK_DEFAULT = 1.1
-RUNTIME_BYTES = 256 << 20  # the process before any model: Python, torch, cinecli (bench/memory.py: 0.23 GB RSS)
+# The process before any weights: Python, torch, cinecli and the model code it imports (transformers' CLIP and
+# umT5 classes, peft: both import torch._dynamo, 0.12 GB on their own). bench/memory.py: a bare `import torch,
+# cinecli` is 0.23 GB RSS, a run is 0.38 GB once planned and 0.42 GB with the DiT mapped.
+RUNTIME_BYTES = 384 << 20
 TEXT_ENCODE_BYTES = 512 << 20  # umT5 activations for one 512-token prompt (64 heads × 512² fp32 bias and scores)
-IMAGE_ENCODE_BYTES = 256 << 20  # CLIP ViT-H on 257 tokens
+IMAGE_ENCODE_BYTES = 128 << 20  # CLIP ViT-H on 257 tokens (bench/memory.py: 0.05 GB over the loaded weights)
 
 
 @dataclass(frozen=True)
@@ -192,7 +195,7 @@ def vae_decode_bytes(job: Job, tile: int | None, device: str = "cuda") -> int:
     pixels = job.width * job.height
     work = min(pixels, tile * tile) if tile else pixels
     slack = VAE_SLACK.get(device, VAE_SLACK_DEFAULT)[1]
-    return int(work * VAE_DECODE_PER_PIXEL * slack + 12 * job.frames * pixels)  # + the clip (tiles blend into it)
+    return int(work * VAE_DECODE_PER_PIXEL * slack + 6 * job.frames * pixels)  # + the float16 clip tiles blend into
 
 
 def tiny_decode_bytes(job: Job) -> int:
