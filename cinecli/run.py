@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checks import check_options, unused_option_warnings
-from .errors import UsageError
+from .errors import CineError, UsageError
 from .image import check_pair, read_image
 from .pipeline import Generator, Plan, Request, metadata, plan, sampler_settings
 from .preset import Catalog, Preset
@@ -164,7 +164,13 @@ def run_one(opts: RunOptions, console) -> dict | None:
         device = choose_device(opts.device)
         refs = local_refs(preset, opts.fast_decode, hash_files=False)  # one read of the models dirs per run
         weights = weights_needed(preset, opts.fast_decode, refs)
-        mp = memory_plan(opts, preset, the_plan, weights, device)
+        try:
+            mp = memory_plan(opts, preset, the_plan, weights, device)
+        except CineError as exc:
+            if opts.dry_run and opts.as_json:  # "would this fit?" from a script: the document still comes (plan null)
+                doc = _dry_run_doc(opts, preset, the_plan, image.size, output, weights, None)
+                print(json.dumps({**doc, "error": str(exc), "exit_code": exc.exit_code}, indent=2))
+            raise
     if opts.dry_run:
         _print_notices(console, the_plan)
         return _dry_run(opts, preset, the_plan, image.size, output, weights, mp)
@@ -220,17 +226,23 @@ def _print_notices(console, the_plan: Plan) -> None:
         console.print(f"[yellow]{notice}[/]" if notice.startswith("warning") else notice, markup=True, highlight=False)
 
 
-def _dry_run(opts: RunOptions, preset: Preset, p: Plan, image_size, output: str, weights: dict, mp) -> dict:
-    doc = {
+def _dry_run_doc(opts: RunOptions, preset: Preset, p: Plan, image_size, output: str, weights: dict, mp) -> dict:
+    """What --dry-run --json prints; ``mp`` None when nothing fits (the run exits 7)."""
+    return {
         "dry_run": True, "effect": preset.name, "input": str(opts.image), "input_size": list(image_size), "output": output,
         "width": p.width, "height": p.height, "frames": p.frames, "fps": p.fps, "seed": p.seed, "prompt": p.prompt,
         "slowdown": p.slowdown, "output_frames": p.output_frames, "last_frame": opts.last_frame,
         "sampler": {"kind": p.sampler.kind, "steps": p.sampler.num_steps, **sampler_settings(p.sampler)},
         "negative_prompt": p.negative_prompt,
-        "backbone": preset.backbone.name, "weights": weights, "plan": mp.to_json(), "dit_bytes": mp.dit_bytes,
+        "backbone": preset.backbone.name, "weights": weights, "plan": mp.to_json() if mp else None,
+        "dit_bytes": mp.dit_bytes if mp else None,
         "download_bytes": sum(w["bytes"] or 0 for w in weights.values() if not w["present"]),
         "missing": [w["ref"] for w in weights.values() if not w["present"]],
     }
+
+
+def _dry_run(opts: RunOptions, preset: Preset, p: Plan, image_size, output: str, weights: dict, mp) -> dict:
+    doc = _dry_run_doc(opts, preset, p, image_size, output, weights, mp)
     if opts.as_json:
         print(json.dumps(doc, indent=2))
         return doc

@@ -149,6 +149,10 @@ def test_too_small_budget_exits_7_before_anything_loads(backbone, env, photo, tm
     assert not out.exists()
     monkeypatch.setenv("CINE_MEMORY_BUDGET", "2MB")  # the environment variable caps the same way
     assert cine("run", photo, "--preset", backbone, "-o", out).exit_code == 7
+    r = cine("run", photo, "--preset", backbone, "-o", out, "--dry-run", "--json")  # a script asking "would it fit?"
+    doc = json.loads(r.stdout)
+    assert r.exit_code == 7 and doc["exit_code"] == 7 and doc["plan"] is None and "does not fit" in doc["error"]
+    assert doc["frames"] and doc["weights"] and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_batch_follows_the_memory_plan(backbone, env, photo, tmp_path, monkeypatch):
