@@ -97,20 +97,20 @@ def _header(path: Path, patterns) -> dict | None:
         return None
 
 
-def _dit_header(path: Path | None) -> dict | None:
+def dit_header(path: Path | None) -> dict | None:
+    """The DiT checkpoint's header (name → (shape, dtype)); None when there is no file or it cannot be read."""
     from .models.dit_loader import DIT_PATTERNS
 
     return _header(path, DIT_PATTERNS) if path is not None else None
 
 
-def dit_job_sizes(preset: Preset, path: Path | None, weight_bytes: int, header: dict | None = None) -> tuple[dict[str, DiTSizes], bool]:
-    """(sizes by recipe, prequantized) from the checkpoint's header (read from ``path`` unless given), else from the
+def dit_job_sizes(preset: Preset, path: Path | None, header: dict | None, weight_bytes: int) -> tuple[dict[str, DiTSizes], bool]:
+    """(sizes by recipe, prequantized) from the checkpoint's ``header`` (``dit_header(path)``), else from the
     backbone's ``dit_config``."""
     from .models.dit_loader import infer_config
     from .models.recipes import read_metadata
     from .weights.keys import normalize_dit_keys
 
-    header = header if header is not None else _dit_header(path)
     if header:
         quantized = read_metadata(path) is not None or any(dt in QUANT_ELEMENT and dt != torch.uint8 for _, dt in header.values())
         if quantized:
@@ -130,14 +130,12 @@ def dit_job_sizes(preset: Preset, path: Path | None, weight_bytes: int, header: 
     return dit_sizes(preset.backbone.dit_config or "wan2.1-i2v-14b", weight_bytes), False
 
 
-def dit_private_bytes(preset: Preset, path: Path | None, sizes: dict[str, DiTSizes], dtype: torch.dtype,
-                      header: dict | None = None) -> int:
+def dit_private_bytes(preset: Preset, header: dict | None, sizes: dict[str, DiTSizes], dtype: torch.dtype) -> int:
     """16-bit DiT bytes a load holds in its own memory (``Job.dit_private_bytes``): all of them when the backbone
     merges LoRAs (they rewrite every block) or the file stores block weights in another dtype (fp32 shards cast
-    to bf16); 0 for a zero-copy load or a pre-quantized file. ``header``: the file's, if already read."""
+    to bf16); 0 for a zero-copy load or a pre-quantized file. ``header``: ``dit_header`` of the file."""
     if "none" not in sizes:
         return 0
-    header = header if header is not None else _dit_header(path)
     cast = bool(header) and any(dt != dtype for k, (s, dt) in header.items() if _BLOCK.search(k) and len(s) == 2)
     return sizes["none"].total if preset.backbone.merge or cast else 0
 
@@ -220,8 +218,8 @@ def job(preset: Preset, p: Plan, weights: dict[str, dict], *, device: torch.devi
     refs = preset.weights()
     wbytes = torch.empty(0, dtype=dtype).element_size()
     abytes = torch.empty(0, dtype=activation_dtype(device, dtype)).element_size()
-    header = _dit_header(path("dit"))  # read once: sizes and the cast check both use it
-    sizes, prequantized = dit_job_sizes(preset, path("dit"), wbytes, header)
+    header = dit_header(path("dit"))  # read once: sizes and the cast check both use it
+    sizes, prequantized = dit_job_sizes(preset, path("dit"), header, wbytes)
     recipe = "prequantized" if prequantized else quantize
     default = preset.backbone.quantize or "none"
     quant_cached = frozenset()
@@ -242,5 +240,5 @@ def job(preset: Preset, p: Plan, weights: dict[str, dict], *, device: torch.devi
         effect_bytes=file_bytes(weights.get(effect), refs[effect].bytes) if effect else 0,
         fast_decode=fast_decode,
         tiny_vae_bytes=tiny_vae_bytes() if preset.backbone.tiny_vae else 0,
-        quant_cached=quant_cached, offload=offload, dit_private_bytes=dit_private_bytes(preset, path("dit"), sizes, dtype, header),
+        quant_cached=quant_cached, offload=offload, dit_private_bytes=dit_private_bytes(preset, header, sizes, dtype),
     )

@@ -289,8 +289,8 @@ class Generator:
 
     # --- one request ----------------------------------------------------------------------------------------------
     def generate(self, request: Request, the_plan: Plan, image) -> torch.Tensor:
-        """Run one planned request → video [3, T, H, W] in [-1, 1] on the CPU: float16 from the Wan VAE, the tiny VAE's
-        float32 otherwise (frames_to_uint8 reads either a frame at a time)."""
+        """Run one planned request → video [3, T, H, W] in [-1, 1] on the CPU, in the decoder's output dtype (float16
+        from the Wan VAE): only frames_to_uint8 reads it, a frame at a time."""
         preset, p = request.preset, the_plan
         if request.last_frame is not None and not self.backbone.supports_last_frame:
             raise UsageError(f"backbone {self.backbone.name} does not support --last-frame "
@@ -346,7 +346,7 @@ class Generator:
         if self.fast_decode:
             tiny = self.tiny_vae
             with self._stage("vae decode (tiny)"):
-                return tiny.decode(latents)[0].float().cpu()
+                return tiny.decode(latents)[0].cpu()
         with self._stage("vae decode"):
             # float16: the clip is only ever turned into 8-bit frames (video.frames_to_uint8), see WanVAE.decode
             video = vae.decode(latents, tile_size=self.vae_tile, tile_overlap=VAE_TILE_OVERLAP,

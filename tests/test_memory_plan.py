@@ -212,14 +212,14 @@ def test_a_cast_or_merged_dit_is_counted_whole(backbone):
     assert load(job("14b", 49)) < 3 * GiB  # zero-copy source: one layer at a time
     assert load(job("14b", 49, dit_private_bytes=bf16)) > bf16
     assert load(job("14b", 49, dit_private_bytes=bf16, quant_cached=frozenset({"hybrid"}))) < 1 * GiB  # cached
-    from cinecli.memory_inputs import dit_private_bytes
+    from cinecli.memory_inputs import dit_header, dit_private_bytes
     from cinecli.preset import Catalog
 
     preset = Catalog(extra_preset=backbone).resolve(None)  # the self-test stack: a bf16 DiT file, no backbone LoRA
     sizes = {"none": dit_sizes("wan2.1-fun-1.3b-inp")["none"]}
-    path = backbone.parent / "dit"
-    assert dit_private_bytes(preset, path, sizes, torch.bfloat16) == 0  # zero-copy
-    assert dit_private_bytes(preset, path, sizes, torch.float32) == sizes["none"].total  # cast on load
+    header = dit_header(backbone.parent / "dit")
+    assert dit_private_bytes(preset, header, sizes, torch.bfloat16) == 0  # zero-copy
+    assert dit_private_bytes(preset, header, sizes, torch.float32) == sizes["none"].total  # cast on load
     small = job("1.3b", 49, prompt_cached=True)
     assert make_plan(small, cpu(2)).dit == "streamed"  # mapped pages: one block resident at a time
     with pytest.raises(NoFit):

@@ -115,8 +115,8 @@ class WanVAE(nn.Module):
         h, w = z.shape[-2:]
         if tile_size is not None and max(h, w) * SPACE_FACTOR > tile_size:
             _check_tiles(tile_size, tile_overlap)
-            out = _tiled(z, lambda t: self._decode_pixels(t, torch.float32), tile_size // SPACE_FACTOR,
-                         tile_overlap // SPACE_FACTOR, scale=SPACE_FACTOR, dtype=dtype)
+            out = _tiled(z, self._decode_pixels, tile_size // SPACE_FACTOR, tile_overlap // SPACE_FACTOR,
+                         scale=SPACE_FACTOR, dtype=dtype)
         else:
             out = self._decode_pixels(z, dtype)
         return out.clamp_(-1.0, 1.0)
@@ -140,7 +140,7 @@ class WanVAE(nn.Module):
             _return_heap(x)
         return mu
 
-    def _decode_pixels(self, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def _decode_pixels(self, z: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Un-normalised latents [B, z, T', h, w] fp32 → video [B, 3, 1+4(T'-1), 8h, 8w] in ``dtype``, unclamped."""
         b, _, n, h, w = z.shape
         x = self.conv2(z.to(self.dtype))  # 1×1×1 over all latent frames at once, as the reference
