@@ -49,12 +49,12 @@ VAE_ENCODE_PER_PIXEL = 14_070
 VAE_DECODE_PER_PIXEL = 16_450
 VAE_ENCODER_SHARE = 0.4224  # of the Wan VAE's weights: the encoder (+ conv1) 214 MB, the decoder (+ conv2) 293 MB
 # Allocator and conv-kernel workspace the trace cannot see (glibc arenas, oneDNN scratch), fitted on the CPU by
-# bench/memory.py with the runtime counted apart (RUNTIME_BYTES): 49 frames at 832x480 in 192-px tiles, the tiled
-# encode's working set peaked at 1.61x the trace and the decode's at 1.81x. Elsewhere 1.25 (GPUs are unmeasured).
+# bench/memory.py with the runtime counted apart (RUNTIME_BYTES): 49 frames at 832x464 in 192-px tiles, the tiled
+# encode's working set peaked at 1.63x the trace and the decode's at 1.82x. Elsewhere 1.25 (GPUs are unmeasured).
 VAE_SLACK = {"cpu": (1.65, 1.85)}  # (encode, decode)
 VAE_SLACK_DEFAULT = (1.25, 1.25)
-# The DiT step: on the CPU the measured RSS of a 20k-token step (1.3B, fp32 activations, streamed, the heap trimmed
-# after each block by streaming.PagedBlocks) was the runtime, one block's weights and 1.02x the traced activations;
+# The DiT step: on the CPU the measured RSS of a 19.6k-token step (1.3B, fp32 activations, streamed, the heap trimmed
+# after each block by streaming.PagedBlocks) was the runtime, one block's weights and 1.05x the traced activations;
 # 1.1 elsewhere (unmeasured on GPUs).
 DIT_SLACK = {"cpu": 1.05}
 DIT_SLACK_DEFAULT = 1.1
