@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 
-
 def sdpa(q, k, v):
     return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 

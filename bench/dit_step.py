@@ -23,9 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cinecli.devices import activation_dtype, choose_device, choose_dtype  # noqa: E402
+from cinecli.core.devices import activation_dtype, choose_device, choose_dtype  # noqa: E402
+from cinecli.core.timing import RssSampler, Timings, current_rss  # noqa: E402
 from cinecli.models.wan_dit import DIT_CONFIGS, DiTConfig  # noqa: E402
-from cinecli.timing import RssSampler, Timings, current_rss  # noqa: E402
 
 
 def diffusers_kwargs(cfg: DiTConfig) -> dict:

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from gguf_fixtures import encode  # noqa: E402
 
-from cinecli.devices import activation_dtype  # noqa: E402
+from cinecli.core.devices import activation_dtype  # noqa: E402
 from cinecli.models.gguf_linear import GGUFLinear  # noqa: E402
 from cinecli.models.layers import Linear  # noqa: E402
 from cinecli.models.quant import QuantLinear  # noqa: E402

@@ -37,9 +37,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.dit_step import make_inputs  # noqa: E402
-from cinecli.devices import choose_device  # noqa: E402
-from cinecli.memory_plan import GiB, Job, Machine, NoFit, make_plan  # noqa: E402
-from cinecli.timing import RssSampler, time_call  # noqa: E402
+from cinecli.core.devices import choose_device  # noqa: E402
+from cinecli.core.timing import RssSampler, time_call  # noqa: E402
+from cinecli.plan.memory import GiB, Job, Machine, NoFit, make_plan  # noqa: E402
 
 RESERVED = 0.4 * GiB  # what a real card's driver and display keep: the plan and the allocator both get CAP − this
 
@@ -57,7 +57,12 @@ def write_weights(config: str, device: torch.device, path: Path) -> None:
 
 
 def job_for(config: str, frames: int, height: int, width: int, offload: str = "auto") -> Job:
-    from cinecli.memory_inputs import dit_sizes, image_encoder_params, text_encoder_params, vae_params
+    from cinecli.plan.inputs import (
+        dit_sizes,
+        image_encoder_params,
+        text_encoder_params,
+        vae_params,
+    )
 
     return Job(dit={"hybrid": dit_sizes(config)["hybrid"]}, frames=frames, width=width, height=height, steps=4,
                text_encoder_bytes=text_encoder_params(None) * 2, image_encoder_bytes=image_encoder_params(None) * 2,

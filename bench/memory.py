@@ -94,11 +94,11 @@ def write_weights(root: Path = ROOT) -> Path:
     """The 1.3B stack at real size under ``root`` (each file written once). Returns the preset file."""
     from transformers import CLIPVisionModel, UMT5EncoderModel
 
+    from cinecli.generate.selftest import sample_image, write_tokenizer
     from cinecli.models.image_encoder import IMAGE_ENCODER_CONFIGS
     from cinecli.models.text_encoder import TEXT_ENCODER_CONFIGS
     from cinecli.models.wan_dit import DIT_CONFIGS, WanDiT
     from cinecli.models.wan_vae import WanVAE
-    from cinecli.selftest import sample_image, write_tokenizer
 
     root.mkdir(parents=True, exist_ok=True)
     (root / "dit").mkdir(exist_ok=True)
@@ -217,9 +217,9 @@ def baseline_rss(env: dict[str, str]) -> int:
 
 def encode_prompt_child(preset_file: str) -> None:
     """Child: encode the preset's prompt into the prompt cache with one text-encoder load, under Timings."""
-    from cinecli.pipeline import Generator, Request, final_prompt
-    from cinecli.preset import Catalog
-    from cinecli.timing import Timings
+    from cinecli.core.timing import Timings
+    from cinecli.effects.preset import Catalog
+    from cinecli.generate.pipeline import Generator, Request, final_prompt
     from cinecli.weights.hub import resolve_all
 
     preset = Catalog(extra_preset=Path(preset_file)).resolve(None)

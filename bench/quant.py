@@ -25,10 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cinecli.core.timing import RssSampler, Timings, current_rss  # noqa: E402
 from cinecli.models.dit_loader import cast_dit  # noqa: E402
 from cinecli.models.recipes import RECIPES, metadata_for, quantize_dit  # noqa: E402
 from cinecli.models.wan_dit import DIT_CONFIGS, WanDiT  # noqa: E402
-from cinecli.timing import RssSampler, Timings, current_rss  # noqa: E402
 
 
 def random_model(cfg, seed: int = 0, device: str | torch.device = "cpu") -> WanDiT:

@@ -2,7 +2,7 @@
 
 A synthetic scene with known in-between frames: a textured disc translating and rotating over a textured
 background, rendered at N× the frame rate (anti-aliased, bilinear texture sampling). Every N-th frame is kept,
-the N−1 frames between are dropped and re-synthesized by each method of ``cinecli.slowdown.METHODS``, and the
+the N−1 frames between are dropped and re-synthesized by each method of ``cinecli.output.slowdown.METHODS``, and the
 synthesized frames are compared with the rendered ones: PSNR over the whole frame, and over the moving region
 (pixels the disc covers in either neighbouring true frame; the static background is easy for every method).
 
@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from cinecli.slowdown import METHODS, interpolate
+from cinecli.output.slowdown import METHODS, interpolate
 
 SPEEDS = {"slow": (4.0, 2.0), "medium": (12.0, 5.0), "fast": (24.0, 10.0)}  # (px, degrees) per kept frame
 

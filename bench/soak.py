@@ -17,11 +17,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cinecli.batch import BatchOptions, plan_items  # noqa: E402
-from cinecli.batch_run import Worker  # noqa: E402
-from cinecli.preset import Catalog  # noqa: E402
-from cinecli.selftest import sample_image, write_backbone  # noqa: E402
-from cinecli.timing import current_rss, peak_rss  # noqa: E402
+from cinecli.batch.items import BatchOptions, plan_items  # noqa: E402
+from cinecli.batch.worker import Worker  # noqa: E402
+from cinecli.core.timing import current_rss, peak_rss  # noqa: E402
+from cinecli.effects.preset import Catalog  # noqa: E402
+from cinecli.generate.selftest import sample_image, write_backbone  # noqa: E402
 
 
 def main() -> None:

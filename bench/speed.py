@@ -30,9 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.dit_step import make_checkpoint, make_inputs  # noqa: E402
-from cinecli.devices import choose_device  # noqa: E402
+from cinecli.core.devices import choose_device  # noqa: E402
+from cinecli.core.timing import RssSampler, current_rss, time_call  # noqa: E402
 from cinecli.models.wan_dit import DIT_CONFIGS, DiTConfig  # noqa: E402
-from cinecli.timing import RssSampler, current_rss, time_call  # noqa: E402
 
 MODELS = {"1.3b": "wan2.1-fun-1.3b-inp", "14b": "wan2.1-i2v-14b", "tiny": "tiny-i2v"}
 VARIANTS = ("bf16", "fp8", "hybrid", "diffusers")

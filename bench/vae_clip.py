@@ -25,8 +25,8 @@ from bench.memory import GB, ROOT, _status, write_weights  # noqa: E402
 
 
 def decode_child(dtype: str, frames: int, tile: int) -> None:
+    from cinecli.generate.pipeline import VAE_TILE_OVERLAP
     from cinecli.models.vae_loader import load_vae
-    from cinecli.pipeline import VAE_TILE_OVERLAP
 
     vae = load_vae(str(ROOT / "Wan2.1_VAE.pth"), device="cpu")
     z = torch.randn(1, 16, 1 + (frames - 1) // 4, 464 // 8, 832 // 8, generator=torch.Generator().manual_seed(0))

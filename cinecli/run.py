@@ -9,15 +9,28 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checks import check_options, unused_option_warnings
-from .errors import CineError, UsageError
-from .image import check_pair, read_image
-from .pipeline import Generator, Plan, Request, metadata, plan, sampler_settings
-from .preset import Catalog, Preset
-from .report import human_bytes
-from .slowdown import parse_slowdown, slow_down
-from .timing import Timings
-from .video import STDOUT, check_report_path, check_writable, frames_to_uint8, write_mp4
+from .core.errors import CineError, UsageError
+from .core.timing import Timings
+from .effects.preset import Catalog, Preset
+from .effects.rules import check_options, unused_option_warnings
+from .generate.image import check_pair, read_image
+from .generate.pipeline import (
+    Generator,
+    Plan,
+    Request,
+    metadata,
+    plan,
+    sampler_settings,
+)
+from .output.report import human_bytes
+from .output.slowdown import parse_slowdown, slow_down
+from .output.video import (
+    STDOUT,
+    check_report_path,
+    check_writable,
+    frames_to_uint8,
+    write_mp4,
+)
 
 
 @dataclass
@@ -68,9 +81,8 @@ def weights_needed(preset: Preset, fast_decode: bool = False, refs: dict | None 
     """Each component's reference, whether it is present locally, and its size: on disk, else as declared by the
     backbone or LoRA card (the download size; None when nobody declared it). No network, no loading.
     ``refs``: the run's references when it already has them (scan.local_refs), so the models dirs are read once."""
+    from .models.scan import local_refs
     from .weights.hub import locate
-
-    from .weights.scan import local_refs
 
     out = {}
     asked = preset.weights(fast_decode)
@@ -88,10 +100,10 @@ def weights_needed(preset: Preset, fast_decode: bool = False, refs: dict | None 
 def memory_plan(opts: RunOptions, preset: Preset, p: Plan, weights: dict[str, dict], device):
     """The memory plan for this run on this machine (memory_plan.py); exit 7 with one line of advice when nothing fits.
     ``opts``: a RunOptions, or cine batch's BatchOptions (which has no --fast-decode, --offload or budget option)."""
-    from .devices import choose_dtype
-    from .errors import DeviceError
-    from .memory_inputs import job, machine
-    from .memory_plan import NoFit, advice, make_plan
+    from .core.devices import choose_dtype
+    from .core.errors import DeviceError
+    from .plan.inputs import job, machine
+    from .plan.memory import NoFit, advice, make_plan
 
     the_job = job(preset, p, weights, device=device, dtype=choose_dtype(opts.dtype, device), quantize=opts.quantize,
                   fast_decode=getattr(opts, "fast_decode", False), offload=getattr(opts, "offload", "auto"))
@@ -157,9 +169,8 @@ def run_one(opts: RunOptions, console) -> dict | None:
             check_pair(image.size, read_image(opts.last_frame).size, opts.last_frame)  # validate now, not after loading
 
     with timings.stage("plan memory"):  # before any download or load: a job that cannot fit stops here (exit 7)
-        from .devices import choose_device, choose_dtype
-
-        from .weights.scan import local_refs
+        from .core.devices import choose_device, choose_dtype
+        from .models.scan import local_refs
 
         device = choose_device(opts.device)
         refs = local_refs(preset, opts.fast_decode, hash_files=False)  # one read of the models dirs per run
@@ -176,10 +187,9 @@ def run_one(opts: RunOptions, console) -> dict | None:
         return _dry_run(opts, preset, the_plan, image.size, output, weights, mp)
 
     with timings.stage("resolve weights"):
-        from .report import build_report, summary_table, write_report
+        from .models.scan import record_used
+        from .output.report import build_report, summary_table, write_report
         from .weights.hub import resolve_all
-
-        from .weights.scan import record_used
 
         record_used(refs, preset.weights(opts.fast_decode))  # models-dir files this run uses: hashed into the lock
         paths = resolve_all(refs, _hint(opts, preset))

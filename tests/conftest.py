@@ -11,7 +11,7 @@ def backbone(tmp_path_factory) -> Path:
     """The tiny self-test stack in the real file layouts, written once per session; returns its preset file."""
     from transformers.utils import logging
 
-    from cinecli.selftest import write_backbone
+    from cinecli.generate.selftest import write_backbone
 
     logging.disable_progress_bar()
     return write_backbone(tmp_path_factory.mktemp("selftest"))

@@ -14,10 +14,16 @@ import av
 import pytest
 from typer.testing import CliRunner
 
-from cinecli.batch import BatchOptions, in_shard, item_seed, parse_shard, plan_items
-from cinecli.cli import app
-from cinecli.preset import Catalog
-from cinecli.selftest import sample_image
+from cinecli.batch.items import (
+    BatchOptions,
+    in_shard,
+    item_seed,
+    parse_shard,
+    plan_items,
+)
+from cinecli.cli.app import app
+from cinecli.effects.preset import Catalog
+from cinecli.generate.selftest import sample_image
 
 
 def photos(folder: Path, n: int, sub: int = 0) -> list[Path]:
@@ -149,7 +155,7 @@ def test_ray_runs_the_same_items(backbone, env, tmp_path):
 def test_out_of_memory_on_one_item_is_recorded_and_the_batch_goes_on(backbone, env, tmp_path, monkeypatch):
     import torch
 
-    from cinecli.pipeline import Generator
+    from cinecli.generate.pipeline import Generator
 
     original = Generator.generate
 
@@ -172,7 +178,7 @@ def test_out_of_memory_on_one_item_is_recorded_and_the_batch_goes_on(backbone, e
 
 
 def test_inputs_from_folders_globs_and_files(tmp_path):
-    from cinecli.batch import collect
+    from cinecli.batch.items import collect
 
     photos(tmp_path / "shoot", 3, sub=1)
     (tmp_path / "shoot" / "notes.md").write_text("not a photo")

@@ -1,4 +1,4 @@
-"""Bad values are caught before anything loads (one table, cinecli.checks), and the CLI conventions people expect.
+"""Bad values are caught before anything loads (one table, cinecli.effects.rules), and the CLI conventions people expect.
 
 Everything here runs in-process through CliRunner with the loaders replaced by functions that fail loudly, so a
 value that slips past the checks shows up as an AssertionError, not as a slow run.
@@ -12,10 +12,10 @@ import pytest
 from typer.testing import CliRunner
 
 from cinecli import __version__
-from cinecli.checks import parse_shard
-from cinecli.cli import app
-from cinecli.errors import UsageError
-from cinecli.selftest import sample_image
+from cinecli.cli.app import app
+from cinecli.core.errors import UsageError
+from cinecli.effects.rules import parse_shard
+from cinecli.generate.selftest import sample_image
 
 # A preset with an inline backbone whose weights do not exist: resolving it reads only the TOML, so any field
 # check that runs later than resolution would hit the loud loaders below.
@@ -52,9 +52,9 @@ def cine(*args, env=None):
 @pytest.fixture
 def loud_loaders(monkeypatch):
     """Every way a run could start loading or reading becomes an AssertionError."""
-    import cinecli.batch_run
+    import cinecli.batch.worker
+    import cinecli.generate.pipeline
     import cinecli.models
-    import cinecli.pipeline
     import cinecli.run
     import cinecli.weights.hub
 
@@ -62,7 +62,7 @@ def loud_loaders(monkeypatch):
         raise AssertionError("something was loaded before the bad value was caught")
 
     for target, name in ((cinecli.weights.hub, "resolve_all"), (cinecli.models, "load_dit"), (cinecli.run, "read_image"),
-                         (cinecli.pipeline.Generator, "generate"), (cinecli.batch_run.Worker, "__init__")):
+                         (cinecli.generate.pipeline.Generator, "generate"), (cinecli.batch.worker.Worker, "__init__")):
         monkeypatch.setattr(target, name, boom)
 
 
@@ -215,7 +215,7 @@ def test_frame_sizes_keep_the_pixel_budget_and_warn_on_enlarging(env, tmp_path):
 
     from PIL import Image
 
-    from cinecli.image import MAX_ASPECT, target_size
+    from cinecli.generate.image import MAX_ASPECT, target_size
 
     for budget in (32 * 32, 4096, 480 * 832, 720 * 1280):
         for long in (16, 17, 63, 100, 1000, 4000, 20000):

@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from cinecli.cli import app
-from cinecli.selftest import sample_image
+from cinecli.cli.app import app
+from cinecli.generate.selftest import sample_image
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,8 +100,8 @@ def test_stdin_image_and_output_dir(backbone, env, photo, tmp_path):
 
 
 def test_bulletti_alias_and_dry_run_loads_nothing(env, photo, monkeypatch):
+    import cinecli.generate.pipeline as pipeline
     import cinecli.models as models
-    import cinecli.pipeline as pipeline
 
     def boom(*a, **k):
         raise AssertionError("--dry-run loaded a model")
@@ -199,5 +199,5 @@ def test_fast_decode_uses_the_tiny_vae(backbone, env, photo, tmp_path):
 
 def test_cli_start_imports_no_torch():
     """`cine --help`, bad-value checks and did-you-mean answer in a fraction of a second: torch (2+ s) loads lazily."""
-    code = "import sys, cinecli.cli; assert 'torch' not in sys.modules, 'cinecli.cli imported torch'"
+    code = "import sys, cinecli.cli.app; assert 'torch' not in sys.modules, 'cinecli.cli.app imported torch'"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -16,7 +16,7 @@ from wan_fixtures import (
     write_layout,
 )
 
-from cinecli.errors import WeightsError
+from cinecli.core.errors import WeightsError
 from cinecli.models import load_dit
 from cinecli.models.dit_loader import cast_dit
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from cinecli.errors import WeightsError
+from cinecli.core.errors import WeightsError
 from cinecli.models.image_encoder import (
     IMAGE_ENCODER_CONFIGS,
     ImageEncoderConfig,

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from test_dit import inputs, rel_err
 from wan_fixtures import random_state_dict, tiny_config, to_diffusers_key
 
-from cinecli.errors import WeightsError
+from cinecli.core.errors import WeightsError
 from cinecli.models import load_dit
 from cinecli.models.adapters import Effects, merge_into
 from cinecli.weights.lora_file import read_lora

@@ -18,11 +18,16 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cinecli.cli import app
-from cinecli.memory_inputs import dit_sizes, image_encoder_params, text_encoder_params, vae_params
-from cinecli.checks import parse_size
-from cinecli.memory_plan import GiB, Job, Machine, NoFit, advice, make_plan
-from cinecli.selftest import sample_image
+from cinecli.cli.app import app
+from cinecli.effects.rules import parse_size
+from cinecli.generate.selftest import sample_image
+from cinecli.plan.inputs import (
+    dit_sizes,
+    image_encoder_params,
+    text_encoder_params,
+    vae_params,
+)
+from cinecli.plan.memory import GiB, Job, Machine, NoFit, advice, make_plan
 
 SIZES = {"480p": (832, 480), "720p": (1280, 720)}
 
@@ -127,7 +132,7 @@ def photo(tmp_path):
 @pytest.fixture
 def roomy(monkeypatch):
     """A CPU box with 64 GiB free, whatever this machine has."""
-    import cinecli.devices as devices
+    import cinecli.core.devices as devices
 
     monkeypatch.setattr(devices, "device_memory", lambda device: (64 * GiB, 64 * GiB))
 
@@ -158,7 +163,7 @@ def test_too_small_budget_exits_7_before_anything_loads(backbone, env, photo, tm
 def test_batch_follows_the_memory_plan(backbone, env, photo, tmp_path, monkeypatch):
     """cine batch plans once per backbone: a budget that fits nothing fails each item with the plan's advice, and a
     budget that needs tiles gets the plan's tile side."""
-    import cinecli.pipeline as pipeline
+    import cinecli.generate.pipeline as pipeline
 
     monkeypatch.setenv("CINE_MEMORY_BUDGET", "2MB")
     r = cine("batch", photo, "--preset", backbone, "-o", tmp_path / "out")
@@ -212,8 +217,8 @@ def test_a_cast_or_merged_dit_is_counted_whole(backbone):
     assert load(job("14b", 49)) < 3 * GiB  # zero-copy source: one layer at a time
     assert load(job("14b", 49, dit_private_bytes=bf16)) > bf16
     assert load(job("14b", 49, dit_private_bytes=bf16, quant_cached=frozenset({"hybrid"}))) < 1 * GiB  # cached
-    from cinecli.memory_inputs import dit_header, dit_private_bytes
-    from cinecli.preset import Catalog
+    from cinecli.effects.preset import Catalog
+    from cinecli.plan.inputs import dit_header, dit_private_bytes
 
     preset = Catalog(extra_preset=backbone).resolve(None)  # the self-test stack: a bf16 DiT file, no backbone LoRA
     sizes = {"none": dit_sizes("wan2.1-fun-1.3b-inp")["none"]}
@@ -229,7 +234,7 @@ def test_a_cast_or_merged_dit_is_counted_whole(backbone):
 def test_quantize_once_then_memory_map(backbone, env, photo, tmp_path, monkeypatch):
     """First run converts and caches the DiT; the next run loads the cached file; another recipe gets its own file."""
     import cinecli.models.recipes as recipes
-    from cinecli.dirs import cache_dir
+    from cinecli.core.dirs import cache_dir
 
     r = cine("run", photo, "--preset", backbone, "-o", tmp_path / "a.mp4", "--frames", "5", "--seed", "1", "--quantize", "hybrid", "--json")
     assert r.exit_code == 0, r.output
@@ -299,8 +304,8 @@ def test_activation_constants_match_a_trace_of_the_models(monkeypatch):
 
     import torch
 
-    import cinecli.memory_plan as mp
     import cinecli.models.wan_dit as wan_dit
+    import cinecli.plan.memory as mp
     from cinecli.models.load import build_empty
     from cinecli.models.wan_vae import WanVAE
 

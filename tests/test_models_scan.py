@@ -15,8 +15,8 @@ from gguf_fixtures import write_city96_gguf
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from cinecli.cli import app
-from cinecli.selftest import sample_image
+from cinecli.cli.app import app
+from cinecli.generate.selftest import sample_image
 
 FP8 = torch.float8_e4m3fn
 HUB = "Comfy-Org/Wan_2.1_ComfyUI_repackaged"

@@ -16,17 +16,18 @@ import pytest
 import torch
 from test_batch import cine, frames_of, manifest, photos
 
-from cinecli.batch import BatchOptions, append_manifest, plan_items, read_manifest
-from cinecli.errors import DiskFullError, WeightsError
-from cinecli.preset import Catalog
-from cinecli.selftest import sample_image
+from cinecli.batch.items import BatchOptions, plan_items
+from cinecli.batch.manifest import append_manifest, read_manifest
+from cinecli.core.errors import DiskFullError, WeightsError
+from cinecli.effects.preset import Catalog
+from cinecli.generate.selftest import sample_image
 
 
 @pytest.fixture
 def no_model(monkeypatch):
     """Any model load fails the test: usage and output errors must come before it."""
+    import cinecli.generate.pipeline as pipeline
     import cinecli.models as models
-    import cinecli.pipeline as pipeline
 
     def boom(*a, **k):
         raise AssertionError("a model was loaded")
@@ -212,7 +213,7 @@ def test_unwritable_batch_outdir_fails_before_loading(backbone, env, tmp_path, n
 
 # --- 8: cine info on things that are not (whole) videos -------------------------------------------------------------
 def test_info_says_not_a_video_or_truncated(tmp_path):
-    from cinecli.video import write_mp4
+    from cinecli.output.video import write_mp4
 
     frames = np.random.default_rng(0).integers(0, 255, (9, 48, 64, 3), dtype=np.uint8)
     good = tmp_path / "good.mp4"
@@ -257,7 +258,7 @@ def test_corrupt_pickle_is_not_called_unsafe(tmp_path):
 
 
 def test_local_weights_are_hashed_once_and_changes_are_caught(stack, env, monkeypatch, capsys):
-    from cinecli.cli import app  # noqa: F401 - CLI import order as in a run
+    from cinecli.cli.app import app  # noqa: F401 - CLI import order as in a run
     from cinecli.weights import hub, lock
 
     preset = Catalog(extra_preset=stack).resolve(None)
@@ -286,8 +287,8 @@ def test_local_weights_are_hashed_once_and_changes_are_caught(stack, env, monkey
 
 # --- 13: torchrun ranks on their own GPU ---------------------------------------------------------------------------
 def test_local_rank_picks_the_gpu(monkeypatch):
-    from cinecli.devices import choose_device
-    from cinecli.errors import DeviceError
+    from cinecli.core.devices import choose_device
+    from cinecli.core.errors import DeviceError
 
     current = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

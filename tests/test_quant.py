@@ -13,11 +13,11 @@ from test_lora import ALPHA, RANK, known_delta, write_style
 from typer.testing import CliRunner
 from wan_fixtures import random_state_dict, tiny_config
 
-from cinecli.cli import app
+from cinecli.cli.app import app
+from cinecli.generate.selftest import sample_image, write_backbone
 from cinecli.models import load_dit
 from cinecli.models.quant import FP8, QuantLinear, dequantize, quantize
 from cinecli.models.recipes import RECIPES, quantize_dit
-from cinecli.selftest import sample_image, write_backbone
 
 TARGETS = {"fp8": 0.03, "int8": 0.01, "int4g64": 0.12}
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cinecli.cli import app
-from cinecli.selftest import sample_image
+from cinecli.cli.app import app
+from cinecli.generate.selftest import sample_image
 
 # Wan2.1 wan/configs/shared_config.py sample_neg_prompt (the text VideoX-Fun's predict_i2v.py uses too)
 WAN_NEG = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，"
@@ -132,8 +132,8 @@ def test_unipc_run_option_end_to_end(cfg_preset, env, photo, tmp_path):
 ])
 def test_clip_dtype_follows_the_reference_on_cuda(device, dtype, want, monkeypatch):
     import cinecli.models.image_encoder as image_encoder
-    from cinecli.devices import activation_dtype
-    from cinecli.pipeline import Generator
+    from cinecli.core.devices import activation_dtype
+    from cinecli.generate.pipeline import Generator
 
     seen = {}
     monkeypatch.setattr(image_encoder, "load_image_encoder", lambda path, device, dtype, weight_dtype=None: seen.update(dtype=dtype))

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from cinecli.errors import UsageError
-from cinecli.preset import SamplerSpec
-from cinecli.sampler import choose_sampler, sample, sigmas_for
+from cinecli.core.errors import UsageError
+from cinecli.effects.preset import SamplerSpec
+from cinecli.generate.sampler import choose_sampler, sample, sigmas_for
 
 SHAPE = (1, 16, 2, 4, 6)  # [B, C, F, H, W] latents
 

@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 from test_cli import cine, decode, one_line_error
 
-from cinecli.batch import pair_last_frames
-from cinecli.selftest import sample_image
-from cinecli.slowdown import DEFAULT_METHOD, METHODS, interpolate
+from cinecli.batch.items import pair_last_frames
+from cinecli.generate.selftest import sample_image
+from cinecli.output.slowdown import DEFAULT_METHOD, METHODS, interpolate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,8 +70,8 @@ def test_slowdown_doubles_frames_same_fps(backbone, env, photo, tmp_path):
 
 @pytest.mark.parametrize("value", ["0", "1", "1.5", "100", "-2", "fast"])
 def test_bad_slowdown_exits_2_before_loading(env, photo, monkeypatch, value):
+    import cinecli.generate.pipeline as pipeline
     import cinecli.models as models
-    import cinecli.pipeline as pipeline
 
     def boom(*a, **k):
         raise AssertionError("a model was loaded")
@@ -113,7 +113,7 @@ def test_burst_pair_end_to_end(backbone, env, photo, tmp_path):
 
 
 def test_burst_pair_of_other_orientation_is_refused(backbone, env, photo, tmp_path, monkeypatch):
-    import cinecli.pipeline as pipeline
+    import cinecli.generate.pipeline as pipeline
 
     monkeypatch.setattr(pipeline.Generator, "generate", lambda *a, **k: pytest.fail("generated"))
     portrait = tmp_path / "portrait.jpg"

@@ -17,8 +17,8 @@ from wan_fixtures import random_state_dict, tiny_config
 
 from cinecli.models import load_dit
 from cinecli.models.adapters import Effects
-from cinecli.models.recipes import get_recipe, quantize_dit
 from cinecli.models.load import release_pages
+from cinecli.models.recipes import get_recipe, quantize_dit
 from cinecli.models.streaming import PagedBlocks, stream_blocks
 
 
@@ -142,10 +142,10 @@ def test_release_pages_keeps_pages_a_write_made(tmp_path):
 def test_each_stage_drops_its_components_pages(tmp_path, monkeypatch):
     """After a run on the CPU, no component keeps the memory-mapped pages it read: CLIP's go after the image
     encode, the VAE's after encoding and decoding, the DiT's before the decode (pipeline.Generator)."""
+    from cinecli.effects.preset import Catalog
+    from cinecli.generate.pipeline import Generator, Request, plan
+    from cinecli.generate.selftest import sample_image, write_backbone
     from cinecli.models.load import _file_mappings
-    from cinecli.pipeline import Generator, Request, plan
-    from cinecli.preset import Catalog
-    from cinecli.selftest import sample_image, write_backbone
     from cinecli.weights.hub import resolve_all
 
     monkeypatch.setenv("CINE_CACHE_DIR", str(tmp_path / "cache"))

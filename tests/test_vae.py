@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from cinecli.errors import WeightsError
+from cinecli.core.errors import WeightsError
 from cinecli.models.tiny_vae import TinyVAE
 from cinecli.models.vae_loader import load_tiny_vae, load_vae, normalize_vae_keys
 from cinecli.models.wan_vae import (
@@ -286,7 +286,7 @@ def test_tiled_close_to_untiled():
 
 def test_float16_clip_gives_the_same_8bit_frames():
     """The pipeline decodes into a float16 clip (half the clip-sized buffer): its uint8 frames match float32's."""
-    from cinecli.video import frames_to_uint8
+    from cinecli.output.video import frames_to_uint8
 
     torch.manual_seed(0)
     vae = WanVAE(VAE_CONFIGS["tiny"]).eval()

@@ -14,10 +14,10 @@ from safetensors.torch import save_file
 from test_lora import known_delta, write_style
 from typer.testing import CliRunner
 
-from cinecli.cli import app
+from cinecli.cli.app import app
+from cinecli.effects.preset import WeightRef
+from cinecli.generate.selftest import sample_image, write_backbone
 from cinecli.models.wan_dit import DIT_CONFIGS
-from cinecli.preset import WeightRef
-from cinecli.selftest import sample_image, write_backbone
 from cinecli.weights import lock
 
 SHA = "0123456789abcdef0123456789abcdef01234567"

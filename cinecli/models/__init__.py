@@ -3,6 +3,7 @@
 Every loader takes a file, a folder or a state dict in any layout found in the wild, builds the module on the
 meta device and fills it tensor by tensor in the target dtype (see load.py). Names are imported lazily, so
 ``from cinecli.models import load_dit`` does not pull in transformers (≈100 MB of resident memory).
+scan.py tells which of these components a file on disk holds. May import weights/, effects/ and core/.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import os
 
 import torch.nn as nn
 
-from ..dirs import cache_dir
+from ..core.dirs import cache_dir
 
 
 def compile_cache() -> str:

@@ -6,8 +6,8 @@ from collections.abc import Mapping
 
 import torch
 
-from ..devices import activation_dtype, choose_device, choose_dtype
-from ..errors import WeightsError
+from ..core.devices import activation_dtype, choose_device, choose_dtype
+from ..core.errors import WeightsError
 from ..weights import Source, iter_tensors, read_config
 from ..weights.files import component_folder, describe, read_header, resolve_files
 from ..weights.gguf import block_types, is_gguf

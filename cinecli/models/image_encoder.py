@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from ..devices import choose_device, choose_dtype
-from ..errors import WeightsError
+from ..core.devices import choose_device, choose_dtype
+from ..core.errors import WeightsError
 from ..weights.files import (
     Source,
     component_folder,

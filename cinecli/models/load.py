@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn as nn
 
-from ..errors import WeightsError
+from ..core.errors import WeightsError
 
 
 def build_empty(factory: Callable[[], nn.Module]) -> nn.Module:

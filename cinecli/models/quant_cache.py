@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..dirs import cache_dir
+from ..core.dirs import cache_dir
 from ..weights.files import resolve_files
 
 FORMAT = 1  # bump when the quantized layout changes, so old cache files are not reused

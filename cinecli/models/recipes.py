@@ -67,7 +67,7 @@ RECIPES: dict[str, Recipe] = {
 
 
 def get_recipe(name: str, overrides: dict[str, str] | None = None) -> Recipe:
-    from ..errors import UsageError
+    from ..core.errors import UsageError
 
     if name not in RECIPES:
         raise UsageError(f"unknown quantization recipe '{name}' (known: {', '.join(RECIPES)})")

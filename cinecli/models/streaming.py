@@ -27,7 +27,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn as nn
 
-from ..devices import activation_dtype
+from ..core.devices import activation_dtype
 
 
 class BlockStream:

@@ -29,8 +29,8 @@ import torch
 from torch import Tensor
 from transformers import UMT5Config, UMT5EncoderModel
 
-from ..devices import choose_device, choose_dtype
-from ..errors import WeightsError
+from ..core.devices import choose_device, choose_dtype
+from ..core.errors import WeightsError
 from ..weights.files import (
     Source,
     component_folder,

@@ -18,8 +18,8 @@ from dataclasses import replace
 
 import torch
 
-from ..devices import choose_device, choose_dtype
-from ..errors import WeightsError
+from ..core.devices import choose_device, choose_dtype
+from ..core.errors import WeightsError
 from ..weights import Source, iter_tensors, read_config, read_shapes
 from ..weights.files import component_folder, describe
 from ..weights.keys import Rules, compile_rules, normalize_keys

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..errors import WeightsError
+from ..core.errors import WeightsError
 from .gguf import GGUF_SUFFIX, iter_gguf, read_gguf_header
 
 Source = str | os.PathLike | Mapping[str, torch.Tensor]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import WeightsError
+from ..core.errors import WeightsError
 
 GGUF_SUFFIX = ".gguf"
 FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}

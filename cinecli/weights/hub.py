@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from ..errors import WeightsError
-from ..preset import WeightRef
+from ..core.errors import WeightsError
+from ..effects.preset import WeightRef
 from . import lock
 
 

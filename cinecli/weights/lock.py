@@ -22,9 +22,9 @@ import os
 import sys
 from pathlib import Path
 
-from .. import dirs
-from ..errors import WeightsError
-from ..preset import WeightRef
+from ..core import dirs
+from ..core.errors import WeightsError
+from ..effects.preset import WeightRef
 
 
 def lock_path() -> Path:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import WeightsError
+from ..core.errors import WeightsError
 from .files import Source, iter_tensors
 from .keys import normalize_lora_key
 

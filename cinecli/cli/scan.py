@@ -7,9 +7,9 @@ from pathlib import Path
 
 import typer
 
-from .cli_common import handle_errors, stderr_console
-from .cli_weights import models_app
-from .report import human_bytes
+from ..output.report import human_bytes
+from .common import handle_errors, stderr_console
+from .weights import models_app
 
 
 @models_app.command("scan")
@@ -18,8 +18,8 @@ def models_scan(folder: Path = typer.Argument(..., help="A models folder (ComfyU
                 as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
                 remember: bool = typer.Option(False, "--remember", help="Use this folder in every later run (user config).")) -> None:
     """Identify Wan files by content (keys, shapes, dtypes; never the name): DiT, umT5, CLIP, VAE, LoRA or unknown."""
-    from .weights.scan import remember as remember_folder
-    from .weights.scan import scan
+    from ..models.scan import remember as remember_folder
+    from ..models.scan import scan
 
     found = scan(folder)
     if as_json:

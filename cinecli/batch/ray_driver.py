@@ -11,15 +11,15 @@ import json
 from collections.abc import Callable
 from dataclasses import asdict
 
-from .batch import BatchOptions, Item
-from .errors import UsageError
+from ..core.errors import UsageError
+from .items import BatchOptions, Item
 
 
 class RayWorker:
     """A Ray Data callable class: constructed once per actor (loads nothing until its first item)."""
 
     def __init__(self, options: BatchOptions):
-        from .batch_run import Worker
+        from .worker import Worker
 
         self.worker = Worker(options)
 
@@ -27,7 +27,8 @@ class RayWorker:
         return {"record": [json.dumps(self.worker.process(Item(**json.loads(s)))) for s in batch["item"]]}
 
 
-def run_on_ray(opts: BatchOptions, todo: list[Item], address: str, on_record: Callable[[dict], None]) -> list[dict]:
+def run_on_ray(opts: BatchOptions, todo: list[Item], on_record: Callable[[dict], None], address: str = "local") -> list[dict]:
+    """A remote runner for ``driver.run_batch``: ``address`` is 'local' (start an instance), 'auto' or ray://HOST:PORT."""
     try:
         import ray
         import ray.data

@@ -17,13 +17,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import InputError, UsageError
+from ..core.errors import InputError, UsageError
+from ..effects.rules import FITS
 
 MAX_PIXELS = 80_000_000  # a 80 MP photo is already far beyond any budget; more is a decompression bomb
 MAX_ASPECT = 4.0  # long side / short side: Wan2.1 is trained on 16:9 to 9:16; past 4:1 the frame is a sliver
 MIN_SIDE = 16  # one latent patch (8x VAE stride × 2): a smaller photo holds less than one token of picture
 ENLARGE_WARNING = 2.0  # warn when the photo is blown up more than this to fill the frame
-FITS = ("crop", "pad", "stretch")
 
 
 def read_image(source: str | Path | bytes) -> Image.Image:

@@ -8,12 +8,12 @@ import platform
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import __version__
+from .. import __version__
 
 if TYPE_CHECKING:  # torch is imported inside build_report: the CLI loads this module before torch is needed
     import torch
 
-    from .timing import Timings
+    from ..core.timing import Timings
 
 
 def human_bytes(n: int | None) -> str:
@@ -33,7 +33,7 @@ def build_report(timings: Timings, *, job: dict, sizes: dict, device: torch.devi
     """A JSON-ready report. ``stages`` are in run order; ``total_s`` is wall time from start to report."""
     import torch
 
-    from .models.attention import used_backends
+    from ..models.attention import used_backends
 
     stages = {name: round(seconds, 6) for name, seconds in timings.stages.items()}
     total = timings.total()
@@ -70,7 +70,7 @@ def write_report(report: dict, path: str | Path) -> None:
         tmp.write_text(json.dumps(report, indent=2) + "\n")
         os.replace(tmp, path)
     except OSError as exc:
-        from .errors import output_error
+        from ..core.errors import output_error
 
         tmp.unlink(missing_ok=True)
         raise output_error(exc, path) from None

@@ -3,7 +3,7 @@
 Conventions (as the ``hf`` CLI): progress and messages on stderr, machine output on stdout, the output path on
 the last line of stdout, ``--json`` for a JSON document instead, ``-q`` for nothing but the path. Heavy imports
 (torch, huggingface_hub) happen inside commands, after ``--offline`` has set the environment they read.
-Expected failures print one line and exit with the codes of ``cinecli.errors`` (README: Exit codes).
+Expected failures print one line and exit with the codes of ``cinecli.core.errors`` (README: Exit codes).
 """
 
 from __future__ import annotations
@@ -16,12 +16,20 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from . import __version__
-from .cli_batch import batch
-from .cli_common import MODELS_DIR_HELP, PlainCommand, fail, handle_errors, set_models_dir, set_offline, stderr_console
-from .cli_quant import quantize
-from .cli_weights import lora_app, models_app
-from .errors import EXIT_USAGE, CineError, UsageError
+from .. import __version__
+from ..core.errors import EXIT_USAGE, CineError, UsageError
+from .batch import batch
+from .common import (
+    MODELS_DIR_HELP,
+    PlainCommand,
+    fail,
+    handle_errors,
+    set_models_dir,
+    set_offline,
+    stderr_console,
+)
+from .quantize import quantize
+from .weights import lora_app, models_app
 
 
 class EffectGroup(TyperGroup):
@@ -45,7 +53,7 @@ class EffectGroup(TyperGroup):
         effect (``bulet-time`` → bullet-time) it is closest to, before Click complains about a missing PHOTO."""
         import difflib
 
-        from .preset import Catalog
+        from ..effects.preset import Catalog
 
         try:
             catalog = Catalog()
@@ -127,8 +135,8 @@ def run(
     """Make a clip from PHOTO with an effect: cine bullet-time photo.jpg -o out.mp4"""
     set_offline(offline)
     set_models_dir(models_dir)
-    from .checks import check_choices
-    from .run import RunOptions, run_one
+    from ..effects.rules import check_choices
+    from ..run import RunOptions, run_one
 
     if as_json and output == "-":
         raise UsageError("--json prints to stdout, which -o - already uses for the video; use --report FILE")
@@ -154,7 +162,7 @@ def effects(
     as_json: bool = typer.Option(False, "--json", help="JSON on stdout."),
 ) -> None:
     """List the effects (presets), their aliases and backbones."""
-    from .preset import Catalog
+    from ..effects.preset import Catalog
 
     catalog = Catalog(extra_preset=preset_file)
     rows = []
@@ -182,7 +190,7 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="JSON on stdout."),
 ) -> None:
     """Show a clip's stream facts and the settings cine stored in it."""
-    from .video import read_info
+    from ..output.video import read_info
 
     if not file.exists():
         fail(f"{file}: no such file", 3)
@@ -214,7 +222,7 @@ def doctor(
     raise typer.Exit(code)
 
 
-from . import cli_scan  # noqa: E402,F401 - registers `cine models scan`
+from . import scan  # noqa: E402,F401 - registers `cine models scan`
 
 app.add_typer(models_app, name="models")
 app.add_typer(lora_app, name="lora")

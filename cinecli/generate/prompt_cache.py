@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import dirs
+from ..core import dirs
 
 
 def cache_dir() -> Path:

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from .checks import RULES, parse_size
-from .errors import UsageError
-from .memory_plan import DiTSizes, Job, Machine
-from .pipeline import Plan
-from .preset import Preset
+from ..core.errors import UsageError
+from ..effects.preset import Preset
+from ..effects.rules import RULES, parse_size
+from ..generate.pipeline import Plan
+from .memory import DiTSizes, Job, Machine
 
 QUANT_ELEMENT = {torch.float8_e4m3fn: 1, torch.int8: 1, torch.uint8: 1}
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
@@ -28,7 +28,7 @@ _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 
 def machine(device: torch.device, budget: str | None = None) -> Machine:
     """The machine as the plan sees it; ``budget`` (or CINE_MEMORY_BUDGET) caps what it may use."""
-    from .devices import device_memory
+    from ..core.devices import device_memory
 
     free, host = device_memory(device)
     text = budget or os.environ.get("CINE_MEMORY_BUDGET") or None
@@ -39,7 +39,7 @@ def machine(device: torch.device, budget: str | None = None) -> Machine:
 
 # --- the DiT ---------------------------------------------------------------------------------------------------------
 def _quant_bytes(shape: tuple[int, ...], fmt: str) -> int:
-    from .models.quant import parse_format
+    from ..models.quant import parse_format
 
     out, inp = shape
     kind, group = parse_format(fmt)
@@ -65,9 +65,9 @@ def _sizes(per_param: dict[str, int], layers: int, dim: int, ffn_dim: int = 0) -
 @functools.lru_cache(maxsize=8)
 def dit_sizes(config_name_or_cfg, weight_bytes: int = 2) -> dict[str, DiTSizes]:
     """Bytes of the DiT at every recipe, counted from a meta-device model (no memory used)."""
-    from .models.load import build_empty
-    from .models.recipes import RECIPES, get_recipe
-    from .models.wan_dit import DIT_CONFIGS, WanDiT, keeps_fp32
+    from ..models.load import build_empty
+    from ..models.recipes import RECIPES, get_recipe
+    from ..models.wan_dit import DIT_CONFIGS, WanDiT, keeps_fp32
 
     cfg = DIT_CONFIGS[config_name_or_cfg] if isinstance(config_name_or_cfg, str) else config_name_or_cfg
     model = build_empty(lambda: WanDiT(replace(cfg, num_layers=1)))  # blocks are identical: count one
@@ -89,7 +89,7 @@ def dit_sizes(config_name_or_cfg, weight_bytes: int = 2) -> dict[str, DiTSizes]:
 
 
 def _header(path: Path, patterns) -> dict | None:
-    from .weights.files import read_header
+    from ..weights.files import read_header
 
     try:
         return read_header(path, patterns)
@@ -99,7 +99,7 @@ def _header(path: Path, patterns) -> dict | None:
 
 def dit_header(path: Path | None) -> dict | None:
     """The DiT checkpoint's header (name → (shape, dtype)); None when there is no file or it cannot be read."""
-    from .models.dit_loader import DIT_PATTERNS
+    from ..models.dit_loader import DIT_PATTERNS
 
     return _header(path, DIT_PATTERNS) if path is not None else None
 
@@ -107,14 +107,14 @@ def dit_header(path: Path | None) -> dict | None:
 def dit_job_sizes(preset: Preset, path: Path | None, header: dict | None, weight_bytes: int) -> tuple[dict[str, DiTSizes], bool]:
     """(sizes by recipe, prequantized) from the checkpoint's ``header`` (``dit_header(path)``), else from the
     backbone's ``dit_config``."""
-    from .models.dit_loader import infer_config
-    from .models.recipes import read_metadata
-    from .weights.keys import normalize_dit_keys
+    from ..models.dit_loader import infer_config
+    from ..models.recipes import read_metadata
+    from ..weights.keys import normalize_dit_keys
 
     if header:
         quantized = read_metadata(path) is not None or any(dt in QUANT_ELEMENT and dt != torch.uint8 for _, dt in header.values())
         if quantized:
-            from .models.wan_dit import keeps_fp32
+            from ..models.wan_dit import keeps_fp32
 
             per = {k: torch.Size(s).numel() * QUANT_ELEMENT.get(dt, 4 if keeps_fp32(k) else weight_bytes) for k, (s, dt) in header.items()}
             dim = next(s[0] for k, (s, _) in header.items() if k.endswith("patch_embedding.weight"))
@@ -148,7 +148,7 @@ def _numel(header: dict | None, keep=lambda k: True) -> int | None:
 def text_encoder_bytes(path: Path | None, declared: int | None, weight_bytes: int) -> int:
     """Resident umT5 bytes: from the file's header (float8 weights of a ComfyUI fp8_scaled file stay 1 byte), else
     the declared download size (a 16-bit or fp8 file holds what loads), else the umT5-XXL config."""
-    from .models.text_encoder import TEXT_ENCODER_PATTERNS
+    from ..models.text_encoder import TEXT_ENCODER_PATTERNS
 
     header = _header(path, TEXT_ENCODER_PATTERNS) if path else None
     if header:
@@ -158,7 +158,7 @@ def text_encoder_bytes(path: Path | None, declared: int | None, weight_bytes: in
 
 
 def text_encoder_params(path: Path | None) -> int:
-    from .models.text_encoder import TEXT_ENCODER_CONFIGS, TEXT_ENCODER_PATTERNS
+    from ..models.text_encoder import TEXT_ENCODER_CONFIGS, TEXT_ENCODER_PATTERNS
 
     found = _numel(_header(path, TEXT_ENCODER_PATTERNS) if path else None, lambda k: not k.startswith(("decoder.", "lm_head.")))
     if found:
@@ -169,7 +169,7 @@ def text_encoder_params(path: Path | None) -> int:
 
 
 def image_encoder_params(path: Path | None) -> int:
-    from .models.image_encoder import IMAGE_ENCODER_CONFIGS, IMAGE_ENCODER_PATTERNS
+    from ..models.image_encoder import IMAGE_ENCODER_CONFIGS, IMAGE_ENCODER_PATTERNS
 
     header = _header(path, IMAGE_ENCODER_PATTERNS) if path else None
     if header:
@@ -181,17 +181,17 @@ def image_encoder_params(path: Path | None) -> int:
 
 
 def vae_params(path: Path | None) -> int:
-    from .models.load import build_empty
-    from .models.vae_loader import VAE_PATTERNS
-    from .models.wan_vae import WanVAE
+    from ..models.load import build_empty
+    from ..models.vae_loader import VAE_PATTERNS
+    from ..models.wan_vae import WanVAE
 
     return _numel(_header(path, VAE_PATTERNS) if path else None) or sum(p.numel() for p in build_empty(WanVAE).parameters())
 
 
 def tiny_vae_bytes() -> int:
     """TAEW2.1 in fp32 (encoder and decoder: an upper bound for decode-only files)."""
-    from .models.load import build_empty
-    from .models.tiny_vae import TINY_VAE_CONFIGS, TinyVAE
+    from ..models.load import build_empty
+    from ..models.tiny_vae import TINY_VAE_CONFIGS, TinyVAE
 
     return 4 * sum(p.numel() for p in build_empty(lambda: TinyVAE(TINY_VAE_CONFIGS["taew2.1"])).parameters())
 
@@ -201,7 +201,7 @@ def file_bytes(info: dict | None, declared: int | None) -> int:
 
 
 def prompt_cached(text_encoder: Path | None, prompts: list[str]) -> bool:
-    from . import prompt_cache
+    from ..generate import prompt_cache
 
     if text_encoder is None:
         return False
@@ -212,7 +212,7 @@ def prompt_cached(text_encoder: Path | None, prompts: list[str]) -> bool:
 def job(preset: Preset, p: Plan, weights: dict[str, dict], *, device: torch.device, dtype: torch.dtype,
         quantize: str | None = None, fast_decode: bool = False, offload: str = "auto") -> Job:
     """The memory plan's view of one run: sizes of every component and of the clip."""
-    from .devices import activation_dtype
+    from ..core.devices import activation_dtype
 
     path = lambda k: Path(weights[k]["path"]) if weights.get(k, {}).get("path") else None  # noqa: E731
     refs = preset.weights()
@@ -224,8 +224,8 @@ def job(preset: Preset, p: Plan, weights: dict[str, dict], *, device: torch.devi
     default = preset.backbone.quantize or "none"
     quant_cached = frozenset()
     if not prequantized and path("dit") is not None and all(path(f"lora:{c.name}") for c in preset.backbone.merge):
-        from .models.quant_cache import cached_path
-        from .models.recipes import get_recipe
+        from ..models.quant_cache import cached_path
+        from ..models.recipes import get_recipe
 
         merges = [(path(f"lora:{c.name}"), c.strength) for c in preset.backbone.merge]
         quant_cached = frozenset(r for r in sizes if r != "none" and cached_path(path("dit"), get_recipe(r), merges).is_file())

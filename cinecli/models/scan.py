@@ -30,12 +30,12 @@ from pathlib import Path
 
 import torch
 
-from ..dirs import config_dir
-from ..errors import UsageError, WeightsError
-from ..preset import Backbone, WeightRef
-from . import lock
-from .files import read_header
-from .keys import normalize_dit_keys, normalize_lora_key
+from ..core.dirs import config_dir
+from ..core.errors import UsageError, WeightsError
+from ..effects.preset import Backbone, WeightRef
+from ..weights import lock
+from ..weights.files import read_header
+from ..weights.keys import normalize_dit_keys, normalize_lora_key
 
 SCANNED = (".safetensors", ".sft", ".gguf")
 SIZES = {5120: "14B", 1536: "1.3B"}
@@ -61,7 +61,7 @@ def _size(dim: int) -> str:
 
 def _precision(path: Path, header: dict, weights: list[str]) -> str:
     if path.suffix == ".gguf":
-        from .gguf import block_types
+        from ..weights.gguf import block_types
 
         kinds = Counter(block_types(path).values())
         if kinds:
@@ -75,7 +75,7 @@ def _precision(path: Path, header: dict, weights: list[str]) -> str:
 
 
 def _as_dit(path: Path, header: dict) -> Found | None:
-    from ..models.dit_loader import infer_config
+    from .dit_loader import infer_config
 
     try:
         names = normalize_dit_keys(header)
@@ -90,7 +90,11 @@ def _as_dit(path: Path, header: dict) -> Found | None:
 
 
 def _as_text_encoder(path: Path, header: dict) -> Found | None:
-    from ..models.text_encoder import TEXT_ENCODER_CONFIGS, infer_text_config, text_encoder_key_map
+    from .text_encoder import (
+        TEXT_ENCODER_CONFIGS,
+        infer_text_config,
+        text_encoder_key_map,
+    )
 
     try:
         names = text_encoder_key_map(list(header))
@@ -103,7 +107,12 @@ def _as_text_encoder(path: Path, header: dict) -> Found | None:
 
 
 def _as_image_encoder(path: Path, header: dict) -> Found | None:
-    from ..models.image_encoder import IMAGE_ENCODER_CONFIGS, convert_to_tower, image_encoder_key_map, infer_image_config
+    from .image_encoder import (
+        IMAGE_ENCODER_CONFIGS,
+        convert_to_tower,
+        image_encoder_key_map,
+        infer_image_config,
+    )
 
     try:
         names = image_encoder_key_map(list(header))
@@ -117,7 +126,7 @@ def _as_image_encoder(path: Path, header: dict) -> Found | None:
 
 
 def _as_vae(path: Path, header: dict) -> Found | None:
-    from ..models.vae_loader import infer_vae_config, normalize_vae_keys
+    from .vae_loader import infer_vae_config, normalize_vae_keys
 
     try:
         names = normalize_vae_keys(list(header))
@@ -159,7 +168,7 @@ def identify(path: Path) -> Found:
             found.bytes = size
             return found
     if path.suffix == ".gguf":
-        from .gguf import architecture
+        from ..weights.gguf import architecture
 
         return Found(path, "unknown", f"GGUF, architecture {architecture(path)!r} (not used by cine)", bytes=size)
     return Found(path, "unknown", "unknown", bytes=size)
@@ -196,6 +205,7 @@ def models_dirs() -> list[Path]:
 def remember(folder: Path) -> Path:
     """Add ``folder`` to ``models_dirs`` in the user config (other settings there are kept)."""
     import json
+
     import tomllib
 
     path = config_path()
@@ -245,7 +255,7 @@ def record(path: Path) -> dict:
 
 def with_local(backbone: Backbone, refs: dict[str, WeightRef], cards=(), hash_files: bool = True) -> dict[str, WeightRef]:
     """``refs`` with each backbone component missing from the cache replaced by a fitting file of the models dirs."""
-    from .hub import locate
+    from ..weights.hub import locate
 
     folders = [f for f in models_dirs() if f.is_dir()]  # a configured folder on an unplugged disk is skipped
     if not folders:
@@ -277,8 +287,8 @@ def record_used(refs: dict[str, WeightRef], asked: dict[str, WeightRef]) -> None
 
 
 def _dit_info(path: Path) -> dict | None:
-    from ..models.dit_loader import DIT_PATTERNS
-    from .files import component_folder
+    from ..weights.files import component_folder
+    from .dit_loader import DIT_PATTERNS
 
     try:
         found = _as_dit(path, read_header(component_folder(path, "transformer"), DIT_PATTERNS))

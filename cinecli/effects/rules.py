@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, is_dataclass
 
-from .errors import UsageError
+from ..core.errors import UsageError
 
 # 2x the frame count Wan2.1 was trained on; longer clips degrade and waste memory. Here, not in pipeline.py, so
 # the CLI can check values without importing torch.
@@ -66,31 +66,41 @@ def timesteps(value: object) -> str | None:
 
 
 def _dtypes() -> tuple[str, ...]:
-    from .devices import DTYPES  # the one list of dtypes
+    from ..core.devices import DTYPES  # the one list of dtypes
 
     return ("auto", *DTYPES)
 
 
-def _sampler_choices() -> tuple[tuple[str, ...], tuple[str, ...]]:
-    from .preset import DISTILL_STEPS, SAMPLER_KINDS
-
-    return SAMPLER_KINDS, DISTILL_STEPS
-
-
-def _fits() -> tuple[str, ...]:
-    from .image import FITS
-
-    return FITS
+# The choices of the word-valued options live here, below everything that uses them (presets, the sampler, image
+# fitting, slow motion), so checking a value never imports the module that acts on it.
+SAMPLER_KINDS = ("distill", "euler", "unipc")
+DISTILL_STEPS = ("renoise", "euler")  # distilled samplers: fresh noise each step (as trained) or deterministic x0 + σ·v
+FITS = ("crop", "pad", "stretch")  # how a photo meets the model's frame (generate/image.py)
+SLOWDOWNS = (2, 3, 4)  # more than 4x stretches 16 fps motion past what block matching follows; the model should make it
 
 
-def _slowdown_problem(value: object) -> str | None:
-    from .slowdown import slowdown_problem
+def slowdown_problem(value: object) -> str | None:
+    """The rule for ``--slowdown`` and a preset's ``slowdown``: 2, 3, 4 or off.
 
-    return slowdown_problem(value)
+    1 is refused rather than read as "none": ``off`` says that without looking like a typo of a factor.
+    """
+    text = str(value).strip().lower()
+    if not isinstance(value, bool) and (text == "off" or (text.isdigit() and int(text) in SLOWDOWNS)):
+        return None
+    return f"must be {', '.join(map(str, SLOWDOWNS))} or off"
+
+
+def parse_slowdown(value: str | int | None) -> int | None:
+    """A checked ``--slowdown`` → 2, 3 or 4; ``off`` → 1 (no up-sampling); None → None (the preset decides)."""
+    if value is None:
+        return None
+    if problem := slowdown_problem(value):
+        raise UsageError(f"--slowdown {value}: {problem}")
+    return 1 if str(value).strip().lower() == "off" else int(value)
 
 
 # The table. Keys are RunOptions/BatchOptions attribute names and preset/sampler field names; the option is
-# --key with _ → - (OPTION_NAMES says otherwise). Rules that need another module look it up when called.
+# --key with _ → - (OPTION_NAMES says otherwise).
 RULES: dict[str, Rule] = {
     "frames": number(1, MAX_FRAMES),
     "fps": number(1, 240),
@@ -105,10 +115,10 @@ RULES: dict[str, Rule] = {
     "guidance": number(0, 30, integer=False),
     "device": device_name,
     "dtype": lambda v: one_of(*_dtypes())(v),
-    "fit": lambda v: one_of(*_fits())(v),
-    "sampler": lambda v: one_of(*_sampler_choices()[0])(v),
-    "distill_step": lambda v: one_of(*_sampler_choices()[1])(v),
-    "slowdown": lambda v: _slowdown_problem(v),  # 2, 3, 4 or off (cinecli/slowdown.py)
+    "fit": one_of(*FITS),
+    "sampler": one_of(*SAMPLER_KINDS),
+    "distill_step": one_of(*DISTILL_STEPS),
+    "slowdown": slowdown_problem,  # 2, 3, 4 or off
     "offload": one_of("auto", "none", "blocks"),  # DiT weights: the plan decides, all on the device, streamed blocks
     "memory_budget": lambda v: None if parse_size(v) else "must be a size like 8GB, 7.5G or 512MiB",  # memory_plan
 }

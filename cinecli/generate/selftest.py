@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .models.wan_dit import DIT_CONFIGS, WanDiT
+from ..models.wan_dit import DIT_CONFIGS, WanDiT
 
 WORDS = ["<pad>", "</s>", "<unk>", "the", "a", "camera", "subject", "orbit", "orbits", "around", "frozen", "time",
          "slow", "motion", "zoom", "dolly", "cinematic", "bullet", "rw360xz", "in", "of", "and", "moves", "effect"]
@@ -56,10 +56,10 @@ def write_backbone(root: Path, seed: int = 0) -> Path:
         return preset
     from transformers import CLIPVisionModel, UMT5EncoderModel
 
-    from .models.image_encoder import IMAGE_ENCODER_CONFIGS
-    from .models.text_encoder import TEXT_ENCODER_CONFIGS
-    from .models.tiny_vae import TINY_VAE_CONFIGS, TinyVAE
-    from .models.wan_vae import VAE_CONFIGS, WanVAE
+    from ..models.image_encoder import IMAGE_ENCODER_CONFIGS
+    from ..models.text_encoder import TEXT_ENCODER_CONFIGS
+    from ..models.tiny_vae import TINY_VAE_CONFIGS, TinyVAE
+    from ..models.wan_vae import VAE_CONFIGS, WanVAE
 
     root.mkdir(parents=True, exist_ok=True)
     dit_cfg = DIT_CONFIGS["tiny-i2v"]

@@ -12,7 +12,7 @@ import click
 import typer
 from typer.core import TyperCommand
 
-from .errors import (
+from ..core.errors import (
     EXIT_BROKEN_PIPE,
     EXIT_DEVICE,
     EXIT_FAILURE,

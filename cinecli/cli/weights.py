@@ -8,9 +8,9 @@ from typing import Optional
 
 import typer
 
-from .cli_common import MODELS_DIR_HELP, fail, handle_errors, set_models_dir, stderr_console
-from .errors import EXIT_WEIGHTS, UsageError
-from .report import human_bytes
+from ..core.errors import EXIT_WEIGHTS, UsageError
+from ..output.report import human_bytes
+from .common import MODELS_DIR_HELP, fail, handle_errors, set_models_dir, stderr_console
 
 models_app = typer.Typer(no_args_is_help=True, help="Download, list, verify and remove the weights presets need.")
 lora_app = typer.Typer(no_args_is_help=True, help="Look inside LoRA files.")
@@ -20,7 +20,7 @@ def _refs_for(target: str | None, backbone: str | None = None, preset_file: Path
               fast_decode: bool = False) -> dict[str, object]:
     """``all``, an effect/alias, ``--preset FILE`` and/or ``--backbone NAME`` → {component label: WeightRef},
     deduplicated across presets: the same selection a run with those options resolves."""
-    from .preset import Catalog
+    from ..effects.preset import Catalog
 
     catalog = Catalog(extra_preset=preset_file)
     if target is None and preset_file is None:
@@ -30,7 +30,7 @@ def _refs_for(target: str | None, backbone: str | None = None, preset_file: Path
         return found.components() | ({"tiny_vae": found.tiny_vae} if fast_decode and found.tiny_vae else {})
     names = [None] if target is None else catalog.names() if target == "all" else [catalog.resolve(target).name]
     refs = {}
-    from .weights.scan import local_refs
+    from ..models.scan import local_refs
 
     for name in names:
         for label, ref in local_refs(catalog.resolve(name, backbone=backbone), fast_decode, hash_files=False).items():  # models-dir files count
@@ -45,8 +45,8 @@ def models_list(target: str = typer.Argument("all", help="An effect, or all."),
                 models_dir: Optional[Path] = typer.Option(None, "--models-dir", help=MODELS_DIR_HELP)) -> None:
     """What each preset needs: present or missing, sizes on disk, and where each comes from (hub cache, models dir)."""
     set_models_dir(models_dir)
-    from .preset import Catalog
-    from .run import weights_needed
+    from ..effects.preset import Catalog
+    from ..run import weights_needed
 
     catalog = Catalog()
     names = catalog.names() if target == "all" else [catalog.resolve(target).name]
@@ -70,7 +70,7 @@ def models_pull(target: Optional[str] = typer.Argument(None, help="An effect (or
                 yes: bool = typer.Option(False, "-y", "--yes", help="Do not ask before downloading."),
                 dry_run: bool = typer.Option(False, "--dry-run", help="Only show what would be downloaded.")) -> None:
     """Download an effect's weights (sizes first, then a progress bar per file) and lock their revision and hash."""
-    from .weights.hub import download, hub_reachable, locate, offline, remote_sizes
+    from ..weights.hub import download, hub_reachable, locate, offline, remote_sizes
 
     refs = _refs_for(target, backbone, preset_file, fast_decode)
     todo = {label: ref for label, ref in refs.items() if locate(ref).path is None}
@@ -101,9 +101,9 @@ def models_pull(target: Optional[str] = typer.Argument(None, help="An effect (or
 @handle_errors
 def models_verify(as_json: bool = typer.Option(False, "--json")) -> None:
     """Re-hash every downloaded file, and every local weight file used so far, against the lock (sha256); exit 4 on any difference."""
-    from .preset import WeightRef
-    from .weights import lock
-    from .weights.hub import _cached
+    from ..effects.preset import WeightRef
+    from ..weights import lock
+    from ..weights.hub import _cached
 
     results = {}
     data = lock.read_lock()
@@ -128,7 +128,7 @@ def models_verify(as_json: bool = typer.Option(False, "--json")) -> None:
 @handle_errors
 def models_path(target: str = typer.Argument(..., help="An effect (or alias).")) -> None:
     """Print the local path of each weight component of an effect (missing ones say so on stderr; exit 4)."""
-    from .weights.hub import locate
+    from ..weights.hub import locate
 
     missing = 0
     for label, ref in _refs_for(target).items():
@@ -147,8 +147,8 @@ def models_path(target: str = typer.Argument(..., help="An effect (or alias)."))
 def models_rm(target: str = typer.Argument(..., help="An effect (or alias), or all."),
               yes: bool = typer.Option(False, "-y", "--yes", help="Do not ask.")) -> None:
     """Delete an effect's downloaded hub files from the cache (local paths are never touched)."""
-    from .weights import lock
-    from .weights.hub import locate
+    from ..weights import lock
+    from ..weights.hub import locate
 
     found = [locate(ref) for ref in _refs_for(target).values() if ref.repo]
     found = [f for f in found if f.root is not None]
@@ -176,8 +176,8 @@ def lora_inspect(lora: Path = typer.Argument(..., help="A LoRA file (.safetensor
                  backbone: Optional[str] = typer.Option(None, "--backbone", help="DiT weights (file/folder) or a backbone name to check the fit against."),
                  as_json: bool = typer.Option(False, "--json")) -> None:
     """Format, ranks, alphas and targets of a LoRA; with --backbone, how many tensors match and which do not."""
-    from .errors import WeightsError
-    from .weights.lora_file import check_fit, read_lora
+    from ..core.errors import WeightsError
+    from ..weights.lora_file import check_fit, read_lora
 
     if not lora.exists():
         fail(f"{lora}: no such file", 3)
@@ -211,12 +211,12 @@ def lora_inspect(lora: Path = typer.Argument(..., help="A LoRA file (.safetensor
 
 def _dit_shapes(backbone: str) -> dict[str, tuple[int, ...]]:
     """Canonical parameter shapes of a DiT, read from file headers only (no weights loaded)."""
-    from .models.dit_loader import DIT_PATTERNS
-    from .preset import Catalog
-    from .weights import read_shapes
-    from .weights.files import component_folder
-    from .weights.hub import locate
-    from .weights.keys import normalize_dit_keys
+    from ..effects.preset import Catalog
+    from ..models.dit_loader import DIT_PATTERNS
+    from ..weights import read_shapes
+    from ..weights.files import component_folder
+    from ..weights.hub import locate
+    from ..weights.keys import normalize_dit_keys
 
     source: object = Path(backbone)
     if not Path(backbone).exists():

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import InputError, OutputError, output_error
+from ..core.errors import InputError, OutputError, output_error
 
 STDOUT = "-"
 METADATA_KEY = "cine"

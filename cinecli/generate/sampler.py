@@ -21,8 +21,9 @@ from dataclasses import replace
 
 import torch
 
-from .errors import NumericError, UsageError
-from .preset import DISTILL_STEPS, SAMPLER_KINDS, SamplerSpec
+from ..core.errors import NumericError, UsageError
+from ..effects.preset import SamplerSpec
+from ..effects.rules import DISTILL_STEPS, SAMPLER_KINDS
 
 # denoise(x [B,16,F,H,W] fp32, t [B] float, cond: bool) → velocity [B,16,F,H,W] fp32
 Denoise = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]

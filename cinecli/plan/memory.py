@@ -27,9 +27,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 
-from .pipeline import VAE_TILES  # tile sides the pipeline can run: a tiled VAE works on at most tile² pixels
-from .report import human_bytes as human
+from ..output.report import human_bytes as human
 
+VAE_TILES = (256, 192, 128)  # tile sides the plan may choose, largest (fewest seams, least overlap) first
 LADDER = ("none", "fp8", "hybrid", "compact")  # least lossy first
 TEXT_ROWS = 128  # text rows assumed in the per-video cross-attention keys/values (prompts are shorter; 512 max)
 GiB = 1 << 30

@@ -37,12 +37,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import UsageError
+from ..core.errors import UsageError
+from ..effects.rules import SLOWDOWNS, parse_slowdown  # noqa: F401 - the factors, and their parser for callers here
 
 if TYPE_CHECKING:
-    from .timing import Timings
+    from ..core.timing import Timings
 
-SLOWDOWNS = (2, 3, 4)  # more than 4x stretches 16 fps motion past what block matching follows; the model should make it
 
 # name → FFmpeg filter chain ({fps} is the output rate), or None for a plain linear cross-fade computed here.
 # minterpolate works on YUV only: yuv444p keeps full colour resolution (the round trip alone: 52 dB PSNR, invisible).
@@ -57,26 +57,6 @@ METHODS: dict[str, str | None] = {
 }
 DEFAULT_METHOD = "mci-bilat-obmc"  # chosen by bench/slowdown.py (module docstring)
 _RATE = 24  # nominal input rate for the filter graph; only the ratio N matters
-
-
-def slowdown_problem(value: object) -> str | None:
-    """The rule for ``--slowdown`` and a preset's ``slowdown`` (checks.RULES): 2, 3, 4 or off.
-
-    1 is refused rather than read as "none": ``off`` says that without looking like a typo of a factor.
-    """
-    text = str(value).strip().lower()
-    if not isinstance(value, bool) and (text == "off" or (text.isdigit() and int(text) in SLOWDOWNS)):
-        return None
-    return f"must be {', '.join(map(str, SLOWDOWNS))} or off"
-
-
-def parse_slowdown(value: str | int | None) -> int | None:
-    """A checked ``--slowdown`` → 2, 3 or 4; ``off`` → 1 (no up-sampling); None → None (the preset decides)."""
-    if value is None:
-        return None
-    if problem := slowdown_problem(value):
-        raise UsageError(f"--slowdown {value}: {problem}")
-    return 1 if str(value).strip().lower() == "off" else int(value)
 
 
 def output_frames(frames: int, factor: int) -> int:

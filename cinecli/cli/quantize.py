@@ -9,8 +9,8 @@ from typing import Optional
 
 import typer
 
-from .cli_common import handle_errors, stderr_console
-from .errors import OutputError, UsageError
+from ..core.errors import OutputError, UsageError
+from .common import handle_errors, stderr_console
 
 
 def parse_overrides(items: list[str]) -> dict[str, str]:
@@ -31,9 +31,9 @@ def pipeline_psnr(reference, quantized, vae, seed: int = 0, frames: int = 9, siz
     """
     import torch
 
-    from .pipeline import condition_mask
-    from .preset import SamplerSpec
-    from .sampler import sample
+    from ..effects.preset import SamplerSpec
+    from ..generate.pipeline import condition_mask
+    from ..generate.sampler import sample
 
     cfg = reference.config
     g = torch.Generator().manual_seed(seed)
@@ -75,9 +75,9 @@ def quantize(
     """Quantize a DiT (weights only: FP8/INT8 per channel, INT4 per group of 64) into one self-describing file."""
     import copy
 
-    from .models import load_dit
-    from .models.recipes import get_recipe, quantize_dit, write_quantized
-    from .video import check_writable
+    from ..models import load_dit
+    from ..models.recipes import get_recipe, quantize_dit, write_quantized
+    from ..output.video import check_writable
 
     if output.suffix != ".safetensors":
         raise UsageError("-o must name a .safetensors file")
@@ -108,7 +108,7 @@ def quantize(
         "per_layer": layers,
     }
     if check:
-        from .models.vae_loader import load_vae
+        from ..models.vae_loader import load_vae
 
         quantized = load_dit(output, device="cpu", dtype="bf16")
         doc["check_psnr_db"] = pipeline_psnr(reference, quantized, load_vae(vae_path))

@@ -1,6 +1,6 @@
 """``cine doctor``: what this machine has (versions, devices, codecs, caches, weights) and a full self-test.
 
-The self-test writes the tiny random-weight backbone (cinecli.selftest) into cine's cache and runs the real
+The self-test writes the tiny random-weight backbone (cinecli.generate.selftest) into cine's cache and runs the real
 pipeline on it — every loader, the sampler, the VAE, the MP4 writer — then decodes the MP4 back and prints the
 timing report. It needs no download, so it tells a broken install from missing weights.
 """
@@ -14,7 +14,8 @@ import shlex
 import tempfile
 from pathlib import Path
 
-from . import __version__, dirs
+from .. import __version__
+from ..core import dirs
 
 PACKAGES = ("torch", "transformers", "peft", "safetensors", "huggingface_hub", "av", "pillow", "typer", "rich", "platformdirs")
 
@@ -23,10 +24,10 @@ def environment() -> dict:
     import av
     import torch
 
-    from .devices import native_matmul
-    from .models.attention import backend_for
-    from .preset import Catalog
-    from .run import weights_needed
+    from ..core.devices import native_matmul
+    from ..effects.preset import Catalog
+    from ..models.attention import backend_for
+    from ..run import weights_needed
 
     versions = {"cine": __version__, "python": platform.python_version()}
     for pkg in PACKAGES:
@@ -67,9 +68,9 @@ def selftest(device: str = "auto", console=None) -> dict:
     """Run the whole pipeline on the tiny backbone; returns the timing report plus the decoded check."""
     from transformers.utils import logging as hf_logging
 
-    from .run import RunOptions, run_one
-    from .selftest import sample_image, write_backbone
-    from .video import read_info
+    from ..generate.selftest import sample_image, write_backbone
+    from ..output.video import read_info
+    from ..run import RunOptions, run_one
 
     hf_logging.disable_progress_bar()
     preset = write_backbone(dirs.cache_dir() / "selftest")

@@ -20,9 +20,16 @@ from pathlib import Path
 
 import tomllib
 
-from .dirs import config_dir
-from .errors import (
+from ..core.dirs import config_dir
+from ..core.errors import (
     UsageError as PresetError,  # an unknown effect or a malformed preset is a usage problem
+)
+from .rules import (
+    DISTILL_STEPS,
+    SAMPLER_KINDS,
+    check_fields,
+    check_preset,
+    parse_slowdown,
 )
 
 
@@ -54,8 +61,6 @@ class LoraCard:
     url: str = ""
 
 
-SAMPLER_KINDS = ("distill", "euler", "unipc")
-DISTILL_STEPS = ("renoise", "euler")
 
 
 @dataclass(frozen=True)
@@ -160,7 +165,7 @@ def builtin_dir(kind: str) -> Path:
             return path
     except (ModuleNotFoundError, TypeError):
         pass
-    return Path(__file__).resolve().parents[1] / kind
+    return Path(__file__).resolve().parents[2] / kind
 
 
 def _read_toml(path: Path) -> dict:
@@ -210,9 +215,6 @@ def parse_card(raw: dict, base: Path, name: str) -> LoraCard:
 
 def _slowdown(value: object, path: Path) -> int:
     """A preset's ``slowdown`` (2, 3, 4 or "off"; checked by the --slowdown rule) → the factor; absent → 1."""
-    from .checks import check_fields
-    from .slowdown import parse_slowdown
-
     check_fields({"slowdown": value}, f"preset {path}")
     return parse_slowdown(value) or 1
 
@@ -349,7 +351,5 @@ class Catalog:
             raise PresetError(f"preset {path} lacks the required field {exc}") from None
         except (TypeError, ValueError) as exc:  # e.g. frames = "many"
             raise PresetError(f"preset {path}: a field has the wrong type ({exc})") from None
-        from .checks import check_preset
-
         check_preset(preset)  # the same rules as the options: frames = 0 fails like --frames 0
         return preset

@@ -21,19 +21,26 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, prompt_cache
-from .devices import image_encoder_dtype
-from .checks import MAX_FRAMES
-from .errors import UsageError
-from .image import check_pair, enlarge_notice, fit_image, read_image, target_size, to_tensor
-from .preset import Backbone, Preset, SamplerSpec
+from .. import __version__
+from ..core.devices import image_encoder_dtype
+from ..core.errors import UsageError
+from ..core.timing import Timings
+from ..effects.preset import Backbone, Preset, SamplerSpec
+from ..effects.rules import MAX_FRAMES
+from ..output.slowdown import DEFAULT_METHOD as INTERPOLATION
+from ..output.slowdown import output_frames as upsampled_frames
+from . import prompt_cache
+from .image import (
+    check_pair,
+    enlarge_notice,
+    fit_image,
+    read_image,
+    target_size,
+    to_tensor,
+)
 from .sampler import choose_sampler, sample
-from .slowdown import DEFAULT_METHOD as INTERPOLATION
-from .slowdown import output_frames as upsampled_frames
-from .timing import Timings
 
 VAE_TILE, VAE_TILE_OVERLAP = 256, 32  # pixels; tiles spread evenly (480x832: 2x4 tiles, 1.3x the pixels)
-VAE_TILES = (256, 192, 128)  # tile sides the memory plan may choose, largest (fewest seams, least overlap) first
 
 
 @dataclass
@@ -188,7 +195,7 @@ class Generator:
         todo = [p for p, context in found.items() if context is None]
         if todo:
             with self._stage("load text_encoder"):  # imports inside the stage: their cost is part of loading
-                from .models.text_encoder import load_text_encoder
+                from ..models.text_encoder import load_text_encoder
 
                 enc = load_text_encoder(self.paths["text_encoder"], tokenizer=self.paths["tokenizer"],
                                         device=self.text_device or self.device, dtype=self.dtype)
@@ -199,7 +206,7 @@ class Generator:
                         prompt_cache.store(identity, p, context)
                 del enc
                 gc.collect()  # free the encoder before the DiT loads
-                from .models.load import trim_heap
+                from ..models.load import trim_heap
 
                 trim_heap()
         return [found[p] for p in prompts]
@@ -208,7 +215,7 @@ class Generator:
     def clip(self):
         if self._clip is None:
             with self._stage("load image_encoder"):
-                from .models.image_encoder import load_image_encoder
+                from ..models.image_encoder import load_image_encoder
 
                 self._clip = load_image_encoder(self.paths["image_encoder"], device=self.device,
                                                 dtype=image_encoder_dtype(self.device, self.dtype), weight_dtype=self.dtype)
@@ -218,7 +225,7 @@ class Generator:
     def vae(self):
         if self._vae is None:
             with self._stage("load vae"):
-                from .models.vae_loader import load_vae
+                from ..models.vae_loader import load_vae
 
                 self._vae = load_vae(self.paths["vae"], device=self.device)  # fp32, as the reference
         return self._vae
@@ -227,7 +234,7 @@ class Generator:
     def tiny_vae(self):
         if self._tiny is None:
             with self._stage("load tiny_vae"):
-                from .models.vae_loader import load_tiny_vae
+                from ..models.vae_loader import load_tiny_vae
 
                 self._tiny = load_tiny_vae(self.paths["tiny_vae"], device=self.device)
         return self._tiny
@@ -236,16 +243,18 @@ class Generator:
     def dit(self):
         if self._dit is None:
             with self._stage("load dit"):
-                from .models import load_dit
-                from .models.adapters import Effects, merge_into
-                from .models.quant_cache import is_prequantized, load_quantized
+                from ..models import load_dit
+                from ..models.adapters import Effects, merge_into
+                from ..models.quant_cache import is_prequantized, load_quantized
 
                 recipe = self.quantize or self.backbone.quantize
                 merges = [(self.paths[f"lora:{c.name}"], c.strength, c.name) for c in self.backbone.merge]
                 # Streamed blocks load on the host; streaming moves the rest to the device below.
                 where = torch.device("cpu") if self.stream_blocks else self.device
                 if recipe and recipe != "none" and not is_prequantized(self.paths["dit"]):
-                    from .models.recipes import get_recipe  # quantized once, then memory-mapped from cine's cache
+                    from ..models.recipes import (
+                        get_recipe,  # quantized once, then memory-mapped from cine's cache
+                    )
 
                     self._dit = load_quantized(self.paths["dit"], get_recipe(recipe), merges, device=where, dtype=self.dtype)
                 else:
@@ -253,7 +262,7 @@ class Generator:
                     for path, strength, name in merges:  # backbone LoRAs (the 4-step distillation): merged once
                         merge_into(self._dit, path, strength=strength, what=f"LoRA {name}")
                 if self.stream_blocks:
-                    from .models.streaming import stream_blocks
+                    from ..models.streaming import stream_blocks
 
                     stream_blocks(self._dit, self.device)
                 self._effects = Effects(self._dit)
@@ -278,7 +287,7 @@ class Generator:
         return getattr(self._dit, "quant_recipe", None) or self.quantize or self.backbone.quantize or "none"
 
     def nonfinite_hint(self) -> str:
-        from .models.recipes import RECIPES
+        from ..models.recipes import RECIPES
 
         recipe = self.quant_recipe
         if recipe in RECIPES and RECIPES[recipe].next_safer:
@@ -310,7 +319,7 @@ class Generator:
         if self.fast_decode:
             self.tiny_vae  # noqa: B018
         self.use_effect(preset, request.effect_strength)
-        from .models.load import release_pages
+        from ..models.load import release_pages
 
         with self._stage("image encode"):
             clip_fea = clip.encode(first[None].to(self.device))  # [1, 257, 1280]
@@ -381,6 +390,6 @@ def metadata(request: Request, the_plan: Plan, gen: Generator) -> dict:
 
 def _describe_dit(gen: Generator) -> str:
     """The DiT as the MP4 names it: hub repo/file, or file name + sha256 for local weights (never a local path)."""
-    from .weights.lock import describe
+    from ..weights.lock import describe
 
     return describe(gen.backbone.dit, gen.paths.get("dit"))

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from .batch import LAST_FRAME_PATTERN
-from .cli_common import MODELS_DIR_HELP, handle_errors, set_models_dir, set_offline, stderr_console
-from .errors import UsageError
+from ..batch.items import LAST_FRAME_PATTERN
+from ..core.errors import UsageError
+from .common import (
+    MODELS_DIR_HELP,
+    handle_errors,
+    set_models_dir,
+    set_offline,
+    stderr_console,
+)
 
 
 @handle_errors
@@ -49,10 +56,10 @@ def batch(
     """
     set_offline(offline)
     set_models_dir(models_dir)
-    from .batch import BatchOptions, parse_shard
-    from .batch_run import run_batch
-    from .checks import check_choices, check_options
-    from .slowdown import parse_slowdown
+    from ..batch.driver import run_batch
+    from ..batch.items import BatchOptions, parse_shard
+    from ..effects.rules import check_choices, check_options
+    from ..output.slowdown import parse_slowdown
 
     if effects is None and preset_file is None:
         raise UsageError("name the effect(s) with -e bullet-time[,slow-motion] or pass --preset FILE")
@@ -68,4 +75,9 @@ def batch(
         slowdown=parse_slowdown(slowdown), last_frame_pattern=last_frame_pattern,
         extra={"ray_actors": ray_actors},
     )
-    raise typer.Exit(run_batch(opts, stderr_console(quiet), ray_address=ray))
+    remote = None
+    if ray is not None:
+        from ..batch.ray_driver import run_on_ray
+
+        remote = functools.partial(run_on_ray, address=ray)
+    raise typer.Exit(run_batch(opts, stderr_console(quiet), remote=remote))

@@ -1,0 +1,126 @@
+"""Running a batch: ``run_batch`` plans the items, skips finished ones, and drives a local ``Worker`` with progress,
+or hands the items to a remote runner (``ray_driver.run_on_ray``, chosen by the CLI) that returns the same records."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from ..core.errors import EXIT_INTERRUPTED
+from .items import BatchOptions, Item, is_done, item_record, plan_items
+from .manifest import MANIFEST, append_manifest, read_manifest, repair_manifest
+from .worker import Worker
+
+EXIT_SOME_FAILED = 8
+
+
+# A remote runner: (options, items to make, a callback for each finished record) → the records, in any order.
+RemoteRunner = Callable[[BatchOptions, list[Item], Callable[[dict], None]], list[dict]]
+
+
+def run_batch(opts: BatchOptions, console, remote: RemoteRunner | None = None) -> int:
+    from ..effects.preset import Catalog
+
+    items = plan_items(opts, Catalog(extra_preset=opts.preset_file))  # usage errors before anything is written
+    prepare_outdir(opts.outdir)
+    if torn := repair_manifest(opts.outdir):
+        console.print(f"{MANIFEST}: removed a torn last line ({torn} bytes) left by an interrupted run", highlight=False)
+    manifest = read_manifest(opts.outdir)
+    todo, skipped = [], []
+    for item in items:
+        (skipped if not opts.overwrite and is_done(item, manifest) else todo).append(item)
+    for item in skipped:
+        emit(opts, {**item_record(item, opts.outdir), "status": "skipped"}, record_in_manifest=False)
+    shard = f" (shard {opts.shard[0]}/{opts.shard[1]})" if opts.shard[1] > 1 else ""
+    if not opts.quiet:
+        console.print(f"{len(items)} item(s){shard}: {len(todo)} to make, {len(skipped)} already done → {opts.outdir}", highlight=False)
+    if remote is not None:
+        records = remote(opts, todo, lambda r: emit(opts, r))
+    else:
+        records = run_local(opts, todo, console)
+    failed = [r for r in records if r["status"] != "ok"]
+    if not opts.quiet:
+        summary(console, len(records) - len(failed), failed, len(skipped))
+    if len(records) < len(todo):
+        return EXIT_INTERRUPTED
+    return EXIT_SOME_FAILED if failed else 0
+
+
+def prepare_outdir(outdir: Path) -> None:
+    """OUTDIR exists and takes new files, and its manifest takes appends: checked before any model loads."""
+    from ..core.errors import output_error
+    from ..output.video import check_writable
+
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise output_error(exc, outdir) from None
+    check_writable(outdir / MANIFEST, overwrite=True)
+
+
+def emit(opts: BatchOptions, record: dict, record_in_manifest: bool = True) -> None:
+    if record_in_manifest:
+        append_manifest(opts.outdir, record)
+    if opts.as_json:
+        try:
+            print(json.dumps(record, separators=(",", ":")), flush=True)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:  # stdout on a full disk
+            from ..core.errors import output_error
+
+            raise output_error(exc, "stdout") from None
+
+
+def run_local(opts: BatchOptions, todo: list[Item], console) -> list[dict]:
+    worker = Worker(opts)
+    worker.encode_prompts(todo)
+    records = []
+    progress = None
+    if console.is_terminal and not opts.quiet:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                            console=console, transient=True)
+        task = progress.add_task("batch", total=len(todo))
+        progress.start()
+    try:
+        for k, item in enumerate(todo, 1):
+            if progress:
+                progress.update(task, description=f"{item.effect} {item.rel}")
+            record = worker.process(item)
+            emit(opts, record)
+            records.append(record)
+            if progress:
+                progress.advance(task)
+            elif not opts.quiet:
+                status = "ok" if record["status"] == "ok" else f"FAILED ({record['error']})"
+                console.print(f"[{k}/{len(todo)}] {item.effect} {item.rel} → {item.output}: {status} in {record['seconds']:.1f} s",
+                              highlight=False, markup=False)
+    except KeyboardInterrupt:
+        console.print("interrupted: finished items are kept; rerun the same command to continue", highlight=False)
+    finally:
+        if progress:
+            progress.stop()
+    return records
+
+
+def summary(console, ok: int, failed: list[dict], skipped: int) -> None:
+    from rich.table import Table
+
+    table = Table("result", "items", title="cine batch", title_justify="left")
+    table.add_row("made", str(ok))
+    table.add_row("skipped (already done)", str(skipped))
+    table.add_row("failed", str(len(failed)))
+    console.print(table)
+    for r in failed[:20]:
+        console.print(f"  failed: {r['rel']} [{r['effect']}]: {r['error']}", highlight=False, markup=False)
+    if failed:
+        console.print(f"  details in {MANIFEST}", highlight=False)
