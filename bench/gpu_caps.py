@@ -57,12 +57,7 @@ def write_weights(config: str, device: torch.device, path: Path) -> None:
 
 
 def job_for(config: str, frames: int, height: int, width: int, offload: str = "auto") -> Job:
-    from cinecli.plan.inputs import (
-        dit_sizes,
-        image_encoder_params,
-        text_encoder_params,
-        vae_params,
-    )
+    from cinecli.plan.inputs import dit_sizes, image_encoder_params, text_encoder_params, vae_params
 
     return Job(dit={"hybrid": dit_sizes(config)["hybrid"]}, frames=frames, width=width, height=height, steps=4,
                text_encoder_bytes=text_encoder_params(None) * 2, image_encoder_bytes=image_encoder_params(None) * 2,

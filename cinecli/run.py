@@ -10,27 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .core.errors import CineError, UsageError
+from .core.sizes import human_bytes
 from .core.timing import Timings
 from .effects.preset import Catalog, Preset
 from .effects.rules import check_options, unused_option_warnings
 from .generate.image import check_pair, read_image
-from .generate.pipeline import (
-    Generator,
-    Plan,
-    Request,
-    metadata,
-    plan,
-    sampler_settings,
-)
-from .output.report import human_bytes
+from .generate.pipeline import Generator, Plan, Request, metadata, plan, sampler_settings
 from .output.slowdown import parse_slowdown, slow_down
-from .output.video import (
-    STDOUT,
-    check_report_path,
-    check_writable,
-    frames_to_uint8,
-    write_mp4,
-)
+from .output.video import STDOUT, check_report_path, check_writable, frames_to_uint8, write_mp4
 
 
 @dataclass

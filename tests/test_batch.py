@@ -14,13 +14,7 @@ import av
 import pytest
 from typer.testing import CliRunner
 
-from cinecli.batch.items import (
-    BatchOptions,
-    in_shard,
-    item_seed,
-    parse_shard,
-    plan_items,
-)
+from cinecli.batch.items import BatchOptions, in_shard, item_seed, parse_shard, plan_items
 from cinecli.cli.app import app
 from cinecli.effects.preset import Catalog
 from cinecli.generate.selftest import sample_image

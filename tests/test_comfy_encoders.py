@@ -11,17 +11,7 @@ from __future__ import annotations
 
 import torch
 from safetensors.torch import save_file
-from test_encoders import (
-    T5,
-    VIT,
-    padded_batch,
-    ref_clip,
-    ref_t5,
-    rel_err,
-    save,
-    wan_clip_state,
-    wan_t5_state,
-)
+from test_encoders import T5, VIT, padded_batch, ref_clip, ref_t5, rel_err, save, wan_clip_state, wan_t5_state
 
 from cinecli.models.image_encoder import load_image_encoder
 from cinecli.models.quant import QuantLinear

@@ -8,13 +8,7 @@ import sys
 
 import pytest
 import torch
-from wan_fixtures import (
-    LAYOUTS,
-    diffusers_model,
-    random_state_dict,
-    tiny_config,
-    write_layout,
-)
+from wan_fixtures import LAYOUTS, diffusers_model, random_state_dict, tiny_config, write_layout
 
 from cinecli.core.errors import WeightsError
 from cinecli.models import load_dit

@@ -7,14 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from gguf_fixtures import (
-    BLOCK_TYPES,
-    FLOATS,
-    K_SCALE_FIELDS,
-    encode,
-    reference,
-    write_city96_gguf,
-)
+from gguf_fixtures import BLOCK_TYPES, FLOATS, K_SCALE_FIELDS, encode, reference, write_city96_gguf
 from test_dit import inputs, rel_err
 from wan_fixtures import random_state_dict, tiny_config
 

@@ -19,14 +19,7 @@ from safetensors.torch import save_file
 from cinecli.core.errors import WeightsError
 from cinecli.models.tiny_vae import TinyVAE
 from cinecli.models.vae_loader import load_tiny_vae, load_vae, normalize_vae_keys
-from cinecli.models.wan_vae import (
-    LATENTS_MEAN,
-    LATENTS_STD,
-    VAE_CONFIGS,
-    WanVAE,
-    _tile_starts,
-    _tiled,
-)
+from cinecli.models.wan_vae import LATENTS_MEAN, LATENTS_STD, VAE_CONFIGS, WanVAE, _tile_starts, _tiled
 from cinecli.models.wan_vae_blocks import REP, CausalCache
 
 diffusers = pytest.importorskip("diffusers")

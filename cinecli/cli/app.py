@@ -19,15 +19,7 @@ from typer.core import TyperGroup
 from .. import __version__
 from ..core.errors import EXIT_USAGE, CineError, UsageError
 from .batch import batch
-from .common import (
-    MODELS_DIR_HELP,
-    PlainCommand,
-    fail,
-    handle_errors,
-    set_models_dir,
-    set_offline,
-    stderr_console,
-)
+from .common import MODELS_DIR_HELP, PlainCommand, fail, handle_errors, set_models_dir, set_offline, stderr_console
 from .quantize import quantize
 from .weights import lora_app, models_app
 

@@ -10,13 +10,7 @@ import typer
 
 from ..batch.items import LAST_FRAME_PATTERN
 from ..core.errors import UsageError
-from .common import (
-    MODELS_DIR_HELP,
-    handle_errors,
-    set_models_dir,
-    set_offline,
-    stderr_console,
-)
+from .common import MODELS_DIR_HELP, handle_errors, set_models_dir, set_offline, stderr_console
 
 
 @handle_errors

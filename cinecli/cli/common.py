@@ -12,14 +12,7 @@ import click
 import typer
 from typer.core import TyperCommand
 
-from ..core.errors import (
-    EXIT_BROKEN_PIPE,
-    EXIT_DEVICE,
-    EXIT_FAILURE,
-    EXIT_INTERRUPTED,
-    CineError,
-    UsageError,
-)
+from ..core.errors import EXIT_BROKEN_PIPE, EXIT_DEVICE, EXIT_FAILURE, EXIT_INTERRUPTED, CineError, UsageError
 
 
 def stderr_console(quiet: bool = False):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from ..output.report import human_bytes
+from ..core.sizes import human_bytes
 from .common import handle_errors, stderr_console
 from .weights import models_app
 

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from ..core.errors import EXIT_WEIGHTS, UsageError
-from ..output.report import human_bytes
+from ..core.sizes import human_bytes
 from .common import MODELS_DIR_HELP, fail, handle_errors, set_models_dir, stderr_console
 
 models_app = typer.Typer(no_args_is_help=True, help="Download, list, verify and remove the weights presets need.")

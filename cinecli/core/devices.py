@@ -1,20 +1,110 @@
-"""The one place that chooses the device and the dtype.
+"""The one place that chooses the device and the dtype, and the one table of what each kind of device can do.
 
-``auto`` picks CUDA, then Apple MPS, then the CPU. The compute dtype defaults to bf16 where the hardware
-does it well (CUDA with bf16 support, and the CPU, where bf16 matmuls run ~4x faster than fp32 on the
-AVX-512/AMX machines we target), fp16 on MPS.
+``auto`` picks CUDA, then Apple MPS, then the CPU. The compute dtype defaults to bf16 where the hardware does it
+well (CUDA with bf16 support, the CPU, where bf16 matmuls run ~4x faster than fp32 on AVX-512-BF16/AMX machines,
+and MPS on macOS 14+), else fp32 on MPS and fp16 on old CUDA cards.
+
+Every device-specific rule reads ``LIMITS`` through ``limits(device)``: nothing else special-cases a device name.
+``CINE_EMULATE_DEVICE=mps|cuda`` makes ``--device mps|cuda`` (and ``auto``) run on the CPU under that device's
+limits (``core/emulate.py``), which is how the MPS and CUDA paths are tested on a machine that has neither.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping
 
 import torch
 
 from .errors import DeviceError
+from .limits import LIMITS, DeviceLimits
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+def emulated_kind() -> str | None:
+    """``CINE_EMULATE_DEVICE`` (mps or cuda), else None."""
+    value = os.environ.get("CINE_EMULATE_DEVICE", "").strip().lower()
+    if value and value not in ("mps", "cuda"):
+        raise DeviceError(f"CINE_EMULATE_DEVICE={value!r}: must be mps or cuda")
+    return value or None
+
+
+# The emulated device is the CPU under another name: torch.device("cpu", 0) (real CPU work uses plain "cpu").
+EMULATED = torch.device("cpu", 0)
+
+
+def kind(device: torch.device | str) -> str:
+    """'cuda', 'mps' or 'cpu': the kind whose rules apply to ``device`` (the emulated kind for ``EMULATED``)."""
+    device = torch.device(device)
+    if device == EMULATED and (emulated := emulated_kind()):
+        return emulated
+    return device.type
+
+
+def limits(device: torch.device | str) -> DeviceLimits:
+    return LIMITS[kind(device)]
+
+
+def is_emulated(device: torch.device | str) -> bool:
+    return kind(device) != torch.device(device).type
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is any device's out-of-memory error (each kind raises its own; see ``LIMITS``)."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(m in text for lim in LIMITS.values() for m in lim.oom_texts)
+
+
+def storage_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
+    """The dtype a tensor of ``dtype`` is stored in on ``device``: float8 → its uint8 bits where unsupported."""
+    if dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and not limits(device).float8:
+        return torch.uint8
+    return dtype
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None = None, *,
+              copy: bool = False, non_blocking: bool = False) -> torch.Tensor:
+    """Move (and cast) one tensor to ``device`` under that device's rules: float8 travels as its uint8 bits where
+    the device has no float8 (a bit-view: the same bytes, decoded by quant.dequantize); on an emulated device the
+    tensor is checked against the device's limits. Every host → device move of weights goes through here."""
+    dtype = dtype or tensor.dtype
+    stored = storage_dtype(dtype, device)
+    if stored != dtype:
+        tensor = tensor.to(dtype).view(stored) if tensor.dtype != dtype else tensor.view(stored)
+        dtype = stored
+    out = tensor.to(device=device, dtype=dtype, copy=copy, non_blocking=non_blocking)
+    if is_emulated(device):
+        from .emulate import place
+
+        place(out, limits(device))
+    return out
+
+
+def module_to_device(module: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
+    """``module.to(device)`` through ``to_device`` (float8 parameters become bit-views where needed)."""
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            t.data = to_device(t.data, device)
+    return module
+
+
+def on_host():
+    """A region of deliberate host (CPU) work inside device code (float64 tables, file reads): an emulated device's
+    rules do not apply inside. A no-op otherwise."""
+    from . import emulate
+
+    return emulate.suspended() if emulate.active() else contextlib.nullcontext()
+
+
+def device_rules(device: torch.device | str):
+    """A context that enforces an emulated device's limits on every tensor made inside it (a no-op on real devices)."""
+    if not is_emulated(device):
+        return contextlib.nullcontext()
+    from .emulate import DeviceRules
+
+    return DeviceRules(limits(device))
 
 
 def local_rank_index(env: Mapping[str, str] | None = None) -> int | None:
@@ -51,6 +141,9 @@ def choose_device(name: str | torch.device = "auto", env: Mapping[str, str] | No
     ``auto`` and ``cuda`` follow ``LOCAL_RANK`` (``env``, default os.environ) when a launcher set it.
     """
     name = str(name)
+    emulated = emulated_kind()
+    if emulated and name in ("auto", emulated, f"{emulated}:0"):
+        return EMULATED
     if name == "auto":
         if torch.cuda.is_available():
             return _cuda_for_rank(env)
@@ -81,15 +174,26 @@ def choose_dtype(name: str | torch.dtype | None = "auto", device: torch.device |
         return name
     device = torch.device(device)
     if name in (None, "auto"):
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if device.type == "mps":
-            return torch.float16
-        return torch.bfloat16
+        return default_dtype(device)
     try:
         return DTYPES[name]
     except KeyError:
         raise DeviceError(f"unknown dtype '{name}' (use auto, bf16, fp16 or fp32)") from None
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    """``--dtype auto``. bf16 wherever it runs: Wan was trained and is released in bf16, and its FFN and attention
+    outputs overflow fp16's range (diffusers#12896: wrong Wan I2V output on MPS in fp16). CUDA cards without bf16
+    (pre-Ampere) get fp16, with the FFN clamped to fp16's range (wan_dit.Block); MPS gets bf16 on macOS 14+ (where
+    Metal has bf16) and fp32 on older systems, never fp16."""
+    k = kind(device)
+    if k == "cuda":
+        real = torch.device(device).type == "cuda"
+        return torch.bfloat16 if not real or torch.cuda.is_bf16_supported() else torch.float16
+    if k == "mps":
+        real = torch.device(device).type == "mps"
+        return torch.bfloat16 if not real or torch.backends.mps.is_macos_or_newer(14, 0) else torch.float32
+    return torch.bfloat16
 
 
 def native_matmul(device: torch.device | str, dtype: torch.dtype) -> bool:
@@ -98,8 +202,7 @@ def native_matmul(device: torch.device | str, dtype: torch.dtype) -> bool:
     CPUs without AVX512-BF16 / AMX (most Xeons before Sapphire Rapids, AMD before Zen 4) emulate bf16 and fp16
     GEMMs several times slower than fp32 (measured here: bf16 7x slower than fp32 on an AVX-512 Xeon).
     """
-    device = torch.device(device)
-    if device.type != "cpu" or dtype == torch.float32:
+    if kind(device) != "cpu" or dtype == torch.float32:
         return True
     if dtype == torch.bfloat16:
         return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
@@ -121,8 +224,7 @@ def image_encoder_dtype(device: torch.device | str, dtype: torch.dtype) -> torch
     torch.float16``) — unless fp32 was asked for. Elsewhere the DiT's activation dtype, which is what works there:
     bf16 or fp32 on CPUs (no fast fp16 GEMM on most), fp16 on MPS.
     """
-    device = torch.device(device)
-    if device.type == "cuda" and dtype != torch.float32:
+    if kind(device) == "cuda" and dtype != torch.float32:
         return torch.float16
     return activation_dtype(device, dtype)
 
@@ -153,6 +255,10 @@ def device_memory(device: torch.device | str) -> tuple[int, int]:
     """
     device = torch.device(device)
     host = host_available_bytes()
+    if is_emulated(device):
+        from .emulate import free_bytes
+
+        return free_bytes(limits(device)), host
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(free), host

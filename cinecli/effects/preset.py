@@ -21,16 +21,8 @@ from pathlib import Path
 import tomllib
 
 from ..core.dirs import config_dir
-from ..core.errors import (
-    UsageError as PresetError,  # an unknown effect or a malformed preset is a usage problem
-)
-from .rules import (
-    DISTILL_STEPS,
-    SAMPLER_KINDS,
-    check_fields,
-    check_preset,
-    parse_slowdown,
-)
+from ..core.errors import UsageError as PresetError  # an unknown effect or a malformed preset is a usage problem
+from .rules import DISTILL_STEPS, SAMPLER_KINDS, check_fields, check_preset, parse_slowdown
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, is_dataclass
 
 from ..core.errors import UsageError
+from ..core.sizes import parse_size
 
 # 2x the frame count Wan2.1 was trained on; longer clips degrade and waste memory. Here, not in pipeline.py, so
 # the CLI can check values without importing torch.
@@ -123,18 +124,6 @@ RULES: dict[str, Rule] = {
     "memory_budget": lambda v: None if parse_size(v) else "must be a size like 8GB, 7.5G or 512MiB",  # memory_plan
 }
 OPTION_NAMES = {"quantize": "--quantize"}
-
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
-          "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
-
-
-def parse_size(text: object) -> int | None:
-    """'8GB', '7.5G', '8GiB', '512M', '1000' → bytes (G/M/K alone are binary, GB/MB decimal); None if not a size."""
-    found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    if not found or found.group(2).lower() not in _UNITS or float(found.group(1)) <= 0:
-        return None
-    return int(float(found.group(1)) * _UNITS[found.group(2).lower()])
-
 
 def option_name(key: str) -> str:
     return OPTION_NAMES.get(key, "--" + key.replace("_", "-"))

@@ -30,14 +30,7 @@ from ..effects.rules import MAX_FRAMES
 from ..output.slowdown import DEFAULT_METHOD as INTERPOLATION
 from ..output.slowdown import output_frames as upsampled_frames
 from . import prompt_cache
-from .image import (
-    check_pair,
-    enlarge_notice,
-    fit_image,
-    read_image,
-    target_size,
-    to_tensor,
-)
+from .image import check_pair, enlarge_notice, fit_image, read_image, target_size, to_tensor
 from .sampler import choose_sampler, sample
 
 VAE_TILE, VAE_TILE_OVERLAP = 256, 32  # pixels; tiles spread evenly (480x832: 2x4 tiles, 1.3x the pixels)
@@ -252,9 +245,7 @@ class Generator:
                 # Streamed blocks load on the host; streaming moves the rest to the device below.
                 where = torch.device("cpu") if self.stream_blocks else self.device
                 if recipe and recipe != "none" and not is_prequantized(self.paths["dit"]):
-                    from ..models.recipes import (
-                        get_recipe,  # quantized once, then memory-mapped from cine's cache
-                    )
+                    from ..models.recipes import get_recipe  # quantized once, then memory-mapped from cine's cache
 
                     self._dit = load_quantized(self.paths["dit"], get_recipe(recipe), merges, device=where, dtype=self.dtype)
                 else:

@@ -22,14 +22,7 @@ import torch.nn as nn
 
 from ..core.errors import WeightsError
 from ..weights import Source
-from ..weights.lora_file import (
-    LoraFile,
-    LowRank,
-    check_fit,
-    check_ignored,
-    read_lora,
-    warn_ignored,
-)
+from ..weights.lora_file import LoraFile, LowRank, check_fit, check_ignored, read_lora, warn_ignored
 from .gguf_linear import GGUFLinear
 from .quant import QuantLinear, quantize
 

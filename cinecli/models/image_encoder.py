@@ -29,14 +29,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from ..core.devices import choose_device, choose_dtype
 from ..core.errors import WeightsError
-from ..weights.files import (
-    Source,
-    component_folder,
-    describe,
-    iter_tensors,
-    read_config,
-    read_shapes,
-)
+from ..weights.files import Source, component_folder, describe, iter_tensors, read_config, read_shapes
 from ..weights.keys import block_count, compile_rules, normalize_first
 from .load import assign_tensors, build_empty
 

@@ -90,11 +90,7 @@ def _as_dit(path: Path, header: dict) -> Found | None:
 
 
 def _as_text_encoder(path: Path, header: dict) -> Found | None:
-    from .text_encoder import (
-        TEXT_ENCODER_CONFIGS,
-        infer_text_config,
-        text_encoder_key_map,
-    )
+    from .text_encoder import TEXT_ENCODER_CONFIGS, infer_text_config, text_encoder_key_map
 
     try:
         names = text_encoder_key_map(list(header))
@@ -107,12 +103,7 @@ def _as_text_encoder(path: Path, header: dict) -> Found | None:
 
 
 def _as_image_encoder(path: Path, header: dict) -> Found | None:
-    from .image_encoder import (
-        IMAGE_ENCODER_CONFIGS,
-        convert_to_tower,
-        image_encoder_key_map,
-        infer_image_config,
-    )
+    from .image_encoder import IMAGE_ENCODER_CONFIGS, convert_to_tower, image_encoder_key_map, infer_image_config
 
     try:
         names = image_encoder_key_map(list(header))

@@ -31,14 +31,7 @@ from transformers import UMT5Config, UMT5EncoderModel
 
 from ..core.devices import choose_device, choose_dtype
 from ..core.errors import WeightsError
-from ..weights.files import (
-    Source,
-    component_folder,
-    describe,
-    iter_tensors,
-    read_config,
-    read_header,
-)
+from ..weights.files import Source, component_folder, describe, iter_tensors, read_config, read_header
 from ..weights.keys import block_count, compile_rules, normalize_first
 from .dit_loader import wild_quant_layers, wild_quant_tensors
 from .load import assign_tensors, build_empty

@@ -16,18 +16,6 @@ if TYPE_CHECKING:  # torch is imported inside build_report: the CLI loads this m
     from ..core.timing import Timings
 
 
-def human_bytes(n: int | None) -> str:
-    """1536 → '1.5 KB' (binary units); None → '?' (size unknown, e.g. a file not downloaded yet)."""
-    if n is None:
-        return "?"
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024:
-            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TB"
-
-
 def build_report(timings: Timings, *, job: dict, sizes: dict, device: torch.device, dtype: torch.dtype,
                  quantization: str, output: str) -> dict:
     """A JSON-ready report. ``stages`` are in run order; ``total_s`` is wall time from start to report."""

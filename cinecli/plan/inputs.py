@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 from ..core.errors import UsageError
+from ..core.sizes import parse_size
 from ..effects.preset import Preset
-from ..effects.rules import RULES, parse_size
+from ..effects.rules import RULES
 from ..generate.pipeline import Plan
 from .memory import DiTSizes, Job, Machine
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 
-from ..output.report import human_bytes as human
+from ..core.sizes import human_bytes as human
 
 VAE_TILES = (256, 192, 128)  # tile sides the plan may choose, largest (fewest seams, least overlap) first
 LADDER = ("none", "fp8", "hybrid", "compact")  # least lossy first
