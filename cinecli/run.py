@@ -18,6 +18,7 @@ from .generate.image import check_pair, read_image
 from .generate.pipeline import Generator, Plan, Request, metadata, plan, sampler_settings
 from .output.slowdown import parse_slowdown, slow_down
 from .output.video import STDOUT, check_report_path, check_writable, frames_to_uint8, write_mp4
+from .plan.memory import VAE_TILES
 
 
 @dataclass
@@ -109,6 +110,7 @@ def apply_plan(gen: Generator, mp) -> None:
         gen.quantize = mp.quantize
     gen.text_device = torch.device("cpu") if mp.text_encoder == "cpu" else None
     gen.vae_tile = mp.vae_tile
+    gen.vae_retry_tiles = tuple(t for t in VAE_TILES if mp.vae_tile is None or t < mp.vae_tile)
     gen.stream_blocks = mp.dit == "streamed"  # --offload blocks|none pins it; auto: the plan's choice
 
 
@@ -157,9 +159,11 @@ def run_one(opts: RunOptions, console) -> dict | None:
 
     with timings.stage("plan memory"):  # before any download or load: a job that cannot fit stops here (exit 7)
         from .core.devices import choose_device, choose_dtype
+        from .models.attention import choose_backend
         from .models.scan import local_refs
 
         device = choose_device(opts.device)
+        the_plan.notices += choose_backend(device)  # CINE_ATTENTION checked (exit 2) and imported now, not at step 1
         refs = local_refs(preset, opts.fast_decode, hash_files=False)  # one read of the models dirs per run
         weights = weights_needed(preset, opts.fast_decode, refs)
         try:

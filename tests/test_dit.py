@@ -163,17 +163,19 @@ def test_malicious_pth_is_refused(tmp_path):
     assert marker.exists()
 
 
-@pytest.mark.parametrize("knob", ["FFN_CHUNK_ELEMENTS", "TOKEN_CHUNK_ELEMENTS"])
-def test_token_chunks_give_the_same_output(monkeypatch, knob):
+@pytest.mark.parametrize("knob", ["ffn_elements", "token_elements", "score_bytes"])
+def test_token_chunks_give_the_same_output(knob):
     import cinecli.models.wan_dit as wan_dit
 
     cfg = tiny_config("i2v")
     model = load_dit(random_state_dict(cfg), dtype="fp32")
     args = inputs(cfg)
     with torch.no_grad():
+        model.chunking = wan_dit.Chunking.whole()  # one chunk, every weight held (a GPU with room)
         whole = model(*args)
-        width = cfg.ffn_dim if knob == "FFN_CHUNK_ELEMENTS" else cfg.dim
-        monkeypatch.setattr(wan_dit, knob, 7 * width)  # 7-token chunks over a 45-token video
+        width = {"ffn_elements": cfg.ffn_dim, "token_elements": cfg.dim, "score_bytes": cfg.num_heads * 45 * 4}[knob]
+        chunking = wan_dit.Chunking(**{knob: 7 * width})  # 7-token chunks (of queries, for scores) over 45 tokens
+        model.chunking = chunking
         chunked = model(*args)
         # the chunked block against the reference order of work: whole-sequence attention, out-of-place residual
         blk, x = model.blocks[0], torch.randn(1, 45, cfg.dim)
@@ -183,7 +185,7 @@ def test_token_chunks_give_the_same_output(monkeypatch, knob):
         ref = x + blk.self_attn(blk.norm1(x) * (1 + c1) + s1, *rope) * g1
         ref = ref + blk.cross_attn(blk.norm3(ref), kv)
         ref = ref + blk.ffn(blk.norm2(ref) * (1 + c2) + s2) * g2
-        got = blk(x.clone(), e0, kv, rope, torch.float32)
+        got = blk(x.clone(), e0, kv, rope, torch.float32, None, chunking)
     assert rel_err(chunked, whole) <= 1e-6
     assert rel_err(got, ref) <= 1e-6
 

@@ -233,7 +233,7 @@ def test_ffn_weights_are_converted_once_per_block_call_with_identical_output(act
     model.compute_dtype = activations  # fp32: the path of CPUs without native bf16 (bf16 weights upcast)
     quantize_dit(model, RECIPES["hybrid"])
     x, t, context, clip, y = inputs(cfg, batch=1)
-    monkeypatch.setattr(wan_dit, "FFN_CHUNK_ELEMENTS", 8 * cfg.ffn_dim)  # 8 tokens a chunk: 45 tokens → 6 chunks
+    model.chunking = wan_dit.Chunking(ffn_elements=8 * cfg.ffn_dim)  # 8 tokens a chunk: 45 tokens → 6 chunks
     calls = []
     rows = QuantLinear.rows
     monkeypatch.setattr(QuantLinear, "rows", lambda self, r0, r1, dtype: calls.append(self) or rows(self, r0, r1, dtype))

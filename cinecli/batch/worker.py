@@ -3,10 +3,13 @@ manifest records. A per-item problem becomes a failed record; only a full disk s
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
+from ..core.devices import release_cached
 from ..core.errors import CineError, DiskFullError
+from ..core.limits import is_out_of_memory
 from .items import BatchOptions, Item, item_record
 from .manifest import file_sha256
 
@@ -24,6 +27,7 @@ class Worker:
     def generator(self, preset, timings):
         from ..core.devices import choose_device, choose_dtype
         from ..generate.pipeline import Generator, Request, plan
+        from ..models.attention import choose_backend
         from ..models.scan import local_refs
         from ..run import apply_plan, memory_plan, pull_hint, weights_needed
         from ..weights.hub import resolve_all
@@ -33,6 +37,8 @@ class Worker:
             refs = local_refs(preset)
             paths = resolve_all(refs, pull_hint(preset, self.opts.backbone, self.opts.preset_file))
             device = choose_device(self.opts.device)
+            for notice in choose_backend(device):
+                print(notice, file=sys.stderr)
             gen = Generator(preset.backbone, paths, device, choose_dtype(self.opts.dtype, device), quantize=self.opts.quantize)
             # One plan per backbone (it loads once), sized for the preset's clip at its full pixel budget: every
             # photo's frame is within max_area, whatever its aspect ratio.
@@ -97,23 +103,13 @@ class Worker:
             error = str(exc).splitlines()[0].replace(item.input, record["input"])  # no absolute local path
             record.update(error=error, stage=timings.last_stage, exit_code=exc.exit_code)
         except (MemoryError, RuntimeError) as exc:
-            if not (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc)):
+            if not is_out_of_memory(exc):
                 raise
             record.update(error=f"out of memory in stage '{timings.last_stage}' ({self.opts.frames or 'preset'} frames, "
                                 f"device {self.opts.device}, dtype {self.opts.dtype}): {str(exc).splitlines()[0][:160]}",
                           stage=timings.last_stage)
-            _free_memory()
+            release_cached()
         record["timings"] = {k: round(v, 4) for k, v in timings.stages.items()}
         record["seconds"] = round(time.time() - started, 3)
         record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         return record
-
-
-def _free_memory() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

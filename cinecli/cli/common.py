@@ -13,6 +13,7 @@ import typer
 from typer.core import TyperCommand
 
 from ..core.errors import EXIT_BROKEN_PIPE, EXIT_DEVICE, EXIT_FAILURE, EXIT_INTERRUPTED, CineError, UsageError
+from ..core.limits import is_out_of_memory
 
 
 def stderr_console(quiet: bool = False):
@@ -55,7 +56,7 @@ def handle_errors(fn):
         except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
             if debug:
                 raise
-            if type(exc).__name__ == "OutOfMemoryError":
+            if is_out_of_memory(exc):  # torch.OutOfMemoryError, MPS's and pinned-memory RuntimeErrors (core/limits.py)
                 fail(f"the device ran out of memory ({str(exc).splitlines()[0][:120]}); try fewer --frames or a "
                      "quantized backbone", EXIT_DEVICE)
             fail(f"unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "

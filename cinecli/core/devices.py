@@ -49,12 +49,11 @@ def is_emulated(device: torch.device | str) -> bool:
     return kind(device) != torch.device(device).type
 
 
-def is_out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` is any device's out-of-memory error (each kind raises its own; see ``LIMITS``)."""
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and any(m in text for lim in LIMITS.values() for m in lim.oom_texts)
+def has_op(device: torch.device | str, op: str) -> bool:
+    """Whether this torch runs ``op`` (an aten name, e.g. 'upsample_bicubic2d') on ``device`` (LIMITS' ops_since)."""
+    from .emulate import torch_version
+
+    return all(torch_version() >= since for name, since in limits(device).ops_since if name == op)
 
 
 def storage_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
@@ -88,6 +87,18 @@ def module_to_device(module: torch.nn.Module, device: torch.device | str) -> tor
         for t in [*module.parameters(), *module.buffers()]:
             t.data = to_device(t.data, device)
     return module
+
+
+def release_cached(device: torch.device | str | None = None) -> None:
+    """Collect garbage and give the allocator's cached blocks back (after an out-of-memory error, between items)."""
+    import gc
+
+    gc.collect()
+    k = kind(device) if device is not None else None
+    if torch.cuda.is_available() and k in (None, "cuda"):
+        torch.cuda.empty_cache()
+    if torch.backends.mps.is_available() and k in (None, "mps"):
+        torch.mps.empty_cache()
 
 
 def on_host():
@@ -227,6 +238,15 @@ def image_encoder_dtype(device: torch.device | str, dtype: torch.dtype) -> torch
     if kind(device) == "cuda" and dtype != torch.float32:
         return torch.float16
     return activation_dtype(device, dtype)
+
+
+def text_encoder_dtype(where: torch.device | str, device: torch.device | str, dtype: torch.dtype) -> torch.dtype:
+    """The umT5 weights' dtype when it runs on ``where`` for a run on ``device`` in ``dtype``: the run's dtype, except
+    on the CPU fallback of a GPU or Mac run, where fp16 has no fast GEMM and would hold 16-bit weights upcast per
+    call: there it takes the CPU's own choice (fp32 stays fp32)."""
+    if torch.device(where) == torch.device(device) or dtype == torch.float32:
+        return dtype
+    return default_dtype(where)
 
 
 # --- what the machine has (for the memory plan) ------------------------------------------------------------------

@@ -7,8 +7,9 @@ guards make the emulation honest rather than a code path nobody checks:
 
   placement   every host → device move (``devices.to_device``) is checked: no float8 or float64 tensor, none over
               the size cap, and its bytes count against the emulated memory;
-  compute     ``DeviceRules`` (a TorchDispatchMode around device work) checks every tensor an op makes the same way.
-              Deliberate host work inside device code (file reads, float64 tables) runs in ``devices.on_host()``.
+  compute     ``DeviceRules`` (a TorchDispatchMode around device work) checks every new tensor an op makes the same
+              way (views share a checked storage and pass). Deliberate host work inside device code (file reads,
+              float64 tables and schedules) runs in ``devices.on_host()``.
 
 Memory is a ledger of live storages (bytes added when a storage is first seen, removed when it is freed); past
 ``CINE_EMULATE_DEVICE_MEMORY`` (default: ``LIMITS[kind].emulated_memory``) it raises the device's own out-of-memory
@@ -31,6 +32,12 @@ from .limits import DeviceLimits
 from .sizes import parse_size
 
 _FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def torch_version() -> tuple[int, int]:
+    """(major, minor) of the running torch: which ops a device has (LIMITS' ops_since)."""
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
 
 
 class Ledger:
@@ -122,24 +129,61 @@ def place(tensor: torch.Tensor, lim: DeviceLimits) -> None:
 
 
 # --- compute ------------------------------------------------------------------------------------------------------
+# SDPA kernels that never materialise scores on the CPU; an emulated MPS accounts for the scores it would make.
+_FUSED_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
+
+
 class DeviceRules(TorchDispatchMode):
     """Checks and counts every tensor an op makes while active (device work on an emulated device)."""
 
-    def __init__(self, lim: DeviceLimits):
+    def __init__(self, lim: DeviceLimits, meta: bool = False):
         super().__init__()
         self.limits = lim
         self.book = ledger(lim)
         self.paused = 0
+        self.devices = ("cpu", "meta") if meta else ("cpu",)  # meta: shape-only checks at real sizes (tests)
+        self.largest = 0  # bytes of the largest tensor seen (scores included)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.paused and self.limits.fp32_scores and func in _FUSED_SDPA:
+            self._scores(args[0], args[1])
+        if not self.paused and self.limits.ops_since:
+            self._has_op(func)
         out = func(*args, **(kwargs or {}))
         if self.paused:
             return out
+        # A view (or an in-place op) makes no new tensor: it shares an input's storage, which was checked where it
+        # was made; that input may be host data (a float64 schedule indexed on the host), so views pass.
+        inputs = {x.untyped_storage().data_ptr() for x in tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)
+                  and x.layout == torch.strided and x.device.type != "meta"}
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
-                check(t, self.limits, f"op {func}")
+            if not isinstance(t, torch.Tensor) or t.device.type not in self.devices:
+                continue
+            if t.device.type == "cpu" and t.untyped_storage().data_ptr() in inputs:
+                continue
+            self.largest = max(self.largest, t.numel() * t.element_size())
+            check(t, self.limits, f"op {func}")
+            if t.device.type == "cpu":
                 self.book.add(t)
         return out
+
+    def _has_op(self, func) -> None:
+        name = func.name().split("::")[-1].split(".")[0]
+        for op, since in self.limits.ops_since:
+            if name == op and torch_version() < since:
+                raise NotImplementedError(f"The operator 'aten::{name}.out' is not currently implemented for the "
+                                          f"{self.limits.kind.upper()} device (torch {'.'.join(map(str, since))} adds "
+                                          "it). [emulated]")
+
+    def _scores(self, q: torch.Tensor, k: torch.Tensor) -> None:
+        """The fp32 score matrix a device like MPS materialises for SDPA, which the CPU's fused kernel does not."""
+        b, h, lq, _ = q.shape  # [B, H, Lq, D]
+        size = b * h * lq * k.shape[-2] * 4
+        self.largest = max(self.largest, size)
+        if self.limits.max_tensor_bytes is not None and size > self.limits.max_tensor_bytes:
+            raise EmulatedAbort(f"[emulated {self.limits.kind}] attention over {lq} queries × {k.shape[-2]} keys × {h} "
+                                f"heads makes a {size / (1 << 30):.2f} GiB fp32 score matrix: over the "
+                                f"{self.limits.max_tensor_bytes >> 30} GiB a single tensor may have")
 
 
 def _current() -> DeviceRules | None:

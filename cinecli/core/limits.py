@@ -24,6 +24,7 @@ class DeviceLimits:
     headroom: float  # share of the free memory the plan leaves unused: workspaces, libraries loaded later, fragmentation
     pins_host: bool  # streamed blocks wait in page-locked host memory (asynchronous copies)
     emulated_memory: int  # CINE_EMULATE_DEVICE_MEMORY default: the common size of this kind among cine's users
+    ops_since: tuple[tuple[str, tuple[int, int]], ...] = ()  # (aten op, first torch release that has it there)
 
 
 LIMITS: dict[str, DeviceLimits] = {
@@ -42,7 +43,14 @@ LIMITS: dict[str, DeviceLimits] = {
     # the common floor, of which Metal's recommended working set is about 2/3.
     "mps": DeviceLimits("mps", float8=False, float64=False, max_tensor_bytes=4 * GiB, fp32_scores=True,
                         oom_texts=("MPS backend out of memory",), headroom=0.10, pins_host=False,
-                        emulated_memory=int(10.7 * GiB)),
+                        emulated_memory=int(10.7 * GiB),
+                        ops_since=(("upsample_bicubic2d", (2, 6)),)),  # bicubic resize (CLIP's squash): PR #136123
 }
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is any device's out-of-memory error (each kind raises its own; see ``LIMITS``)."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(m in text for lim in LIMITS.values() for m in lim.oom_texts)

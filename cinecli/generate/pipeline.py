@@ -16,14 +16,16 @@ from __future__ import annotations
 import contextlib
 import gc
 import secrets
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from .. import __version__
-from ..core.devices import image_encoder_dtype
+from ..core.devices import device_rules, image_encoder_dtype, on_host, release_cached, text_encoder_dtype
 from ..core.errors import UsageError
+from ..core.limits import is_out_of_memory
 from ..core.timing import Timings
 from ..effects.preset import Backbone, Preset, SamplerSpec
 from ..effects.rules import MAX_FRAMES
@@ -156,6 +158,9 @@ class Generator:
     # VAE encode/decode in blended spatial tiles of this many pixels (None: whole frames). Bounds the VAE's
     # activations (~29 kB per pixel of a tile untiled: 11 GB for a 624x624 frame) whatever the frame size.
     vae_tile: int | None = VAE_TILE
+    # Smaller tile sides to retry the decode with after an out-of-memory error (the plan's ladder below vae_tile):
+    # the latents of minutes of denoising are kept, not lost to a decode that did not fit.
+    vae_retry_tiles: tuple[int, ...] = ()
     # Keep the DiT blocks in host memory and stream them to the device one block ahead (models/streaming.py).
     stream_blocks: bool = False
     _tiny: object = None
@@ -166,6 +171,13 @@ class Generator:
 
     def _stage(self, name: str):
         return self.timings.stage(name) if self.timings is not None else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _load(self, name: str):
+        """A loading stage: reading files is host work (an emulated device checks only what reaches it, through
+        devices.to_device)."""
+        with self._stage(name), on_host():
+            yield
 
     # --- components -----------------------------------------------------------------------------------------------
     def text_context(self, prompt: str) -> torch.Tensor:
@@ -187,12 +199,14 @@ class Generator:
         found = {p: prompt_cache.lookup(identity, p) for p in dict.fromkeys(prompts)}
         todo = [p for p, context in found.items() if context is None]
         if todo:
-            with self._stage("load text_encoder"):  # imports inside the stage: their cost is part of loading
+            where = self.text_device or self.device
+            with self._load("load text_encoder"):  # imports inside the stage: their cost is part of loading
                 from ..models.text_encoder import load_text_encoder
 
-                enc = load_text_encoder(self.paths["text_encoder"], tokenizer=self.paths["tokenizer"],
-                                        device=self.text_device or self.device, dtype=self.dtype)
-            with self._stage("text encode"), torch.no_grad():
+                enc = load_text_encoder(self.paths["text_encoder"], tokenizer=self.paths["tokenizer"], device=where,
+                                        dtype=text_encoder_dtype(where, self.device, self.dtype))
+            on_device = contextlib.nullcontext() if where == self.device else on_host()  # the plan's CPU fallback
+            with self._stage("text encode"), torch.no_grad(), on_device:
                 for i in range(0, len(todo), 16):  # 16 prompts per encoder call bounds its activations
                     for p, context in zip(todo[i:i + 16], enc.encode(todo[i:i + 16])):
                         found[p] = context.cpu()
@@ -207,7 +221,7 @@ class Generator:
     @property
     def clip(self):
         if self._clip is None:
-            with self._stage("load image_encoder"):
+            with self._load("load image_encoder"):
                 from ..models.image_encoder import load_image_encoder
 
                 self._clip = load_image_encoder(self.paths["image_encoder"], device=self.device,
@@ -217,7 +231,7 @@ class Generator:
     @property
     def vae(self):
         if self._vae is None:
-            with self._stage("load vae"):
+            with self._load("load vae"):
                 from ..models.vae_loader import load_vae
 
                 self._vae = load_vae(self.paths["vae"], device=self.device)  # fp32, as the reference
@@ -226,7 +240,7 @@ class Generator:
     @property
     def tiny_vae(self):
         if self._tiny is None:
-            with self._stage("load tiny_vae"):
+            with self._load("load tiny_vae"):
                 from ..models.vae_loader import load_tiny_vae
 
                 self._tiny = load_tiny_vae(self.paths["tiny_vae"], device=self.device)
@@ -235,7 +249,7 @@ class Generator:
     @property
     def dit(self):
         if self._dit is None:
-            with self._stage("load dit"):
+            with self._load("load dit"):
                 from ..models import load_dit
                 from ..models.adapters import Effects, merge_into
                 from ..models.quant_cache import is_prequantized, load_quantized
@@ -281,6 +295,8 @@ class Generator:
         from ..models.recipes import RECIPES
 
         recipe = self.quant_recipe
+        if self.dtype == torch.float16:  # Wan overflows fp16's range (devices.default_dtype)
+            return " in fp16; try --dtype bf16 (or fp32 where bf16 is not supported)"
         if recipe in RECIPES and RECIPES[recipe].next_safer:
             return f" with quantization recipe '{recipe}'; try --quantize {RECIPES[recipe].next_safer}"
         if recipe != "none":
@@ -290,7 +306,13 @@ class Generator:
     # --- one request ----------------------------------------------------------------------------------------------
     def generate(self, request: Request, the_plan: Plan, image) -> torch.Tensor:
         """Run one planned request → video [3, T, H, W] in [-1, 1] on the CPU, in the decoder's output dtype (float16
-        from the Wan VAE): only frames_to_uint8 reads it, a frame at a time."""
+        from the Wan VAE): only frames_to_uint8 reads it, a frame at a time.
+
+        On an emulated device (CINE_EMULATE_DEVICE) every tensor made here is checked against its limits."""
+        with device_rules(self.device):
+            return self._generate(request, the_plan, image)
+
+    def _generate(self, request: Request, the_plan: Plan, image) -> torch.Tensor:
         preset, p = request.preset, the_plan
         if request.last_frame is not None and not self.backbone.supports_last_frame:
             raise UsageError(f"backbone {self.backbone.name} does not support --last-frame "
@@ -348,11 +370,23 @@ class Generator:
             with self._stage("vae decode (tiny)"):
                 return tiny.decode(latents)[0].cpu()
         with self._stage("vae decode"):
-            # float16: the clip is only ever turned into 8-bit frames (video.frames_to_uint8), see WanVAE.decode
-            video = vae.decode(latents, tile_size=self.vae_tile, tile_overlap=VAE_TILE_OVERLAP,
-                               dtype=torch.float16)[0].cpu()  # [3, T, H, W]
+            video = self._decode(vae, latents)
             release_pages(vae)
             return video
+
+    def _decode(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        """latents → [3, T, H, W] float16 on the CPU (the clip only ever becomes 8-bit frames: WanVAE.decode), in
+        the plan's tiles; after an out-of-memory error, again from the same latents in the next smaller tiles."""
+        tile, retries = self.vae_tile, list(self.vae_retry_tiles)
+        while True:
+            try:
+                return vae.decode(latents, tile_size=tile, tile_overlap=VAE_TILE_OVERLAP, dtype=torch.float16)[0].cpu()
+            except Exception as exc:
+                if not is_out_of_memory(exc) or not retries:
+                    raise
+                release_cached(self.device)
+                tile = retries.pop(0)
+                print(f"cine: notice: the VAE decode ran out of memory; retrying in {tile}-px tiles", file=sys.stderr)
 
 
 def sampler_settings(spec: SamplerSpec) -> dict:

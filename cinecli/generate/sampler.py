@@ -21,6 +21,7 @@ from dataclasses import replace
 
 import torch
 
+from ..core.devices import on_host
 from ..core.errors import NumericError, UsageError
 from ..effects.preset import SamplerSpec
 from ..effects.rules import DISTILL_STEPS, SAMPLER_KINDS
@@ -120,8 +121,9 @@ def sample(
 
     ``step_hook(i, n)`` returns a context manager wrapped around step i (timing, progress).
     """
-    unipc = unipc_scheduler(spec) if spec.kind == "unipc" else None
-    sigmas = unipc.sigmas.double() if unipc is not None else sigmas_for(spec)
+    with on_host():  # the schedule is host arithmetic in float64 (read as Python floats below)
+        unipc = unipc_scheduler(spec) if spec.kind == "unipc" else None
+        sigmas = unipc.sigmas.double() if unipc is not None else sigmas_for(spec)
     n = len(sigmas) - 1
     x = noise_like(shape, generator, device)
     batch = shape[0]

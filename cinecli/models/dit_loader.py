@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ..core.devices import activation_dtype, choose_device, choose_dtype
+from ..core.devices import activation_dtype, choose_device, choose_dtype, limits
 from ..core.errors import WeightsError
 from ..weights import Source, iter_tensors, read_config
 from ..weights.files import component_folder, describe, read_header, resolve_files
@@ -16,7 +16,7 @@ from .gguf_linear import swap_in_gguf
 from .load import assign_tensors, build_empty
 from .quant import swap_in
 from .recipes import read_metadata
-from .wan_dit import DIT_CONFIGS, DiTConfig, WanDiT, keeps_fp32
+from .wan_dit import DIT_CONFIGS, Chunking, DiTConfig, WanDiT, keeps_fp32
 
 # Which files of a folder hold the DiT: diffusers/official shards first, then any single file.
 DIT_PATTERNS = ("diffusion_pytorch_model*.safetensors", "*.safetensors", "*.gguf", "*.pth", "*.pt", "*.bin")
@@ -101,6 +101,7 @@ def load_dit(
     model = assign_tensors(model, tensors, device=device, dtype_for=dtype_for, what=describe(source),
                            copy=isinstance(source, Mapping))
     model.compute_dtype = activation_dtype(device, dtype)
+    model.chunking = Chunking.for_device(limits(device))
     model.quant_recipe = quant_meta["recipe"] if quant_meta else ("gguf" if ggml else "prequantized" if layers else "none")
     model.quant_layers = dict(layers)
     return model

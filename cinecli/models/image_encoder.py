@@ -16,6 +16,7 @@ The config comes from ``config.json`` when there is a valid one, else from tenso
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from ..core.devices import choose_device, choose_dtype
+from ..core.devices import choose_device, choose_dtype, has_op, on_host
 from ..core.errors import WeightsError
 from ..weights.files import Source, component_folder, describe, iter_tensors, read_config, read_shapes
 from ..weights.keys import block_count, compile_rules, normalize_first
@@ -203,14 +204,15 @@ def infer_image_config(shapes: Mapping[str, tuple[int, ...]], config_json: dict 
 class ImageEncoder:
     """CLIP vision tower: images [B, 3, H, W] in [-1, 1] → penultimate-block tokens [B, 257, 1280]."""
 
-    def __init__(self, model: CLIPVisionModel, config: ImageEncoderConfig):
+    def __init__(self, model: CLIPVisionModel, config: ImageEncoderConfig, device: torch.device | None = None):
         self.model = model
         self.config = config
         self.tower = getattr(model, "vision_model", model)  # transformers 4.x wraps the tower, 5.x is the tower
+        self._device = device  # the device it was loaded for (an emulated one reads as "cpu" on its tensors)
 
     @property
     def device(self) -> torch.device:
-        return self.tower.embeddings.patch_embedding.weight.device
+        return self._device or self.tower.embeddings.patch_embedding.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -218,6 +220,7 @@ class ImageEncoder:
 
     def to(self, device: str | torch.device) -> ImageEncoder:
         self.model.to(device)
+        self._device = torch.device(device)
         return self
 
     def preprocess(self, images: Tensor) -> Tensor:
@@ -227,7 +230,10 @@ class ImageEncoder:
         then CLIP mean/std. Done in float32 whatever the model dtype.
         """
         size = (self.config.image_size, self.config.image_size)
-        x = F.interpolate(images.to(self.device, torch.float32), size=size, mode="bicubic", align_corners=False)
+        where = self.device if has_op(self.device, "upsample_bicubic2d") else torch.device("cpu")  # MPS before 2.6
+        with on_host() if where != self.device else contextlib.nullcontext():
+            x = F.interpolate(images.to(where, torch.float32), size=size, mode="bicubic", align_corners=False)
+        x = x.to(self.device)
         x = x.mul(0.5).add(0.5)  # [-1, 1] → [0, 1]
         mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
@@ -308,7 +314,7 @@ def load_image_encoder(
     if leftover:  # a transformers version with tensors we do not know how to fill
         raise WeightsError(f"{describe(source)}: CLIP tensors left unloaded: {', '.join(sorted(set(leftover))[:4])}")
     model.eval().requires_grad_(False)
-    return ImageEncoder(model, cfg)
+    return ImageEncoder(model, cfg, device)
 
 
 __all__ = [

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn as nn
 
+from ..core.devices import to_device
 from ..core.errors import WeightsError
 
 
@@ -57,7 +58,7 @@ def assign_tensors(
             bad_shape.append(f"{name} {tuple(tensor.shape)}≠{tuple(target.shape)}")
             bad_names.add(name)
             continue
-        value = tensor.to(device=device, dtype=dtype_for(name, tensor))
+        value = to_device(tensor, device, dtype_for(name, tensor))  # fp8 as bits where the device has no float8
         loaded[name] = value.clone() if copy and value.data_ptr() == tensor.data_ptr() else value
     missing = [k for k in expected if k not in loaded and k not in bad_names]
     problems = []

@@ -27,7 +27,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn as nn
 
-from ..core.devices import activation_dtype
+from ..core.devices import activation_dtype, kind, limits, module_to_device, to_device
+from .wan_dit import Chunking
 
 
 class BlockStream:
@@ -44,11 +45,11 @@ class BlockStream:
         host = [p.data for p in self.blocks[i].parameters()]
         self.copied_bytes += sum(t.numel() * t.element_size() for t in host)
         if self.copy_stream is None:  # MPS, or the CPU stand-in the tests use: copies in order on the one stream
-            return [t.to(self.device, copy=True) for t in host], None
+            return [to_device(t, self.device, copy=True) for t in host], None
         # Start after the compute queued so far (up to block i-1): at most ~2 blocks of copies are in flight.
         self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.copy_stream):
-            dev = [t.to(self.device, non_blocking=True) for t in host]
+            dev = [to_device(t, self.device, non_blocking=True) for t in host]
             done = torch.cuda.Event()
             done.record(self.copy_stream)
         return dev, done
@@ -104,18 +105,19 @@ def stream_blocks(model: nn.Module, device: torch.device | str, *, force: bool =
     is how the tests exercise the copy path without one.
     """
     device = torch.device(device)
-    if device.type == "cpu" and not force:
+    if kind(device) == "cpu" and not force:
         model.block_stream = PagedBlocks(model.blocks)
         return model
     for name, child in model.named_children():
         if name != "blocks":
-            child.to(device)
+            module_to_device(child, device)
     with torch.no_grad():
         for p in model.blocks.parameters():
             if p.device.type != "cpu":
                 p.data = p.data.cpu()
-            if device.type == "cuda":
+            if limits(device).pins_host and device.type == "cuda":
                 p.data = p.data.pin_memory()  # page-locked: the side-stream copies run asynchronously
     model.block_stream = BlockStream(model.blocks, device)
     model.compute_dtype = activation_dtype(device, model.patch_embedding.weight.dtype)
+    model.chunking = Chunking.for_device(limits(device))
     return model

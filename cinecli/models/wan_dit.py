@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..core.devices import on_host
 from .attention import attention
 from .layers import Linear, weights_held
 
@@ -64,6 +65,42 @@ FFN_CHUNK_ELEMENTS = 1 << 22  # 4M elements of FFN hidden activations per chunk:
 # is the fp32 residual stream plus one q, k and v (bench/memory.py: 480p 49 frames, 20k tokens).
 TOKEN_CHUNK_ELEMENTS = 1 << 22
 
+
+@dataclass(frozen=True)
+class Chunking:
+    """How a block splits its work over tokens: bounded memory against kernel launches (bench/ops.py counts both).
+
+    The defaults bound every temporary to ~16 MB (fp32), what a CPU run within 2 GB needs. A GPU with room runs the
+    whole sequence at once with every converted weight held for the block call (``whole()``): a handful of large
+    GEMMs instead of thousands of small ones, which a GPU would spend launching. On devices whose SDPA materialises
+    fp32 scores (MPS), ``score_bytes`` caps one attention call's score matrix [B, H, q, L], so no tensor reaches
+    the device's size limit (devices.limits). The memory plan chooses (plan/memory.py) and the loader applies it.
+    """
+
+    token_elements: int | None = TOKEN_CHUNK_ELEMENTS  # tokens × width per chunk of per-token work (None: all tokens)
+    ffn_elements: int | None = FFN_CHUNK_ELEMENTS  # tokens × FFN width per FFN chunk (None: all tokens)
+    score_bytes: int | None = None  # one attention call's fp32 scores at most (None: the kernel makes none)
+    hold_weights: bool = False  # every quantized/upcast weight converted once per block call (else the FFN's only)
+
+    @classmethod
+    def whole(cls, score_bytes: int | None = None) -> Chunking:
+        return cls(token_elements=None, ffn_elements=None, score_bytes=score_bytes, hold_weights=True)
+
+    @classmethod
+    def for_device(cls, lim) -> Chunking:
+        """The loader's default for a device (a ``devices.DeviceLimits`` row): bounded chunks, and where SDPA makes
+        fp32 scores, each score matrix at most half the largest tensor (its softmax is a second one)."""
+        return cls(score_bytes=lim.max_tensor_bytes // 2 if lim.fp32_scores and lim.max_tensor_bytes else None)
+
+    def tokens(self, elements: int | None, width: int, n: int) -> int:
+        return n if elements is None else max(1, min(n, elements // width))
+
+    def queries(self, step: int, batch: int, heads: int, keys: int) -> int:
+        """Queries per attention call: the token chunk, fewer where the fp32 scores would pass ``score_bytes``."""
+        if self.score_bytes is None:
+            return step
+        return max(1, min(step, self.score_bytes // (batch * heads * keys * 4)))
+
 # Parameters kept in float32 whatever the weight dtype (reference §A.6): norms and modulation tables, which
 # form the fp32 residual stream directly. The time embedding, time projection and head *compute* in fp32 as
 # the reference does (their inputs are fp32 and layers.Linear multiplies in the input's dtype) but keep the
@@ -79,9 +116,12 @@ def keeps_fp32(name: str) -> bool:
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """t: [B] raw timesteps in [0, 1000] → [B, dim] float32, cos first, computed in float64."""
     half = dim // 2
-    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
-    args = t.to(torch.float64)[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=1).float()
+    host = t.device if t.is_meta else torch.device("cpu")  # meta: shape traces stay on meta
+    with on_host():  # float64 on the CPU, whatever the device (MPS has none), then float32 to the device
+        freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=host) / half)
+        args = t.to(host, torch.float64)[:, None] * freqs[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1).float()
+    return emb.to(t.device)
 
 
 def rope_tables(head_dim: int, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,17 +133,19 @@ def rope_tables(head_dim: int, grid: tuple[int, int, int], device: torch.device)
     f, h, w = grid
     dh = 2 * (head_dim // 6)
     dims = (head_dim - 2 * dh, dh, dh)
-    angles = []
-    for d, n in zip(dims, grid):
-        inv = 1.0 / torch.pow(10000.0, torch.arange(0, d, 2, dtype=torch.float64, device=device) / d)  # [d/2]
-        angles.append(torch.arange(n, dtype=torch.float64, device=device)[:, None] * inv[None])  # [n, d/2]
-    a_f, a_h, a_w = angles
-    grid_angles = torch.cat([
-        a_f[:, None, None].expand(f, h, w, -1),
-        a_h[None, :, None].expand(f, h, w, -1),
-        a_w[None, None, :].expand(f, h, w, -1),
-    ], dim=-1).reshape(f * h * w, 1, head_dim // 2)  # token index = f·H·W + h·W + w
-    return torch.cos(grid_angles).float(), torch.sin(grid_angles).float()
+    with on_host():  # float64 on the CPU (MPS has none; once per grid, cached by the model), float32 to the device
+        angles = []
+        for d, n in zip(dims, grid):
+            inv = 1.0 / torch.pow(10000.0, torch.arange(0, d, 2, dtype=torch.float64) / d)  # [d/2]
+            angles.append(torch.arange(n, dtype=torch.float64)[:, None] * inv[None])  # [n, d/2]
+        a_f, a_h, a_w = angles
+        grid_angles = torch.cat([
+            a_f[:, None, None].expand(f, h, w, -1),
+            a_h[None, :, None].expand(f, h, w, -1),
+            a_w[None, None, :].expand(f, h, w, -1),
+        ], dim=-1).reshape(f * h * w, 1, head_dim // 2)  # token index = f·H·W + h·W + w
+        cos, sin = torch.cos(grid_angles).float(), torch.sin(grid_angles).float()
+    return cos.to(device), sin.to(device)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -200,7 +242,7 @@ class Block(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, kv: tuple[torch.Tensor, ...], rope: tuple, dtype: torch.dtype,
-                text_bias: torch.Tensor | None = None) -> torch.Tensor:
+                text_bias: torch.Tensor | None = None, chunking: Chunking = Chunking()) -> torch.Tensor:
         """x: [B, L, dim] float32 residual stream (updated in place); e0: [B, 6, dim] float32 → [B, L, dim] float32.
 
         Same math as the reference block; only the order of work differs. Everything but the attention core is
@@ -208,28 +250,45 @@ class Block(nn.Module):
         whole-sequence q, k, v (self-attention needs every key) and chunk-sized temporaries — 16 B per token and
         width with fp32 activations instead of ~33 (memory_plan.DIT_STEP_PER_TOKEN_DIM).
         """
+        with weights_held(self, enabled=chunking.hold_weights):
+            return self._forward(x, e0, kv, rope, dtype, text_bias, chunking)
+
+    def _forward(self, x, e0, kv, rope, dtype, text_bias, chunking: Chunking) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).unsqueeze(2).unbind(1)  # [B,1,dim]
         b, n, dim = x.shape
         cos, sin = rope
-        step = max(1, TOKEN_CHUNK_ELEMENTS // dim)
+        step = chunking.tokens(chunking.token_elements, dim, n)
         heads = self.self_attn.num_heads
-        q, k, v = (x.new_empty(b, n, heads, dim // heads, dtype=dtype) for _ in range(3))  # [B, L, H, D]
-        for s in range(0, n, step):  # q, k, v of every token before any token's residual changes
-            h = (self.norm1(x[:, s:s + step]) * (1 + scale1) + shift1).to(dtype)
-            q[:, s:s + step], k[:, s:s + step], v[:, s:s + step] = self.self_attn.qkv(h, cos[s:s + step], sin[s:s + step])
-        for s in range(0, n, step):  # queries in chunks, every key: exact attention, chunk-sized output
-            x[:, s:s + step] += self.self_attn.o(attention(q[:, s:s + step], k, v).flatten(2)) * gate1
+        if step >= n:  # one chunk: no copies into preallocated q, k, v
+            h = (self.norm1(x) * (1 + scale1) + shift1).to(dtype)
+            q, k, v = self.self_attn.qkv(h, cos, sin)  # [B, L, H, D]
+            del h
+        else:
+            q, k, v = (x.new_empty(b, n, heads, dim // heads, dtype=dtype) for _ in range(3))  # [B, L, H, D]
+            for s in range(0, n, step):  # q, k, v of every token before any token's residual changes
+                h = (self.norm1(x[:, s:s + step]) * (1 + scale1) + shift1).to(dtype)
+                q[:, s:s + step], k[:, s:s + step], v[:, s:s + step] = self.self_attn.qkv(h, cos[s:s + step], sin[s:s + step])
+        q_step = chunking.queries(step, b, heads, n)
+        for s in range(0, n, q_step):  # queries in chunks, every key: exact attention, chunk-sized output
+            x[:, s:s + q_step] += self.self_attn.o(attention(q[:, s:s + q_step], k, v).flatten(2)) * gate1
         del q, k, v
         for s in range(0, n, step):  # cross-attention is per query token
             x[:, s:s + step] += self.cross_attn(self.norm3(x[:, s:s + step]).to(dtype), kv, text_bias)
         # The FFN's hidden layer is the largest activation ([L, ffn_dim]): the same token chunking, with its own
         # chunk size. Weights held over the chunks: a quantized/upcast FFN weight is converted once per call.
-        step = max(1, FFN_CHUNK_ELEMENTS // self.ffn[0].out_features)
-        with weights_held(self.ffn, enabled=n > step):
+        step = chunking.tokens(chunking.ffn_elements, self.ffn[0].out_features, n)
+        with weights_held(self.ffn, enabled=n > step and not chunking.hold_weights):
             for s in range(0, n, step):
                 h = (self.norm2(x[:, s:s + step]) * (1 + scale2) + shift2).to(dtype)
-                x[:, s:s + step] += self.ffn(h) * gate2
+                x[:, s:s + step] += self._ffn(h) * gate2
         return x
+
+    def _ffn(self, h: torch.Tensor) -> torch.Tensor:
+        """[B, l, dim] → [B, l, dim]. Under fp16 the down projection takes its input in fp32 and returns fp32: Wan's
+        FFN outputs pass fp16's 65504 (diffusers#12896: wrong Wan I2V output on MPS in fp16), bf16's range is fp32's."""
+        if h.dtype != torch.float16:
+            return self.ffn(h)
+        return self.ffn[2](self.ffn[1](self.ffn[0](h)).float())
 
 
 class Head(nn.Module):
@@ -299,6 +358,7 @@ class WanDiT(nn.Module):
             self.img_emb = ImageEmbedding(cfg)
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.compute_dtype: torch.dtype | None = None  # activations; set by the loader (devices.activation_dtype)
+        self.chunking = Chunking()  # set by the loader for its device, and by the memory plan
         self.block_stream = None  # streaming.BlockStream when blocks are streamed to the device, else None
 
     def resident_blocks(self):
@@ -384,7 +444,7 @@ class WanDiT(nn.Module):
 
         rope = self.rope(grid, x.device)
         for blk, kv in zip(self.resident_blocks(), ctx.kv):
-            tokens = blk(tokens, e0, kv, rope, dtype, ctx.text_bias)
+            tokens = blk(tokens, e0, kv, rope, dtype, ctx.text_bias, self.chunking)
 
         out = self.head(tokens, e)  # [B, L, pt·ph·pw·16], channel fastest
         out = out.view(b, *grid, pt, ph, pw, cfg.out_dim).permute(0, 7, 1, 4, 2, 5, 3, 6)  # [B, C, F, pt, H, ph, W, pw]

@@ -29,13 +29,14 @@ _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 
 def machine(device: torch.device, budget: str | None = None) -> Machine:
     """The machine as the plan sees it; ``budget`` (or CINE_MEMORY_BUDGET) caps what it may use."""
-    from ..core.devices import device_memory
+    from ..core.devices import device_memory, kind, limits
 
     free, host = device_memory(device)
+    free = int(free * (1 - limits(device).headroom))  # workspaces, libraries loaded later, fragmentation (CUDA, MPS)
     text = budget or os.environ.get("CINE_MEMORY_BUDGET") or None
     if text and RULES["memory_budget"](text):  # the variable is checked like the option
         raise UsageError(f"CINE_MEMORY_BUDGET '{text}' {RULES['memory_budget'](text)}")
-    return Machine(device.type, free, host, parse_size(text) if text else None)
+    return Machine(kind(device), free, host, parse_size(text) if text else None)
 
 
 # --- the DiT ---------------------------------------------------------------------------------------------------------
@@ -146,14 +147,22 @@ def _numel(header: dict | None, keep=lambda k: True) -> int | None:
     return sum(torch.Size(s).numel() for k, (s, _) in header.items() if keep(k)) if header else None
 
 
-def text_encoder_bytes(path: Path | None, declared: int | None, weight_bytes: int) -> int:
-    """Resident umT5 bytes: from the file's header (float8 weights of a ComfyUI fp8_scaled file stay 1 byte), else
-    the declared download size (a 16-bit or fp8 file holds what loads), else the umT5-XXL config."""
+def text_encoder_bytes(path: Path | None, declared: int | None, weight_bytes: int, wo_bytes: int | None = None) -> int:
+    """Resident umT5 bytes: from the file's header (float8 weights of a ComfyUI fp8_scaled file stay 1 byte, except
+    the FFN output projections ``wo``, which load dequantized to ``wo_bytes``: text_encoder._dequantize_wo, fp32
+    under fp16), else the declared download size (a 16-bit or fp8 file holds what loads), else the umT5-XXL config."""
     from ..models.text_encoder import TEXT_ENCODER_PATTERNS
 
     header = _header(path, TEXT_ENCODER_PATTERNS) if path else None
+    wo_bytes = wo_bytes or weight_bytes
+
+    def element(key: str, dtype: torch.dtype) -> int:
+        if dtype not in QUANT_ELEMENT:
+            return weight_bytes
+        return wo_bytes if ".wo." in key and key.endswith(".weight") else 1
+
     if header:
-        return sum(torch.Size(s).numel() * (1 if dt in QUANT_ELEMENT else weight_bytes) for k, (s, dt) in header.items()
+        return sum(torch.Size(s).numel() * element(k, dt) for k, (s, dt) in header.items()
                    if not k.startswith(("decoder.", "lm_head.")))
     return declared or text_encoder_params(None) * weight_bytes
 
@@ -234,7 +243,8 @@ def job(preset: Preset, p: Plan, weights: dict[str, dict], *, device: torch.devi
     effect = next((k for k in weights if k.startswith("effect:")), None)
     return Job(
         dit=sizes, frames=p.frames, width=p.width, height=p.height, steps=p.sampler.num_steps,
-        text_encoder_bytes=text_encoder_bytes(path("text_encoder"), refs["text_encoder"].bytes, wbytes),
+        text_encoder_bytes=text_encoder_bytes(path("text_encoder"), refs["text_encoder"].bytes, wbytes,
+                                              wo_bytes=4 if dtype == torch.float16 else wbytes),
         image_encoder_bytes=image_encoder_params(path("image_encoder")) * (4 if dtype == torch.float32 else 2),
         vae_bytes=vae_params(path("vae")) * 4, act_bytes=abytes, weight_bytes=wbytes, default_recipe=default, pinned_recipe=recipe,
         prompt_cached=prompt_cached(path("text_encoder"), prompts),

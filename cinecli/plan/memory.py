@@ -27,8 +27,11 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 
+from ..core.limits import LIMITS, DeviceLimits
 from ..core.sizes import human_bytes as human
 
+HEAD_DIM = 128  # every Wan2.1/2.2 DiT (wan_dit.DiTConfig.head_dim)
+TOKEN_CHUNK_ELEMENTS = 1 << 22  # wan_dit.TOKEN_CHUNK_ELEMENTS: the block's default token chunk (tokens × width)
 VAE_TILES = (256, 192, 128)  # tile sides the plan may choose, largest (fewest seams, least overlap) first
 LADDER = ("none", "fp8", "hybrid", "compact")  # least lossy first
 TEXT_ROWS = 128  # text rows assumed in the per-video cross-attention keys/values (prompts are shorter; 512 max)
@@ -181,7 +184,21 @@ def dit_step_bytes(job: Job, sizes: DiTSizes, recipe: str, device: str = "cuda")
     kv = sizes.layers * (TEXT_ROWS + 257) * sizes.dim * 2 * 2  # k and v, 16-bit, text + image rows
     latents = 8 * 36 * job.tokens * 4 * 4  # x ‖ y, noise, velocity, fp32 at latent size (tokens × 4 pixels)
     slack = DIT_SLACK.get(device, DIT_SLACK_DEFAULT)
-    return int(dit_block_bytes(job.tokens, sizes.dim, sizes.ffn_dim, a, held) * slack + kv + latents)
+    return int(dit_block_bytes(job.tokens, sizes.dim, sizes.ffn_dim, a, held) * slack + kv + latents
+               + attention_scores_bytes(job.tokens, sizes.dim, LIMITS[device]))
+
+
+def attention_scores_bytes(tokens: int, dim: int, lim: DeviceLimits) -> int:
+    """The fp32 score matrix and its softmax that one attention call makes where SDPA materialises them (MPS),
+    for the query chunk the model runs (wan_dit.Chunking.for_device); 0 where the kernel is fused."""
+    if not lim.fp32_scores:
+        return 0
+    heads = dim // HEAD_DIM
+    queries = min(tokens, max(1, TOKEN_CHUNK_ELEMENTS // dim))
+    one = heads * queries * tokens * 4
+    if lim.max_tensor_bytes:
+        one = min(one, lim.max_tensor_bytes // 2)
+    return 2 * one
 
 
 def vae_encode_bytes(job: Job, tile: int | None, device: str = "cuda") -> int:
