@@ -111,6 +111,7 @@ def apply_plan(gen: Generator, mp) -> None:
     gen.text_device = torch.device("cpu") if mp.text_encoder == "cpu" else None
     gen.vae_tile = mp.vae_tile
     gen.vae_retry_tiles = tuple(t for t in VAE_TILES if mp.vae_tile is None or t < mp.vae_tile)
+    gen.chunking = mp.chunking
     gen.stream_blocks = mp.dit == "streamed"  # --offload blocks|none pins it; auto: the plan's choice
 
 

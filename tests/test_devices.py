@@ -310,3 +310,69 @@ def test_the_table_has_every_kind_and_rule():
     assert LIMITS["mps"] == replace(LIMITS["mps"])  # frozen rows
     assert not LIMITS["mps"].float8 and not LIMITS["mps"].float64 and LIMITS["mps"].max_tensor_bytes == 4 * GiB
     assert LIMITS["cuda"].pins_host and LIMITS["cuda"].headroom > 0 and LIMITS["cpu"].headroom == 0
+
+
+# --- 7. GPU chunking: the whole sequence when it fits, every quantized weight decoded once per block call ---------
+def test_whole_block_estimate_matches_a_trace_of_the_model(monkeypatch):
+    from test_memory_plan import LiveBytes
+
+    import cinecli.models.wan_dit as wan_dit
+    from cinecli.models.load import build_empty
+    from cinecli.plan import memory as mp
+
+    monkeypatch.setattr(wan_dit, "attention", lambda q, k, v, bias=None: torch.empty_like(q))  # fused: O(L)
+    for name in ("wan2.1-fun-1.3b-inp", "wan2.1-i2v-14b"):
+        cfg = replace(wan_dit.DIT_CONFIGS[name], num_layers=1)
+        dit = build_empty(lambda: wan_dit.WanDiT(cfg)).to(torch.bfloat16)
+        dit.chunking = wan_dit.Chunking.whole()
+        ctx = dit.prepare_context(torch.zeros(1, 64, 4096, device="meta"), torch.zeros(1, 257, 1280, device="meta"))
+        x, y = torch.zeros(1, 16, 13, 60, 104, device="meta"), torch.zeros(1, 20, 13, 60, 104, device="meta")
+        with torch.no_grad(), LiveBytes() as step:
+            dit(x, torch.tensor([1000.0], device="meta"), ctx, y=y)
+        want = mp.dit_whole_block_bytes(13 * 30 * 52, cfg.dim, cfg.ffn_dim, 2)
+        assert step.peak == pytest.approx(want, rel=0.15), name
+
+
+def test_held_and_whole_chunking_decode_each_quantized_weight_once_per_block_call(monkeypatch):
+    from wan_fixtures import random_state_dict, tiny_config
+
+    from cinecli.models import load_dit
+    from cinecli.models.quant import QuantLinear
+    from cinecli.models.recipes import RECIPES, quantize_dit
+    from cinecli.models.wan_dit import Chunking
+
+    cfg = tiny_config()
+    model = load_dit(random_state_dict(cfg), dtype="bf16")
+    quantize_dit(model, RECIPES["hybrid"])
+    quantized = [m for b in model.blocks for m in b.modules() if isinstance(m, QuantLinear)]
+    x, y = torch.randn(1, 16, 5, 6, 6), torch.randn(1, 20, 5, 6, 6)  # 45 tokens
+    ctx = model.prepare_context(torch.randn(1, 6, cfg.text_dim), torch.randn(1, 257, cfg.image_dim))
+    calls = []
+    rows = QuantLinear.rows
+    monkeypatch.setattr(QuantLinear, "rows", lambda self, r0, r1, dtype: calls.append(self) or rows(self, r0, r1, dtype))
+    outputs = {}
+    for name, chunking in (("chunked", Chunking(token_elements=7 * cfg.dim, ffn_elements=7 * cfg.ffn_dim)),
+                           ("held", Chunking(token_elements=7 * cfg.dim, ffn_elements=7 * cfg.ffn_dim, hold_weights=True)),
+                           ("whole", Chunking.whole())):
+        model.chunking, calls[:] = chunking, []
+        with torch.no_grad():
+            outputs[name] = model(x, torch.tensor([500.0]), ctx, y=y)
+        per_layer = [sum(c is m for c in calls) for m in quantized]
+        if name == "chunked":
+            assert max(per_layer) > 1  # per token chunk
+        else:  # (cross-attention keys/values are made once per video, in prepare_context: 0 calls here)
+            assert max(per_layer) == 1 and sum(per_layer) >= len(quantized) // 2, (name, per_layer)
+    assert torch.equal(outputs["held"], outputs["chunked"])
+    assert (outputs["whole"] - outputs["chunked"]).abs().max() <= 1e-2 * outputs["chunked"].abs().max()
+
+
+def test_cuda_plan_runs_the_whole_sequence_when_it_fits():
+    from test_memory_plan import cpu, gpu, job
+
+    from cinecli.plan.memory import make_plan
+
+    assert make_plan(job("14b", 81), gpu(80)).chunking == "whole"  # 21k tokens: ~4 GB of activations, weights held
+    assert make_plan(job("1.3b", 81), gpu(24)).chunking == "whole"
+    small = make_plan(job("14b", 81), gpu(8))
+    assert small.chunking in ("held", "chunked") and small.dit == "streamed"
+    assert make_plan(job("1.3b", 49), cpu(64)).chunking == "chunked"  # the CPU keeps bounded chunks

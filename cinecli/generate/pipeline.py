@@ -163,6 +163,9 @@ class Generator:
     vae_retry_tiles: tuple[int, ...] = ()
     # Keep the DiT blocks in host memory and stream them to the device one block ahead (models/streaming.py).
     stream_blocks: bool = False
+    # How the DiT's blocks split their work (plan.memory.CHUNKINGS): "whole" sequence with every weight held, weights
+    # "held" over bounded chunks, or bounded "chunked" (the loader's default for the device).
+    chunking: str = "chunked"
     _tiny: object = None
     _effects: object = None  # models.adapters.Effects on the DiT: effect LoRAs attached unmerged, switched per job
     _dit: object = None
@@ -270,6 +273,7 @@ class Generator:
                     from ..models.streaming import stream_blocks
 
                     stream_blocks(self._dit, self.device)
+                self._dit.chunking = chunking_for(self.chunking, self._dit.chunking)
                 self._effects = Effects(self._dit)
         return self._dit
 
@@ -387,6 +391,19 @@ class Generator:
                 release_cached(self.device)
                 tile = retries.pop(0)
                 print(f"cine: notice: the VAE decode ran out of memory; retrying in {tile}-px tiles", file=sys.stderr)
+
+
+def chunking_for(name: str, default):
+    """The plan's chunking name → a ``wan_dit.Chunking`` (``default``: the loader's, for its device)."""
+    from dataclasses import replace as with_fields
+
+    from ..models.wan_dit import Chunking
+
+    if name == "whole":
+        return Chunking.whole(default.score_bytes)
+    if name == "held":
+        return with_fields(default, hold_weights=True)
+    return default
 
 
 def sampler_settings(spec: SamplerSpec) -> dict:

@@ -151,13 +151,14 @@ class MemoryPlan:
     device: str = "cpu"
     dit_bytes: int = 0  # the DiT's weights at the chosen recipe
     vae_tile: int | None = None  # the tile side (pixels) when "tiled"
+    chunking: str = "chunked"  # how DiT blocks split their work (CHUNKINGS; wan_dit.Chunking)
 
     def peak(self, which: str = "device_peak_bytes") -> int:
         return max((getattr(s, which) for s in self.stages), default=0)
 
     def to_json(self) -> dict:
         return {"dit": self.dit, "quantize": self.quantize, "text_encoder": self.text_encoder, "vae_decode": self.vae_decode,
-                "vae_tile": self.vae_tile, "stages": [asdict(s) for s in self.stages]}
+                "vae_tile": self.vae_tile, "chunking": self.chunking, "stages": [asdict(s) for s in self.stages]}
 
 
 class NoFit(Exception):
@@ -177,15 +178,45 @@ def dit_block_bytes(tokens: int, dim: int, ffn_dim: int, act: int, held: int) ->
     return int(max(attention, ffn))
 
 
-def dit_step_bytes(job: Job, sizes: DiTSizes, recipe: str, device: str = "cuda") -> int:
-    """One denoising step's activations plus the per-video context (every block's cross-attention keys/values)."""
+def dit_whole_block_bytes(tokens: int, dim: int, ffn_dim: int, act: int) -> int:
+    """Live activations of one block run over the whole sequence at once (wan_dit.Chunking.whole): the attention
+    phase holds the fp32 residual stream, the modulated input, q, k, v and the fp32 RoPE temporaries of one of them
+    ((16 + 6·act) bytes per token·width, with the attention output and its projection); the FFN phase the stream,
+    its input and output, and the hidden layer before and after GELU."""
+    attention = (16 + 6 * act) * tokens * dim
+    ffn = (4 + 2 * act) * tokens * dim + 2 * act * tokens * ffn_dim
+    return int(max(attention, ffn))
+
+
+def block_linear_params(dim: int, ffn_dim: int) -> int:
+    """Linear weights of one block: self-attention q/k/v/o, cross-attention q/k/v/o and the image k/v, the FFN."""
+    return 10 * dim * dim + 2 * dim * ffn_dim
+
+
+CHUNKINGS = ("whole", "held", "chunked")  # fewest kernel launches first (wan_dit.Chunking; bench/ops.py counts them)
+
+
+def dit_step_bytes(job: Job, sizes: DiTSizes, recipe: str, device: str = "cuda", chunking: str = "chunked") -> int:
+    """One denoising step's activations plus the per-video context (every block's cross-attention keys/values).
+
+    ``chunking``: "chunked" bounds every temporary (the CPU's way; the FFN weights held in the activation dtype when
+    they are converted); "held" adds every other converted weight of the block (each dequantized once per block
+    call); "whole" runs the block over the whole sequence with every weight held.
+    """
     a = job.act_bytes
-    held = a if recipe != "none" or job.weight_bytes != a else 0  # FFN weights converted (dequantized or upcast)
+    converted = recipe != "none" or job.weight_bytes != a  # weights dequantized or upcast per call
+    held = a if converted else 0  # FFN weights converted (dequantized or upcast)
     kv = sizes.layers * (TEXT_ROWS + 257) * sizes.dim * 2 * 2  # k and v, 16-bit, text + image rows
     latents = 8 * 36 * job.tokens * 4 * 4  # x ‖ y, noise, velocity, fp32 at latent size (tokens × 4 pixels)
     slack = DIT_SLACK.get(device, DIT_SLACK_DEFAULT)
-    return int(dit_block_bytes(job.tokens, sizes.dim, sizes.ffn_dim, a, held) * slack + kv + latents
-               + attention_scores_bytes(job.tokens, sizes.dim, LIMITS[device]))
+    block = dit_block_bytes(job.tokens, sizes.dim, sizes.ffn_dim, a, held)
+    other_weights = 10 * sizes.dim * sizes.dim * a if converted else 0  # the rest of the block, held (not the FFN)
+    if chunking == "held":
+        block += other_weights
+    elif chunking == "whole":
+        block = dit_whole_block_bytes(job.tokens, sizes.dim, sizes.ffn_dim, a) + (
+            block_linear_params(sizes.dim, sizes.ffn_dim) * a if converted else 0)
+    return int(block * slack + kv + latents + attention_scores_bytes(job.tokens, sizes.dim, LIMITS[device]))
 
 
 def attention_scores_bytes(tokens: int, dim: int, lim: DeviceLimits) -> int:
@@ -227,7 +258,8 @@ def convert_bytes(sizes: DiTSizes) -> int:
 
 
 # --- the plan --------------------------------------------------------------------------------------------------------
-def _stages(job: Job, m: Machine, recipe: str, streamed: bool, text: str, tile: int | None) -> list[Stage]:
+def _stages(job: Job, m: Machine, recipe: str, streamed: bool, text: str, tile: int | None,
+            chunking: str = "chunked") -> list[Stage]:
     """Per-stage peaks for one set of choices, in pipeline order (names as Timings records them)."""
     on_cpu = m.device == "cpu"
     sizes = job.dit[recipe]
@@ -261,7 +293,7 @@ def _stages(job: Job, m: Machine, recipe: str, streamed: bool, text: str, tile: 
     add("load dit", 0 if on_cpu else dit, dit_host + first_run)
     add("image encode", keep["clip"] + IMAGE_ENCODE_BYTES, dit_host)
     add("vae encode", keep["vae encode"] + vae_encode_bytes(job, tile, m.device), dit_host)
-    step = dit_step_bytes(job, sizes, recipe, m.device)
+    step = dit_step_bytes(job, sizes, recipe, m.device, chunking)
     for i in range(job.steps):
         add(f"denoise step {i + 1}/{job.steps}", keep["dit"] + step, dit_host)
     if job.fast_decode:
@@ -298,14 +330,17 @@ def candidates(job: Job) -> list[tuple[str, bool]]:
 def make_plan(job: Job, m: Machine) -> MemoryPlan:
     """The first set of choices (see module doc) whose every stage fits; ``NoFit`` when none does."""
     texts = ["cached"] if job.prompt_cached else ["device", "cpu"] if m.device != "cpu" else ["cpu"]
+    # CUDA's fused attention makes no score matrix, and its kernels are fast enough that a step of small chunks is
+    # launch-bound (issue 21: ~600k launches per 14B step): the largest chunking that fits. Elsewhere bounded chunks.
+    chunkings = CHUNKINGS if m.device == "cuda" else ("chunked",)
     best: tuple[int, str] | None = None
     for recipe, streamed in candidates(job):
         for tile in (None, *VAE_TILES):
-            for text in texts:
-                stages = _stages(job, m, recipe, streamed, text, tile)
+            for text, chunking in ((t, c) for t in texts for c in chunkings):
+                stages = _stages(job, m, recipe, streamed, text, tile, chunking)
                 if _fits(stages, m):
                     return MemoryPlan("streamed" if streamed else "resident", recipe, text, "tiled" if tile else "whole",
-                                      stages, m.device, job.dit[recipe].total, tile)
+                                      stages, m.device, job.dit[recipe].total, tile, chunking)
                 dev, host = _needs(stages, m)
                 short_on_device = dev > m.device_cap
                 need = dev if short_on_device else host
