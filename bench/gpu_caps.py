@@ -17,7 +17,8 @@ runs in its own subprocess, so its memory figures are its own:
      held as one placeholder allocation of their size;
   4. the DiT loads as the pipeline loads it (``load_dit`` to the device, or to the host then
      ``streaming.stream_blocks``), runs ``--warmup`` then ``--steps`` timed steps (CUDA events), and reports
-     ``torch.cuda.max_memory_allocated`` and the host → device bytes streamed per step.
+     ``torch.cuda.max_memory_reserved`` (what the card must hold: the caching allocator's segments, fragmentation
+     included; max allocated beside it) and the host → device bytes streamed per step, with the plan's chunking.
 
 The VAE and encoders themselves are not run: their stages are planned (and reported) but the step is what the caps
 decide. Targets (issue 9): every cap finishes; a streamed step costs at most 1.5× a resident one (the full card).
@@ -68,6 +69,7 @@ def job_for(config: str, frames: int, height: int, width: int, offload: str = "a
 def run_cap(args) -> dict:
     """Child: one cap (GB, 0 = the whole device), one plan, the DiT placed as planned, timed steps."""
     from cinecli.models import load_dit
+    from cinecli.generate.pipeline import chunking_for
     from cinecli.models.streaming import stream_blocks
     from cinecli.models.wan_dit import DIT_CONFIGS
 
@@ -93,6 +95,8 @@ def run_cap(args) -> dict:
         model = load_dit(args.weights, device="cpu" if streamed else device, dtype=torch.bfloat16)
         if streamed:
             stream_blocks(model, device)
+            out["pinned_bytes"] = getattr(model.block_stream, "pinned_bytes", 0)
+        model.chunking = chunking_for(plan.chunking, model.chunking)  # as the pipeline applies the plan
         x, t, context, clip, y = make_inputs(cfg, args.frames, args.height, args.width, device)
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
@@ -106,11 +110,13 @@ def run_cap(args) -> dict:
                     times.append(secs)
                     out["streamed_bytes_per_step"] = getattr(model.block_stream, "copied_bytes", 0) - copied
         out.update(finished=True, step_s=times, median_step_s=sorted(times)[len(times) // 2],
-                   max_allocated=torch.cuda.max_memory_allocated(device) if cuda else rss.peak)
+                   max_allocated=torch.cuda.max_memory_allocated(device) if cuda else rss.peak,
+                   max_reserved=torch.cuda.max_memory_reserved(device) if cuda else rss.peak)  # what the card must hold
         del keep
     except torch.cuda.OutOfMemoryError as exc:
         out.update(finished=False, error=f"CUDA out of memory: {str(exc).splitlines()[0]}",
-                   max_allocated=torch.cuda.max_memory_allocated(device) if cuda else None)
+                   max_allocated=torch.cuda.max_memory_allocated(device) if cuda else None,
+                   max_reserved=torch.cuda.max_memory_reserved(device) if cuda else None)
     return out
 
 

@@ -376,3 +376,36 @@ def test_cuda_plan_runs_the_whole_sequence_when_it_fits():
     small = make_plan(job("14b", 81), gpu(8))
     assert small.chunking in ("held", "chunked") and small.dit == "streamed"
     assert make_plan(job("1.3b", 49), cpu(64)).chunking == "chunked"  # the CPU keeps bounded chunks
+
+
+# --- 8 and 12. streamed blocks: exactly pinned slabs, a device pool of two blocks ------------------------------
+def test_streamed_blocks_pin_exact_slabs_and_use_two_device_slots(monkeypatch):
+    from test_dit import inputs
+    from wan_fixtures import random_state_dict
+
+    import cinecli.models.streaming as streaming
+    from cinecli.models import load_dit
+    from cinecli.models.wan_dit import DIT_CONFIGS
+
+    cfg = replace(DIT_CONFIGS["tiny-i2v"], num_layers=5)
+    pinned = []
+    monkeypatch.setattr(streaming, "pin_exactly", lambda buffer: pinned.append(buffer.numel()) or buffer.numel())
+    sd = random_state_dict(cfg)
+    args = inputs(cfg)
+    with torch.no_grad():
+        want = load_dit(sd, dtype="bf16")(*args)
+        model = load_dit(sd, dtype="bf16")
+        sizes = [[p.numel() * p.element_size() for p in b.parameters()] for b in model.blocks]
+        model = streaming.stream_blocks(model, "cpu", force=True)
+        model.block_stream.pin = True  # what CUDA does: check the bytes it would page-lock, block by block
+        model.block_stream.slabs = [streaming.Slab(b, True) for b in model.blocks]
+        bases = []
+        for blk in model.blocks:
+            blk.register_forward_pre_hook(lambda m, a: bases.append(next(m.parameters()).untyped_storage().data_ptr()))
+        got = model(*args)
+    assert torch.equal(got, want)
+    for block, size in zip(sizes, pinned):  # one exact slab per block: its bytes plus < 256 B alignment per tensor
+        assert sum(block) <= size < sum(block) + 256 * len(block)
+    per_tensor_pow2 = sum(1 << (n - 1).bit_length() for block in sizes for n in block)  # what pin_memory() held
+    assert sum(pinned) < per_tensor_pow2
+    assert len(set(bases)) == 2 and len(bases) == cfg.num_layers  # five blocks, two device slots in turn
