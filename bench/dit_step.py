@@ -82,9 +82,16 @@ def run_one(impl: str, folder: Path, args) -> dict:
     timings = Timings(device=device)
     with timings.stage("load"):
         if impl == "cine":
+            from cinecli.generate.pipeline import chunking_for
             from cinecli.models import load_dit
+            from cinecli.models.recipes import RECIPES, quantize_dit
 
             model = load_dit(folder, device=device, dtype=dtype)
+            if args.quantize != "none":
+                quantize_dit(model, RECIPES[args.quantize])
+            # what the memory plan gives a card with room (CUDA); the loader's bounded chunks elsewhere
+            chunking = args.chunking or ("whole" if device.type == "cuda" else "chunked")
+            model.chunking = chunking_for(chunking, model.chunking)
         else:
             from diffusers import WanTransformer3DModel
 
@@ -109,13 +116,26 @@ def run_one(impl: str, folder: Path, args) -> dict:
                 with timings.stage(f"step {i + 1}"):
                     out = step()
     steps = [timings.stages[f"step {i + 1}"] for i in range(args.steps)]
+    kernels = count_kernels(step) if args.profile and device.type == "cuda" else None
     torch.save(out.float().cpu(), args.out)
     return {
         "impl": impl, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
         "activations": str(activation_dtype(device, dtype) if impl == "cine" else dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(), "load_s": timings.stages["load"], "prepare_s": timings.stages.get("prepare", 0.0),
         "step_s": sorted(steps)[len(steps) // 2], "steps_s": steps, "rss_loaded": rss_loaded, "peak_rss_steps": rss.peak,
+        "quantize": args.quantize if impl == "cine" else "none", "kernels_per_step": kernels,
+        "max_reserved": torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None,
     }
+
+
+def count_kernels(step) -> int:
+    """GPU kernels one step launches (torch.profiler's CUDA kernel events): the launch budget of issue 21."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type.name == "CUDA")
 
 
 def main() -> None:
@@ -128,17 +148,26 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=3, help="timed steps (the median is reported)")
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--layers", type=int, help="fewer blocks than the config (step time scales with them)")
+    p.add_argument("--quantize", default="none", help="cine's recipe at load: none, hybrid, fp8, compact")
+    p.add_argument("--chunking", choices=["whole", "held", "chunked"], help="default: whole on CUDA, else chunked")
+    p.add_argument("--profile", action="store_true", help="CUDA: also count the kernels of one step")
+    p.add_argument("--json", type=Path, help="write both rows here")
     p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "cine-bench")
     p.add_argument("--impl", choices=["cine", "diffusers"], help=argparse.SUPPRESS)  # child mode
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
 
-    folder = make_checkpoint(args.config, args.cache)
+    cfg = DIT_CONFIGS[args.config]
+    if args.layers:
+        from dataclasses import replace
+
+        cfg = replace(cfg, num_layers=args.layers)
+    folder = make_checkpoint(args.config, args.cache, cfg)
     if args.impl:
         print(json.dumps(run_one(args.impl, folder, args)))
         return
 
-    cfg = DIT_CONFIGS[args.config]
     tokens = (1 + (args.frames - 1) // 4) * (args.height // 16) * (args.width // 16)
     print(f"DiT step: {args.config} (dim {cfg.dim}, {cfg.num_layers} layers, {cfg.model_type}), {args.frames} frames "
           f"{args.height}x{args.width} = {tokens} tokens, {args.dtype}, {args.device}, {torch.get_num_threads()} threads", flush=True)
@@ -160,6 +189,9 @@ def main() -> None:
     diff = (outputs["cine"] - outputs["diffusers"]).abs().max() / outputs["diffusers"].abs().max()
     print(f"ratio cine/diffusers: step time {c['step_s'] / d['step_s']:.3f}x   peak RSS {c['peak_rss_steps'] / d['peak_rss_steps']:.3f}x   "
           f"outputs max|Δ|/max|ref| {diff:.2e}")
+    if args.json:
+        args.json.write_text(json.dumps({"tokens": tokens, "config": args.config, "layers": cfg.num_layers,
+                                         "rows": results, "ratio": c["step_s"] / d["step_s"], "max_rel_diff": float(diff)}))
 
 
 if __name__ == "__main__":
