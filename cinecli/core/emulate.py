@@ -73,9 +73,6 @@ class Ledger:
     def _free(self, ptr: int) -> None:
         self.live -= self._seen.pop(ptr, 0)
 
-    def reset_peak(self) -> None:
-        self.peak = self.live
-
 
 _LEDGERS: dict[str, Ledger] = {}
 
@@ -110,7 +107,7 @@ class EmulatedAbort(RuntimeError):
 def check(tensor: torch.Tensor, lim: DeviceLimits, what: str) -> None:
     """Raise the device's error for a tensor it could not hold."""
     if tensor.dtype in _FLOAT8 and not lim.float8:
-        raise TypeError(f"Trying to convert {str(tensor.dtype).removeprefix('torch.').title().replace('_', '_')} to the "
+        raise TypeError(f"Trying to convert {str(tensor.dtype).removeprefix('torch.').capitalize()} to the "
                         f"MPS backend but it does not have support for that dtype. [emulated {lim.kind}: {what}]")
     if tensor.dtype == torch.float64 and not lim.float64:
         raise TypeError("Cannot convert a MPS Tensor to float64 dtype as the MPS framework doesn't support float64. "
