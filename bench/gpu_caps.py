@@ -68,8 +68,8 @@ def job_for(config: str, frames: int, height: int, width: int, offload: str = "a
 
 def run_cap(args) -> dict:
     """Child: one cap (GB, 0 = the whole device), one plan, the DiT placed as planned, timed steps."""
-    from cinecli.models import load_dit
     from cinecli.generate.pipeline import chunking_for
+    from cinecli.models import load_dit
     from cinecli.models.streaming import stream_blocks
     from cinecli.models.wan_dit import DIT_CONFIGS
 

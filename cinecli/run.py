@@ -17,7 +17,7 @@ from .effects.rules import check_options, unused_option_warnings
 from .generate.image import check_pair, read_image
 from .generate.pipeline import Generator, Plan, Request, metadata, plan, sampler_settings
 from .output.slowdown import parse_slowdown, slow_down
-from .output.video import STDOUT, check_report_path, check_writable, frames_to_uint8, write_mp4
+from .output.video import STDOUT, check_output_paths, check_report_path, check_writable, frames_to_uint8, write_mp4
 from .plan.memory import VAE_TILES
 
 
@@ -138,9 +138,14 @@ def run_one(opts: RunOptions, console) -> dict | None:
         catalog = Catalog(extra_preset=opts.preset_file)
         preset = catalog.resolve(opts.effect if opts.preset_file is None else None, backbone=opts.backbone)
         output = default_output(opts.image, preset.name, opts.output)
+        inputs = {"PHOTO": opts.image, "--last-frame": opts.last_frame, "--preset": opts.preset_file}
+        check_output_paths(output, inputs)  # an MP4 name, never one of the inputs (exit 2)
         check_writable(output, opts.overwrite)  # before any expensive work
         if opts.report_file is not None:
-            check_report_path(opts.report_file)
+            if Path(opts.report_file).resolve() in [Path(p).resolve() for p in (*inputs.values(), output)
+                                                     if p is not None and str(p) != STDOUT]:
+                raise UsageError(f"--report {opts.report_file} is also an input or the video; name another file")
+            check_report_path(opts.report_file, opts.overwrite)
         image = read_image(opts.image)
         request = Request(image=opts.image, preset=preset, output=output, seed=opts.seed, frames=opts.frames, fps=opts.fps,
                           fit=opts.fit, last_frame=opts.last_frame, prompt=opts.prompt, negative_prompt=opts.negative_prompt,
@@ -200,8 +205,9 @@ def run_one(opts: RunOptions, console) -> dict | None:
     with console.status(f"{preset.name}: {the_plan.frames} frames {the_plan.width}x{the_plan.height} on {device}") if console.is_terminal else contextlib.nullcontext():
         video = gen.generate(request, the_plan, image)
     frames = slow_down(frames_to_uint8(video), the_plan.slowdown, timings)
+    settings = metadata(request, the_plan, gen, opts.crf)  # every setting that shapes the pixels: MP4 and report
     with timings.stage("mp4 encode"):
-        written = write_mp4(frames, output, the_plan.fps, metadata(request, the_plan, gen) if opts.metadata else None,
+        written = write_mp4(frames, output, the_plan.fps, settings if opts.metadata else None,
                             crf=opts.crf, overwrite=opts.overwrite)
     sizes = {"width": the_plan.width, "height": the_plan.height, "frames": the_plan.frames, "fps": the_plan.fps,
              "slowdown": the_plan.slowdown, "output_frames": the_plan.output_frames,
@@ -212,6 +218,7 @@ def run_one(opts: RunOptions, console) -> dict | None:
     report = build_report(timings, job=job, sizes=sizes, device=device, dtype=gen.dtype,
                           quantization=gen.quant_recipe, output=written)
     report["plan"] = mp.to_json()
+    report["settings"] = settings
     if opts.report_file:
         write_report(report, opts.report_file)
     if console.is_terminal and not opts.quiet:

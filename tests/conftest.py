@@ -17,6 +17,15 @@ def backbone(tmp_path_factory) -> Path:
     return write_backbone(tmp_path_factory.mktemp("selftest"))
 
 
+@pytest.fixture(autouse=True)
+def own_folders(tmp_path, monkeypatch) -> None:
+    """Every test gets its own cache, data and config folders: nothing a test does reaches the user's real ones
+    (a weights lock file with pytest paths in it would fail `cine models verify` later)."""
+    for k, sub in (("CINE_CACHE_DIR", "cache"), ("CINE_DATA_DIR", "data"), ("XDG_CONFIG_HOME", "config"),
+                   ("XDG_CACHE_HOME", "xdg-cache"), ("XDG_DATA_HOME", "xdg-data"), ("HF_HOME", "hf")):
+        monkeypatch.setenv(k, str(tmp_path / sub))
+
+
 @pytest.fixture
 def env(tmp_path, monkeypatch) -> dict:
     """Isolated cine caches, config and HF home; offline; no colour; no launcher shard variables."""

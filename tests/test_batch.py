@@ -69,7 +69,13 @@ def test_folder_with_bad_images_then_rerun_does_no_work(backbone, env, tmp_path)
     statuses = {json.loads(x)["rel"]: json.loads(x)["status"] for x in again.stdout.splitlines()}
     assert statuses["face1.png"] == statuses["sub/face0.png"] == "skipped" and statuses["empty.png"] == "failed"
     assert mtimes == {p: p.stat().st_mtime_ns for p in out.rglob("*.mp4")}
-    changed = cine("batch", src, "-r", "--preset", backbone, "-o", out, "--frames", "9", "--json")  # new parameters: redo
+    # new parameters: the clips made with the old ones are kept (issue 22: never replaced without --overwrite) …
+    changed = cine("batch", src, "-r", "--preset", backbone, "-o", out, "--frames", "9", "--json")
+    kept = {json.loads(x)["rel"]: json.loads(x) for x in changed.stdout.splitlines()}["face1.png"]
+    assert kept["status"] == "skipped" and kept["error"] == "output exists"
+    assert mtimes == {p: p.stat().st_mtime_ns for p in out.rglob("*.mp4")}
+    # … and redone with --overwrite
+    changed = cine("batch", src, "-r", "--preset", backbone, "-o", out, "--frames", "9", "--json", "--overwrite")
     assert {json.loads(x)["rel"]: json.loads(x)["status"] for x in changed.stdout.splitlines()}["face1.png"] == "ok"
 
 

@@ -4,6 +4,7 @@ or hands the items to a remote runner (``ray_driver.run_on_ray``, chosen by the 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,26 +23,43 @@ RemoteRunner = Callable[[BatchOptions, list[Item], Callable[[dict], None]], list
 def run_batch(opts: BatchOptions, console, remote: RemoteRunner | None = None) -> int:
     from ..effects.preset import Catalog
 
-    items = plan_items(opts, Catalog(extra_preset=opts.preset_file))  # usage errors before anything is written
+    passed_over: list[str] = []
+    items = plan_items(opts, Catalog(extra_preset=opts.preset_file), passed_over)  # usage errors before anything is written
     prepare_outdir(opts.outdir)
     if torn := repair_manifest(opts.outdir):
         console.print(f"{MANIFEST}: removed a torn last line ({torn} bytes) left by an interrupted run", highlight=False)
     manifest = read_manifest(opts.outdir)
-    todo, skipped = [], []
+    todo, skipped, kept = [], [], []
     for item in items:
-        (skipped if not opts.overwrite and is_done(item, manifest) else todo).append(item)
+        if opts.overwrite:
+            todo.append(item)
+        elif is_done(item, manifest):
+            skipped.append(item)  # made by this batch with these settings
+        elif Path(item.output).exists():
+            kept.append(item)  # someone's file, or a clip made with other settings: never replaced without --overwrite
+        else:
+            todo.append(item)
     for item in skipped:
         emit(opts, {**item_record(item, opts.outdir), "status": "skipped"}, record_in_manifest=False)
+    for item in kept:
+        emit(opts, {**item_record(item, opts.outdir), "status": "skipped", "error": "output exists"}, record_in_manifest=False)
     shard = f" (shard {opts.shard[0]}/{opts.shard[1]})" if opts.shard[1] > 1 else ""
     if not opts.quiet:
         console.print(f"{len(items)} item(s){shard}: {len(todo)} to make, {len(skipped)} already done → {opts.outdir}", highlight=False)
+        if kept:
+            console.print(f"{len(kept)} output(s) exist and were not made by this batch with these settings: kept, not "
+                          f"replaced (--overwrite replaces them), e.g. {kept[0].output}", highlight=False, markup=False)
+        if passed_over:
+            kinds = ", ".join(f"{s or 'no suffix'} {n}" for s, n in Counter(Path(p).suffix.lower() for p in passed_over).most_common())
+            console.print(f"{len(passed_over)} file(s) in the input folders are not photos cine reads and were skipped "
+                          f"({kinds})", highlight=False, markup=False)
     if remote is not None:
         records = remote(opts, todo, lambda r: emit(opts, r))
     else:
         records = run_local(opts, todo, console)
     failed = [r for r in records if r["status"] != "ok"]
     if not opts.quiet:
-        summary(console, len(records) - len(failed), failed, len(skipped))
+        summary(console, len(records) - len(failed), failed, len(skipped), len(kept))
     if len(records) < len(todo):
         return EXIT_INTERRUPTED
     return EXIT_SOME_FAILED if failed else 0
@@ -106,12 +124,14 @@ def run_local(opts: BatchOptions, todo: list[Item], console) -> list[dict]:
     return records
 
 
-def summary(console, ok: int, failed: list[dict], skipped: int) -> None:
+def summary(console, ok: int, failed: list[dict], skipped: int, kept: int = 0) -> None:
     from rich.table import Table
 
     table = Table("result", "items", title="cine batch", title_justify="left")
     table.add_row("made", str(ok))
     table.add_row("skipped (already done)", str(skipped))
+    if kept:
+        table.add_row("kept (output exists)", str(kept))
     table.add_row("failed", str(len(failed)))
     console.print(table)
     for r in failed[:20]:

@@ -66,8 +66,11 @@ class BatchOptions:
 
 
 # --- inputs, seeds, shards ----------------------------------------------------------------------------------------------
-def collect(inputs: list[str], recursive: bool) -> list[tuple[str, str]]:
+def collect(inputs: list[str], recursive: bool, skipped: list[str] | None = None) -> list[tuple[str, str]]:
     """Folders, files, globs and ``-`` (newline-separated paths on stdin) → sorted unique (abs path, rel path).
+
+    Each path as named is its own item: a symlink and its target are two photos, two clips (the user named both).
+    Files a folder walk passes over (not an image type, hidden) go to ``skipped``, so the batch can say so.
 
     ``rel`` is the path below the input's root: the folder given, a glob's literal folder, or for listed files
     (stdin, file arguments) the deepest folder they share, so ``DCIM/100/IMG_0001.jpg`` and ``DCIM/101/IMG_0001.jpg``
@@ -77,7 +80,7 @@ def collect(inputs: list[str], recursive: bool) -> list[tuple[str, str]]:
     listed: list[Path] = []  # stdin lines and file arguments: one group, one common root
 
     def add(path: Path, rel: str) -> None:
-        found.setdefault(str(path.resolve()), rel)
+        found.setdefault(os.path.abspath(path), rel)  # normalized, not resolved: a link is a path of its own
 
     for spec in inputs:
         if spec == "-":
@@ -95,6 +98,8 @@ def collect(inputs: list[str], recursive: bool) -> list[tuple[str, str]]:
             for p in sorted(files):
                 if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."):
                     add(p, p.relative_to(root).as_posix())
+                elif (p.is_file() or p.is_symlink()) and skipped is not None and not _sidecar(p):
+                    skipped.append(str(p))
         else:
             listed.append(Path(spec))  # a file (a missing one fails as an item, not the batch)
     if listed:
@@ -103,6 +108,11 @@ def collect(inputs: list[str], recursive: bool) -> list[tuple[str, str]]:
         for p in absolute:
             add(p, p.relative_to(root).as_posix())
     return sorted(found.items(), key=lambda kv: kv[1])
+
+
+def _sidecar(path: Path) -> bool:
+    """A prompt file beside a photo (``face.txt`` next to ``face.jpg``): part of an item, not a skipped file."""
+    return path.suffix.lower() == ".txt" and any(path.with_suffix(s).exists() for s in IMAGE_SUFFIXES)
 
 
 def pair_last_frames(found: list[tuple[str, str]], pattern: str) -> tuple[list[tuple[str, str]], dict[str, str]]:
@@ -179,17 +189,18 @@ def check_clashes(items: list[Item]) -> None:
                          "or use --name '{stem}.{ext}.{effect}.mp4'")
 
 
-def plan_items(opts: BatchOptions, catalog) -> list[Item]:
+def plan_items(opts: BatchOptions, catalog, skipped: list[str] | None = None) -> list[Item]:
     """Every (photo, effect) item of this shard, with its output, seed and parameters hash.
 
     Outputs are checked over the whole batch (every shard refuses the same clash), before any model loads.
+    Files the folder walks passed over are appended to ``skipped``.
     """
     check_name_pattern(opts.name)
     # With --preset FILE the file is the one effect (resolve(None) reads it); otherwise each named effect.
     effects = opts.effects if opts.preset_file is None else [None]
     presets = {e: catalog.resolve(e, backbone=opts.backbone) for e in effects}
     items = []
-    found, last_frames = pair_last_frames(collect(opts.inputs, opts.recursive), opts.last_frame_pattern)
+    found, last_frames = pair_last_frames(collect(opts.inputs, opts.recursive, skipped), opts.last_frame_pattern)
     for path, rel in found:
         sidecar = Path(path).with_suffix(".txt")
         prompt = sidecar.read_text().strip() if sidecar.is_file() else None

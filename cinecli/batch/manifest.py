@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -82,11 +81,3 @@ def append_manifest(outdir: Path, record: dict) -> None:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, size)
             raise output_error(exc, outdir / MANIFEST) from None
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()

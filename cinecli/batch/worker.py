@@ -10,8 +10,8 @@ from pathlib import Path
 from ..core.devices import release_cached
 from ..core.errors import CineError, DiskFullError
 from ..core.limits import is_out_of_memory
+from ..weights.lock import sha256
 from .items import BatchOptions, Item, item_record
-from .manifest import file_sha256
 
 
 class Worker:
@@ -93,9 +93,9 @@ class Worker:
             frames = slow_down(frames_to_uint8(video), the_plan.slowdown, timings)
             with timings.stage("mp4 encode"):
                 Path(item.output).parent.mkdir(parents=True, exist_ok=True)
-                write_mp4(frames, item.output, the_plan.fps, metadata(request, the_plan, gen),
+                write_mp4(frames, item.output, the_plan.fps, metadata(request, the_plan, gen, self.opts.crf),
                           crf=self.opts.crf, overwrite=True)
-            record.update(status="ok", output_sha256=file_sha256(Path(item.output)), frames=the_plan.frames,
+            record.update(status="ok", output_sha256=sha256(Path(item.output)), frames=the_plan.frames,
                           output_frames=the_plan.output_frames, width=the_plan.width, height=the_plan.height)
         except DiskFullError:
             raise  # every later item would fail the same way: the batch stops (exit 6)

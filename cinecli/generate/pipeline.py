@@ -284,7 +284,7 @@ class Generator:
         if card is None:
             self._effects.use(None)
             return
-        strength = strength if strength is not None else preset.effect_strength if preset.effect_strength is not None else card.strength
+        strength = effect_strength(preset, strength)
         key = f"{card.name}@{strength:g}"
         if key not in self._effects.loaded:
             with self._stage(f"load effect {card.name}"):
@@ -413,8 +413,32 @@ def sampler_settings(spec: SamplerSpec) -> dict:
     return {"shift": spec.shift, "guidance": spec.guidance}
 
 
-def metadata(request: Request, the_plan: Plan, gen: Generator) -> dict:
-    """What goes into the MP4 (and `cine info` shows)."""
+def effect_strength(preset: Preset, strength: float | None = None) -> float | None:
+    """The effect LoRA's strength a run uses: --strength, else the preset's, else the LoRA card's (None: no LoRA)."""
+    if preset.effect is None:
+        return None
+    if strength is not None:
+        return strength
+    return preset.effect_strength if preset.effect_strength is not None else preset.effect.strength
+
+
+def lora_files(preset: Preset, gen: Generator) -> dict[str, str]:
+    """Every LoRA the clip was made with → its file as shared files name it, with its sha256 (hub: repo/file@rev)."""
+    from ..weights.lock import describe, sha256
+
+    out = {}
+    cards = [("lora", c) for c in gen.backbone.merge] + ([("effect", preset.effect)] if preset.effect else [])
+    for kind, card in cards:
+        path = gen.paths.get(f"{kind}:{card.name}")
+        named = describe(card.source, path)
+        if "sha256:" not in named and path is not None and Path(path).is_file():  # not in the lock yet: hash it now
+            named = f"{Path(path).name} sha256:{sha256(Path(path))[:16]}"
+        out[card.name] = named
+    return out
+
+
+def metadata(request: Request, the_plan: Plan, gen: Generator, crf: int) -> dict:
+    """What goes into the MP4 (and `cine info` shows): every setting that changes the pixels."""
     preset = request.preset
     return {
         "cine": __version__, "effect": preset.name, "seed": the_plan.seed, "prompt": the_plan.prompt,
@@ -427,6 +451,8 @@ def metadata(request: Request, the_plan: Plan, gen: Generator) -> dict:
         "slowdown": the_plan.slowdown, "output_frames": the_plan.output_frames,
         "interpolation": INTERPOLATION if the_plan.slowdown > 1 else None,
         "last_frame": Path(str(request.last_frame)).name if request.last_frame is not None else None,
+        "effect_strength": effect_strength(preset, request.effect_strength), "fit": request.fit,
+        "fast_decode": gen.fast_decode, "crf": crf, "lora_files": lora_files(preset, gen),
     }
 
 

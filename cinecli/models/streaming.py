@@ -31,7 +31,6 @@ import torch.nn as nn
 from ..core.devices import activation_dtype, kind, limits, module_to_device, storage_dtype, to_device
 from .wan_dit import Chunking
 
-
 ALIGN = 256  # bytes: every tensor in a slab starts on a 256-byte boundary (what CUDA kernels and copies like)
 
 

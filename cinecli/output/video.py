@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..core.errors import InputError, OutputError, output_error
+from ..core.errors import InputError, OutputError, UsageError, output_error
 
 STDOUT = "-"
 METADATA_KEY = "cine"
@@ -39,10 +39,10 @@ def check_writable(path: str | Path, overwrite: bool) -> None:
             raise OutputError("refusing to write video to a terminal; redirect stdout (cine … -o - > clip.mp4)")
         return
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputError(f"{path} exists; pass --overwrite to replace it")
     if path.is_dir():
         raise OutputError(f"{path} is a directory")
+    if path.exists() and not overwrite:
+        raise OutputError(f"{path} exists; pass --overwrite to replace it")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"output folder {parent} does not exist")
@@ -54,12 +54,28 @@ def check_writable(path: str | Path, overwrite: bool) -> None:
         raise OutputError(f"output folder {parent} is not writable ({exc.strerror or exc})") from None
 
 
-def check_report_path(path: str | Path) -> None:
-    """``--report FILE`` must be writable before anything runs (an existing report is replaced)."""
+def check_report_path(path: str | Path, overwrite: bool) -> None:
+    """``--report FILE`` must be writable before anything runs; an existing one is replaced only with --overwrite."""
     try:
-        check_writable(path, overwrite=True)
+        check_writable(path, overwrite=overwrite)
     except OutputError as exc:
         raise OutputError(f"--report {path}: {exc}") from None
+
+
+def check_output_paths(output: str | Path, inputs: dict[str, str | Path | None]) -> None:
+    """The video's name and place, before anything runs: an MP4 name (``.mp4``: the bytes are MP4 whatever the
+    name), and never one of the run's own inputs (``inputs``: option → path), whatever --overwrite says."""
+    if str(output) == STDOUT:
+        return
+    if Path(output).suffix.lower() != ".mp4":
+        raise UsageError(f"-o {output}: cine writes MP4 video; name the file .mp4 (or give a folder, ending in /)")
+    target = Path(output).resolve()
+    for option, path in inputs.items():
+        if path is None or str(path) == STDOUT:
+            continue
+        same = target == Path(path).resolve() or (target.exists() and Path(path).exists() and target.samefile(path))
+        if same:
+            raise UsageError(f"{option} {path} is also the output (-o {output}); cine never writes over its inputs")
 
 
 def _encode(container, frames: np.ndarray, fps: int, crf: int) -> None:

@@ -6,7 +6,9 @@ Styles (wan2.1-reference.md §G), any mix of them in one file:
   diffusers  ``transformer.blocks.0.attn1.to_q.lora_A.weight`` / ``lora_B.weight`` (+ ``lora_B.bias``)
   diff       ``<module>.diff`` (full weight delta), ``.diff_b`` (bias delta), ``blocks.N.diff_m`` (modulation delta)
 
-Math: W ← W + strength · scale · (up @ down), scale = alpha / rank when an alpha is stored, else 1;
+Math: W ← W + strength · scale · (up @ down), scale = alpha / rank when an alpha is stored, else 1. diffusers and
+peft store no ``.alpha`` tensors: their alpha (``lora_alpha``, ``alpha_pattern``) is read from the safetensors
+header's ``lora_adapter_metadata`` or an ``adapter_config.json`` beside the file (``adapter_config``);
 ``param ← param + strength · diff`` for full deltas. Key names go through the one normalizer (weights.keys).
 DoRA (``dora_scale`` / ``lora_magnitude_vector``, one magnitude per output row, as peft's ``use_dora``):
 W ← m ⊙ (W + strength·ΔW) / ‖W + strength·ΔW‖ (row norms).
@@ -18,9 +20,13 @@ load (as ComfyUI's "lora key not loaded") and refuse a file when most of its ten
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -42,6 +48,7 @@ class LowRank:
     alpha: float | None = None
     bias: torch.Tensor | None = None
     magnitude: torch.Tensor | None = None  # DoRA: [out], the norm each output row of W + ΔW is rescaled to
+    alpha_source: str = "none"  # where alpha came from: "tensor", a metadata source (ADAPTER_SOURCES), or "none"
 
     @property
     def rank(self) -> int:
@@ -88,8 +95,11 @@ class LoraFile:
     def summary(self) -> dict:
         ranks = Counter(lr.rank for lr in self.low_rank.values())
         alphas = Counter(lr.alpha for lr in self.low_rank.values())
+        sources = Counter(lr.alpha_source for lr in self.low_rank.values())
         return {
-            "format": self.format, "ranks": dict(sorted(ranks.items())), "alphas": {str(k): v for k, v in alphas.items()},
+            "format": self.format, "ranks": dict(sorted(ranks.items())),
+            "alphas": {("none (scale 1)" if k is None else str(k)): v for k, v in alphas.items()},
+            "alpha_sources": dict(sources),
             "low_rank_modules": len(self.low_rank), "full_deltas": len(self.full), "targets": len(self.targets()),
             "unknown_keys": len(self.unknown), "dora_modules": sum(lr.magnitude is not None for lr in self.low_rank.values()),
             "tensors": self.tensors, "ignored": dict(self.ignored),
@@ -102,6 +112,49 @@ class LoraFile:
     def _ignore(self, kind: str, keys: list[str]) -> None:
         self.ignored[kind] += len(keys)
         self.ignored_keys += keys
+
+
+# --- alpha from metadata (diffusers and peft write no .alpha tensors) --------------------------------------------
+ADAPTER_SOURCES = ("safetensors lora_adapter_metadata", "adapter_config.json")
+
+
+def adapter_config(source: Source) -> tuple[dict, str] | None:
+    """peft's LoRA config for a file: diffusers' ``lora_adapter_metadata`` in the safetensors header (keys prefixed
+    ``transformer.``), else peft's ``adapter_config.json`` beside the file → ({r, lora_alpha, alpha_pattern,
+    rank_pattern}, where it came from); None when neither is there (or the source is a state dict)."""
+    if isinstance(source, Mapping):
+        return None
+    path = Path(source)
+    if path.suffix == ".safetensors" and path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            raw = (f.metadata() or {}).get("lora_adapter_metadata")
+        if raw:
+            meta = json.loads(raw)
+            prefixes = {k.split(".", 1)[0] for k in meta if "." in k and k.split(".", 1)[1] in ("r", "lora_alpha")}
+            prefix = "transformer" if "transformer" in prefixes else next(iter(prefixes), None)
+            if prefix:
+                meta = {k.split(".", 1)[1]: v for k, v in meta.items() if k.startswith(prefix + ".")}
+            return meta, ADAPTER_SOURCES[0]
+    config = (path if path.is_dir() else path.parent) / "adapter_config.json"
+    if config.is_file():
+        return json.loads(config.read_text()), ADAPTER_SOURCES[1]
+    return None
+
+
+def _module_alpha(config: dict, module: str) -> float | None:
+    """peft's rule: a key of ``alpha_pattern`` that matches the end of the module name wins, else ``lora_alpha``."""
+    for pattern, alpha in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return float(alpha)
+    return float(config["lora_alpha"]) if config.get("lora_alpha") is not None else None
+
+
+def _file_module(prefix: str) -> str:
+    """The file's own module name of a key prefix: ``transformer.blocks.0.attn1.to_q.lora_A`` → ``blocks.0.attn1.to_q``."""
+    module = re.sub(r"\.(lora_[AB]|lora_down|lora_up)(\.default)?$", "", prefix)
+    return module.split(".", 1)[1] if module.startswith(("transformer.", "diffusion_model.")) else module
 
 
 def _unsupported_kind(key: str) -> str:
@@ -135,6 +188,7 @@ def read_lora(source: Source) -> LoraFile:
             parts.setdefault(module, {})[kind] = tensor
             keys.setdefault(module, []).append(key)
             raw_prefix.setdefault(module, key.rsplit(".", 1)[0])
+    config = adapter_config(source) if any("alpha" not in p for p in parts.values()) else None
     for module, p in parts.items():
         if "mid" in p:  # LoCon Tucker: the delta needs the mid factor, which cine does not apply
             lora._ignore("lora_mid", keys[module])
@@ -148,13 +202,17 @@ def read_lora(source: Source) -> LoraFile:
         down, up = p["down"], p["up"]
         if down.shape[0] != up.shape[1]:
             raise WeightsError(f"LoRA module {module}: down {tuple(down.shape)} and up {tuple(up.shape)} ranks differ")
-        alpha = float(p["alpha"]) if "alpha" in p else None
+        alpha, alpha_source = (float(p["alpha"]), "tensor") if "alpha" in p else (None, "none")
+        if alpha is None and config is not None:
+            alpha = _module_alpha(config[0], _file_module(raw_prefix[module]))
+            alpha_source = config[1] if alpha is not None else "none"
         magnitude = p.get("dora")
         if magnitude is not None and magnitude.numel() != up.shape[0]:  # LyCORIS wd_on_output=False: per input column
             lora._ignore("dora_scale (input axis)", [k for k in keys[module] if "dora_scale" in k or "magnitude" in k])
             magnitude = None
         lora.low_rank[module] = LowRank(down=down, up=up.flatten(1) if up.ndim > 2 else up, alpha=alpha, bias=p.get("bias"),
-                                        magnitude=magnitude.flatten() if magnitude is not None else None)
+                                        magnitude=magnitude.flatten() if magnitude is not None else None,
+                                        alpha_source=alpha_source)
     if not lora.low_rank and not lora.full and set(lora.ignored) <= {"unrecognised"}:
         sample = ", ".join(lora.unknown[:3])
         raise WeightsError(f"no LoRA tensors recognised (first keys: {sample or 'none'})")
