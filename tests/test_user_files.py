@@ -157,3 +157,27 @@ def test_diffusers_lora_alpha_from_metadata_and_adapter_config(tmp_path):
     peft_lora = read_lora(tmp_path / "p" / "adapter_model.safetensors")
     assert {lr.scale for lr in peft_lora.low_rank.values()} == {0.5}
     assert {lr.alpha_source for lr in peft_lora.low_rank.values()} == {"adapter_config.json"}
+
+
+# 13, 14, 20: a batch without weights stops once (exit 4); failures name photos as given; -q prints the outputs
+def test_batch_without_weights_stops_once_with_exit_4(env, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("photos").mkdir()
+    for i in range(3):
+        sample_image(96, 64).save(f"photos/p{i}.png")
+    r = cine("batch", "photos", "-e", "bullet-time,slowmo", "-o", "clips")
+    assert r.exit_code == 4, r.output
+    assert r.stderr.count("cine: error:") == 1 and r.stderr.count("missing") <= 2
+
+
+def test_batch_names_photos_as_given_and_quiet_prints_outputs(backbone, env, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("photos").mkdir()
+    sample_image(96, 64).save("photos/good.png")
+    Path("photos/bad.png").write_text("not an image")
+    r = cine("batch", "photos", "--preset", backbone, "-o", "clips", "--frames", "5")
+    assert r.exit_code == 8
+    assert "photos/bad.png" in r.stderr and "../photos" not in r.stderr
+    assert (Path("clips") / "manifest.jsonl").read_text().count('"input":"../photos/bad.png"') == 1  # manifest: OUTDIR-relative
+    q = cine("batch", "photos", "--preset", backbone, "-o", "clips2", "--frames", "5", "-q")
+    assert q.exit_code == 8 and q.stdout.strip().splitlines() == [str(Path("clips2") / "good.selftest.mp4")]

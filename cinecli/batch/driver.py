@@ -4,6 +4,7 @@ or hands the items to a remote runner (``ray_driver.run_on_ray``, chosen by the 
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -59,7 +60,7 @@ def run_batch(opts: BatchOptions, console, remote: RemoteRunner | None = None) -
         records = run_local(opts, todo, console)
     failed = [r for r in records if r["status"] != "ok"]
     if not opts.quiet:
-        summary(console, len(records) - len(failed), failed, len(skipped), len(kept))
+        summary(console, len(records) - len(failed), failed, len(skipped), len(kept), opts.outdir)
     if len(records) < len(todo):
         return EXIT_INTERRUPTED
     return EXIT_SOME_FAILED if failed else 0
@@ -91,6 +92,13 @@ def emit(opts: BatchOptions, record: dict, record_in_manifest: bool = True) -> N
             raise output_error(exc, "stdout") from None
 
 
+def as_given(text: str, record: dict | None = None, item: Item | None = None) -> str:
+    """A path for the person at the terminal: relative to where they stand (the manifest's are relative to OUTDIR)."""
+    if record is not None and item is not None:
+        return text.replace(record["input"], os.path.relpath(item.input))
+    return os.path.relpath(text) if os.path.isabs(text) else text
+
+
 def run_local(opts: BatchOptions, todo: list[Item], console) -> list[dict]:
     worker = Worker(opts)
     worker.encode_prompts(todo)
@@ -113,9 +121,11 @@ def run_local(opts: BatchOptions, todo: list[Item], console) -> list[dict]:
             if progress:
                 progress.advance(task)
             elif not opts.quiet:
-                status = "ok" if record["status"] == "ok" else f"FAILED ({record['error']})"
-                console.print(f"[{k}/{len(todo)}] {item.effect} {item.rel} → {item.output}: {status} in {record['seconds']:.1f} s",
-                              highlight=False, markup=False)
+                status = "ok" if record["status"] == "ok" else f"FAILED ({as_given(record['error'], record, item)})"
+                console.print(f"[{k}/{len(todo)}] {item.effect} {as_given(item.input)} → {as_given(item.output)}: {status} "
+                              f"in {record['seconds']:.1f} s", highlight=False, markup=False)
+            if opts.quiet and not opts.as_json and record["status"] == "ok":
+                print(item.output, flush=True)  # -q: the output paths, one per line, as `cine run -q` prints its one
     except KeyboardInterrupt:
         console.print("interrupted: finished items are kept; rerun the same command to continue", highlight=False)
     finally:
@@ -124,7 +134,7 @@ def run_local(opts: BatchOptions, todo: list[Item], console) -> list[dict]:
     return records
 
 
-def summary(console, ok: int, failed: list[dict], skipped: int, kept: int = 0) -> None:
+def summary(console, ok: int, failed: list[dict], skipped: int, kept: int = 0, outdir: Path = Path(".")) -> None:
     from rich.table import Table
 
     table = Table("result", "items", title="cine batch", title_justify="left")
@@ -135,6 +145,8 @@ def summary(console, ok: int, failed: list[dict], skipped: int, kept: int = 0) -
     table.add_row("failed", str(len(failed)))
     console.print(table)
     for r in failed[:20]:
-        console.print(f"  failed: {r['rel']} [{r['effect']}]: {r['error']}", highlight=False, markup=False)
+        given = os.path.relpath(os.path.join(outdir, r["input"]))  # the manifest's path is relative to OUTDIR
+        console.print(f"  failed: {given} [{r['effect']}]: {(r['error'] or '').replace(r['input'], given)}",
+                      highlight=False, markup=False)
     if failed:
         console.print(f"  details in {MANIFEST}", highlight=False)

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from ..core.devices import release_cached
-from ..core.errors import CineError, DiskFullError
+from ..core.errors import CineError, DiskFullError, WeightsError
 from ..core.limits import is_out_of_memory
 from ..weights.lock import sha256
 from .items import BatchOptions, Item, item_record
@@ -70,7 +70,8 @@ class Worker:
                 pass  # e.g. missing weights: each item reports it
 
     def process(self, item: Item) -> dict:
-        """Make one item's video; never raises for a per-item problem (it becomes a failed record)."""
+        """Make one item's video; never raises for a per-item problem (it becomes a failed record). A full disk or
+        a backbone's weights (missing, unreadable) fail every item alike: they stop the batch, with one line."""
         from ..core.timing import Timings
         from ..generate.image import read_image
         from ..generate.pipeline import Request, metadata, plan
@@ -97,8 +98,8 @@ class Worker:
                           crf=self.opts.crf, overwrite=True)
             record.update(status="ok", output_sha256=sha256(Path(item.output)), frames=the_plan.frames,
                           output_frames=the_plan.output_frames, width=the_plan.width, height=the_plan.height)
-        except DiskFullError:
-            raise  # every later item would fail the same way: the batch stops (exit 6)
+        except (DiskFullError, WeightsError):
+            raise  # every later item would fail the same way (a full disk, a backbone's missing weights): stop once
         except CineError as exc:
             error = str(exc).splitlines()[0].replace(item.input, record["input"])  # no absolute local path
             record.update(error=error, stage=timings.last_stage, exit_code=exc.exit_code)
