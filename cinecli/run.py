@@ -268,5 +268,4 @@ def _dry_run(opts: RunOptions, preset: Preset, p: Plan, image_size, output: str,
     for st in mp.stages:
         lines.append(f"    {st.stage:22s} device {human_bytes(st.device_peak_bytes):>9s}   host {human_bytes(st.host_peak_bytes):>9s}")
     sys.stderr.write("\n".join(lines) + "\n")
-    print(output)
     return doc

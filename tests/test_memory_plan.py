@@ -190,7 +190,7 @@ def test_dry_run_with_missing_weights_shows_real_sizes(env, photo, roomy):
     # not the 32.8 GB source mapped next to a 13.8 GB converted copy
     assert 0.5e9 < stages["load dit"]["host_peak_bytes"] < 3e9
     text = cine("bullet-time", photo, "--dry-run")
-    assert "MISSING    30.5 GB" in text.stderr and "memory plan on cpu: DiT hybrid (12.8 GB)" in text.stderr
+    assert "MISSING    32.8 GB" in text.stderr and "memory plan on cpu: DiT hybrid (13.8 GB)" in text.stderr  # GB = 10⁹
 
 
 def test_official_backbone_stays_available(env, photo, roomy):

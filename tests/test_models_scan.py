@@ -126,6 +126,7 @@ def test_models_dir_persists(how, backbone, env, tmp_path, monkeypatch):
     models = comfy_folder(backbone.parent, tmp_path)
     write_preset(env, backbone.parent)
     if how == "env":
+        (tmp_path / "elsewhere").mkdir(exist_ok=True)  # a folder that is not there is an error now (issue 22)
         monkeypatch.setenv("CINE_MODELS_DIR", os.pathsep.join([str(tmp_path / "elsewhere"), str(models)]))
     else:
         assert cine("models", "scan", models, "--remember").exit_code == 0

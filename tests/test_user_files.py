@@ -181,3 +181,108 @@ def test_batch_names_photos_as_given_and_quiet_prints_outputs(backbone, env, tmp
     assert (Path("clips") / "manifest.jsonl").read_text().count('"input":"../photos/bad.png"') == 1  # manifest: OUTDIR-relative
     q = cine("batch", "photos", "--preset", backbone, "-o", "clips2", "--frames", "5", "-q")
     assert q.exit_code == 8 and q.stdout.strip().splitlines() == [str(Path("clips2") / "good.selftest.mp4")]
+
+
+# 10. --override: a bad format is exit 2, and so is a glob that matches nothing
+def test_quantize_override_errors_are_usage_errors(tmp_path):
+    from wan_fixtures import random_state_dict, tiny_config, write_layout
+
+    cfg = tiny_config()
+    src = write_layout("safetensors", random_state_dict(cfg), tmp_path / "dit", cfg)
+    for override, text in (("blocks.0.*=int9", "unknown weight format"), ("blocks.99.*=int8", "matches no quantizable")):
+        r = cine("quantize", src, "-o", tmp_path / "q.safetensors", "--override", override)
+        assert r.exit_code == 2 and text in r.stderr and len(r.stderr.strip().splitlines()) == 1, (override, r.output)
+
+
+# 11. a very large photo: one line, no Pillow warning before it
+def test_huge_photo_is_one_line_without_pillow_warnings(env, tmp_path):
+    from PIL import Image
+
+    big = tmp_path / "big.png"
+    Image.new("RGB", (12000, 12000)).save(big, compress_level=1)
+    r = cine("bullet-time", big, "--dry-run")
+    assert r.exit_code == 3 and "Warning" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+# 12. one unit convention: GB = 10^9 wherever cine prints a size
+def test_sizes_are_decimal_gigabytes(backbone, env, photo, tmp_path):
+    from cinecli.core.sizes import human_bytes, parse_size
+
+    assert human_bytes(32_800_000_000) == "32.8 GB" and human_bytes(1536) == "1.5 kB"
+    assert human_bytes(parse_size("560MB")) == "560.0 MB"
+    r = cine("run", photo, "--preset", backbone, "--dry-run", "--memory-budget", "1MB")
+    assert r.exit_code == 7 and "1.0 MB usable" in r.stderr and "GB on a machine" in r.stderr
+
+
+# 15. the config folder's backbones.toml is read; unknown preset keys are warned about; a missing CINE_MODELS_DIR is said
+def test_user_backbones_unknown_keys_and_models_dir(backbone, env, photo, tmp_path, monkeypatch):
+    from cinecli.effects.preset import Catalog
+
+    config = Path(os.environ["XDG_CONFIG_HOME"]) / "cine"
+    config.mkdir(parents=True)
+    (config / "backbones.toml").write_text('[my-backbone]\ndit = { path = "/nowhere/dit" }\n')
+    assert "my-backbone" in Catalog().backbones
+    preset = tmp_path / "typo.toml"
+    preset.write_text(backbone.read_text().replace('frames = 9', 'frams = 9').replace(
+        'path = "', f'path = "{backbone.parent}/'))
+    r = cine("run", photo, "--preset", preset, "--dry-run")
+    assert "unknown key 'frams' (did you mean 'frames'?)" in r.stderr
+    monkeypatch.setenv("CINE_MODELS_DIR", str(tmp_path / "nonexistent"))
+    r = cine("bullet-time", photo, "--dry-run")
+    assert r.exit_code == 2 and "CINE_MODELS_DIR" in r.stderr
+
+
+# 17. offline without weights: the line also offers models folders and the self-test
+def test_offline_line_offers_the_self_test(env, photo):
+    r = cine("bullet-time", photo, "-q")
+    assert r.exit_code == 4 and "cine doctor" in r.stderr and "--models-dir" in r.stderr
+
+
+# 9. scan names formats as their publishers do, and knows cine's own files; a single file is identified
+def test_scan_labels_follow_the_publishers(tmp_path):
+    from gguf_fixtures import write_city96_gguf
+    from safetensors.torch import save_file
+    from wan_fixtures import random_state_dict, tiny_config
+
+    from cinecli.models import load_dit
+    from cinecli.models.recipes import RECIPES, quantize_dit, write_quantized
+    from cinecli.models.scan import identify, scan
+
+    cfg = tiny_config()
+    sd = random_state_dict(cfg)
+    write_city96_gguf(sd, tmp_path / "dit-F16.gguf", "F16")
+    f8 = {}
+    for k, v in sd.items():
+        if k.endswith(".weight") and v.ndim == 2 and k.startswith("blocks."):
+            scale = v.abs().amax(1, keepdim=True) / 448
+            f8[k], f8[k.replace(".weight", ".weight_scale")] = (v / scale).to(torch.float8_e4m3fn), scale
+        else:
+            f8[k] = v
+    save_file(f8, tmp_path / "dit_scaled_fp8_e4m3_lightx2v.safetensors")
+    model = load_dit(sd, dtype="bf16")
+    quantize_dit(model, RECIPES["hybrid"])
+    write_quantized(model, tmp_path / "cache-hybrid.safetensors", RECIPES["hybrid"])
+    labels = {f.path.name: f.label for f in scan(tmp_path)}
+    assert labels["dit-F16.gguf"].endswith("GGUF F16")
+    assert labels["dit_scaled_fp8_e4m3_lightx2v.safetensors"].endswith("fp8 scaled per channel (lightx2v)")
+    assert labels["cache-hybrid.safetensors"].endswith("cine hybrid")
+    assert [f.label for f in scan(tmp_path / "dit-F16.gguf")] == [identify(tmp_path / "dit-F16.gguf").label]
+
+
+# 18 (part): a dry run writes nothing on stdout; shape errors name the file; info shows values, not reprs
+def test_dry_run_stdout_shape_errors_and_info_values(backbone, env, photo, tmp_path):
+    from PIL import Image
+
+    r = cine("run", photo, "--preset", backbone, "--dry-run", "-o", tmp_path / "x.mp4")
+    assert r.exit_code == 0 and r.stdout == ""
+    for size in ((1, 1), (20000, 20)):
+        thin = tmp_path / f"thin{size[0]}.png"
+        Image.new("RGB", size).save(thin)
+        r = cine("run", thin, "--preset", backbone, "--dry-run")
+        assert r.exit_code == 3 and str(thin) in r.stderr
+    r = cine("run", photo, "--preset", backbone, "--frames", "1", "--slowdown", "2", "--dry-run")
+    assert "does nothing to a single frame" in r.stderr
+    out = tmp_path / "v.mp4"
+    assert cine("run", photo, "--preset", backbone, "-o", out, "-q").exit_code == 0
+    info = cine("info", out).stdout
+    assert "None" not in info and "['" not in info and "{'" not in info and "last_frame: none" in info

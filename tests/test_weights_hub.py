@@ -144,7 +144,7 @@ def test_lora_inspect_counts_and_refuses_misfits(hub):
 def _hinted(stderr: str) -> tuple[set[str], list[str]]:
     """The missing references and the hinted command of a missing-weights error line."""
     line = stderr.strip().splitlines()[-1]
-    missing, command = line.split("): ", 1)[1].split("; fetch them with: ")
+    missing, command = line.split("): ", 1)[1].split("; use Wan files")[0], line.split("fetch them with: ")[1]
     return set(missing.split(", ")), shlex.split(command)
 
 

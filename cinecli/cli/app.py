@@ -192,7 +192,7 @@ def info(
         return
     print(f"{data['path']}: {data['codec']} {data['width']}x{data['height']} {data['frames']} frames @ {data['fps']} fps")
     for key, value in (data.get("cine") or {}).items():
-        print(f"  {key}: {value}")
+        print(f"  {key}: {readable(value)}")
     if not data.get("cine"):
         print("  (no cine metadata)")
 
@@ -226,6 +226,17 @@ app.command("batch", cls=PlainCommand)(batch)
 def version() -> None:
     """Print cine's version."""
     print(__version__)
+
+
+def readable(value) -> str:
+    """A metadata value as a person reads it: none, a, b, k=v — not Python's None, ['a'], {'k': v}."""
+    if value is None:
+        return "none"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(readable, value)) or "none"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={readable(v)}" for k, v in value.items()) or "none"
+    return str(value)
 
 
 def main() -> None:

@@ -76,7 +76,7 @@ def quantize(
     import copy
 
     from ..models import load_dit
-    from ..models.recipes import get_recipe, quantize_dit, write_quantized
+    from ..models.recipes import check_overrides, get_recipe, quantize_dit, write_quantized
     from ..output.video import check_writable
 
     if output.suffix != ".safetensors":
@@ -92,6 +92,7 @@ def quantize(
         raise UsageError(f"{src} is already quantized ({model.quant_recipe}); quantize the bf16/fp16 original")
     bytes_before = sum(p.numel() for p in model.parameters()) * 2  # as a bf16 checkpoint
     reference = copy.deepcopy(model) if check else None
+    check_overrides(the_recipe, model)
     layers = quantize_dit(model, the_recipe, measure=True)
     try:
         bytes_after = write_quantized(model, output)

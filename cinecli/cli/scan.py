@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from ..core.errors import UsageError
 from ..core.sizes import human_bytes
 from .common import handle_errors, stderr_console
 from .weights import models_app
@@ -26,9 +27,12 @@ def models_scan(folder: Path = typer.Argument(..., help="A models folder (ComfyU
         print(json.dumps([f.as_dict() for f in found], indent=2))
     else:
         for f in found:
-            print(f"{f.kind:13s} {human_bytes(f.bytes):>9s}  {f.label:34s} {f.path.relative_to(folder)}")
+            shown = f.path.relative_to(folder) if folder.is_dir() else f.path
+            print(f"{f.kind:13s} {human_bytes(f.bytes):>9s}  {f.label:34s} {shown}")
         if not found:
             print(f"no .safetensors or .gguf files under {folder}")
     if remember:
+        if not folder.is_dir():
+            raise UsageError(f"--remember takes a folder; {folder} is a file")
         where = remember_folder(folder)
         stderr_console().print(f"runs will look in {folder} (saved in {where})", highlight=False)

@@ -19,12 +19,13 @@ def parse_size(text: object) -> int | None:
 
 
 def human_bytes(n: int | None) -> str:
-    """1536 → '1.5 KB' (binary units); None → '?' (size unknown, e.g. a file not downloaded yet)."""
+    """1536 → '1.5 kB', 32.8e9 → '32.8 GB': decimal units, as the README and --memory-budget's GB (10⁹; GiB is 2³⁰);
+    None → '?' (size unknown, e.g. a file not downloaded yet)."""
     if n is None:
         return "?"
     size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024:
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000:
             return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
+        size /= 1000
     return f"{size:.1f} TB"

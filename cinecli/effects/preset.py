@@ -211,6 +211,21 @@ def _slowdown(value: object, path: Path) -> int:
     return parse_slowdown(value) or 1
 
 
+PRESET_KEYS = ("name", "description", "prompt", "negative_prompt", "backbone", "effect", "effect_strength", "frames",
+               "fps", "max_area", "slowdown", "sampler", "aliases")
+
+
+def _warn_unknown_keys(data: dict, path: Path) -> None:
+    """A key cine does not read (``frams = 49``) would silently do nothing: say so once, with the likely key."""
+    for key in data:
+        if key not in PRESET_KEYS:
+            close = difflib.get_close_matches(key, PRESET_KEYS, n=1, cutoff=0.6)
+            text = f"preset {path}: unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else "") + "; it is ignored"
+            if text not in _WARNED:
+                _WARNED.add(text)
+                sys.stderr.write(f"cine: warning: {text}\n")
+
+
 class Catalog:
     """All backbones, LoRA cards and presets visible to this run (user definitions shadow built-in ones)."""
 
@@ -226,8 +241,12 @@ class Catalog:
         self.problems: dict[str, str] = {}  # user files skipped (name → why): one bad file must not break the rest
         self.extra: tuple[dict, Path] | None = None
         shadowed: dict[str, tuple[dict, Path]] = {}
+        user_backbones = config_dir() / "backbones.toml"  # where the README points (presets/backbones.toml too)
         for d in dirs:  # later directories shadow earlier ones
-            for path in sorted(d.glob("*.toml")) if d.is_dir() else []:
+            files = sorted(d.glob("*.toml")) if d.is_dir() else []
+            if search_user_dir and d == dirs[-1] and user_backbones.is_file():
+                files = [user_backbones, *files]
+            for path in files:
                 if (data := self._read(path, user=d != dirs[0])) is None:
                     continue
                 if path.name == "backbones.toml":
@@ -328,6 +347,7 @@ class Catalog:
             data, path = self.presets[aliases[key]]
             base = path.parent
         name = data.get("name", path.stem)
+        _warn_unknown_keys(data, path)
         try:
             bb = self.backbone(backbone or data["backbone"], base)
             preset = Preset(

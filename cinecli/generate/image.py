@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,10 @@ def read_image(source: str | Path | bytes) -> Image.Image:
         if stream.stat().st_size == 0:
             raise InputError(f"{name}: empty file (0 bytes)")
     try:
-        with Image.open(stream) as img:
+        with warnings.catch_warnings():  # Pillow warns (DecompressionBombWarning) before our own size line
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(stream)
+        with img:
             w, h = img.size
             if w * h > MAX_PIXELS:
                 raise InputError(f"{name}: {w}x{h} is {w * h / 1e6:.0f} MP, more than the {MAX_PIXELS // 1_000_000} MP cine accepts")

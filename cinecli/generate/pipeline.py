@@ -24,7 +24,7 @@ import torch
 
 from .. import __version__
 from ..core.devices import device_rules, image_encoder_dtype, on_host, release_cached, text_encoder_dtype
-from ..core.errors import UsageError
+from ..core.errors import InputError, UsageError
 from ..core.limits import is_out_of_memory
 from ..core.timing import Timings
 from ..effects.preset import Backbone, Preset, SamplerSpec
@@ -122,12 +122,17 @@ def plan(request: Request, image_size: tuple[int, int]) -> Plan:
         else:
             sampler = replace(sampler, steps=request.steps)
     prompt = final_prompt(request)
-    width, height = target_size(*image_size, preset.max_area)
+    try:
+        width, height = target_size(*image_size, preset.max_area)
+    except InputError as exc:  # name the file: a batch has many
+        raise InputError(f"{'stdin' if str(request.image) == '-' else request.image}: {exc}") from None
     notices += enlarge_notice(image_size, (width, height))
+    slowdown = request.slowdown or preset.slowdown
+    if slowdown > 1 and frames < 2:
+        notices.append(f"warning: --slowdown {slowdown} does nothing to a single frame (--frames {frames})")
     seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
     return Plan(width, height, frames, request.fps or preset.fps, seed, prompt,
-                preset.negative_for(sampler, request.negative_prompt), sampler, notices,
-                slowdown=request.slowdown or preset.slowdown)
+                preset.negative_for(sampler, request.negative_prompt), sampler, notices, slowdown=slowdown)
 
 
 def condition_mask(frames: int, lat_h: int, lat_w: int, last_frame: bool) -> torch.Tensor:

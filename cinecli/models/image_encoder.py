@@ -22,11 +22,14 @@ import math
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformers import CLIPVisionConfig, CLIPVisionModel
+
+if TYPE_CHECKING:  # transformers loads only with a model (see text_encoder.py)
+    from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from ..core.devices import choose_device, choose_dtype, has_op, on_host
 from ..core.errors import WeightsError
@@ -58,6 +61,8 @@ class ImageEncoderConfig:
         return (self.image_size // self.patch_size) ** 2 + 1  # patches + CLS = 257 for ViT-H/14 at 224
 
     def to_hf(self) -> CLIPVisionConfig:
+        from transformers import CLIPVisionConfig
+
         return CLIPVisionConfig(
             hidden_size=self.dim, intermediate_size=self.dim_mlp, num_hidden_layers=self.num_layers - 1,
             num_attention_heads=self.num_heads, num_channels=self.in_channels, image_size=self.image_size,
@@ -289,6 +294,8 @@ def load_image_encoder(
     if cfg.assumed:
         log.warning(f"warning: image encoder {describe(source)}: {cfg.assumed}; if that is wrong its features are too")
     last_block = f"encoder.layers.{cfg.num_layers - 1}."  # read by nobody: not built, its tensors skipped
+
+    from transformers import CLIPVisionModel
 
     model = build_empty(lambda: CLIPVisionModel(cfg.to_hf()))
     tower = getattr(model, "vision_model", model)

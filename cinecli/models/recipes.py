@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
-from .quant import QuantLinear, swap_in
+from .quant import QuantLinear, parse_format, swap_in
 
 ATTENTION = ["blocks.*.self_attn.q", "blocks.*.self_attn.k", "blocks.*.self_attn.v", "blocks.*.self_attn.o",
              "blocks.*.cross_attn.q", "blocks.*.cross_attn.k", "blocks.*.cross_attn.v", "blocks.*.cross_attn.o",
@@ -72,7 +72,23 @@ def get_recipe(name: str, overrides: dict[str, str] | None = None) -> Recipe:
     if name not in RECIPES:
         raise UsageError(f"unknown quantization recipe '{name}' (known: {', '.join(RECIPES)})")
     recipe = RECIPES[name]
+    for pattern, fmt in (overrides or {}).items():
+        if fmt != "none":
+            try:
+                parse_format(fmt)
+            except ValueError as exc:
+                raise UsageError(f"--override '{pattern}={fmt}': {exc}") from None
     return Recipe(recipe.name, recipe.rules, recipe.next_safer, dict(overrides or {})) if overrides else recipe
+
+
+def check_overrides(recipe: Recipe, model: nn.Module) -> None:
+    """Every --override must name at least one quantizable layer: a typo'd glob is an error, not a no-op."""
+    from ..core.errors import UsageError
+
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and any(fnmatch.fnmatchcase(n, p) for p in QUANTIZABLE)]
+    for pattern in recipe.overrides:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            raise UsageError(f"--override '{pattern}' matches no quantizable layer (e.g. {names[0] if names else '?'})")
 
 
 @torch.no_grad()

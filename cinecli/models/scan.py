@@ -39,6 +39,7 @@ from ..weights.keys import normalize_dit_keys, normalize_lora_key
 
 SCANNED = (".safetensors", ".sft", ".gguf")
 SIZES = {5120: "14B", 1536: "1.3B"}
+_GGUF_FLOATS = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}  # GGUF's own type names
 _PRECISION = {torch.float8_e4m3fn: "fp8", torch.float8_e5m2: "fp8 e5m2", torch.int8: "int8", torch.bfloat16: "bf16",
               torch.float16: "fp16", torch.float32: "fp32"}
 
@@ -66,11 +67,17 @@ def _precision(path: Path, header: dict, weights: list[str]) -> str:
         kinds = Counter(block_types(path).values())
         if kinds:
             return "GGUF " + kinds.most_common(1)[0][0]
-        return "GGUF " + _PRECISION.get(Counter(header[k][1] for k in weights).most_common(1)[0][0], "?").upper()
+        return "GGUF " + _GGUF_FLOATS.get(Counter(header[k][1] for k in weights).most_common(1)[0][0], "?")
+    from .recipes import read_metadata
+
+    if (meta := read_metadata(path)) is not None:  # cine's own quantized file (cine quantize, the DiT cache)
+        return f"cine {meta.get('recipe', 'quantized')}"
     dtype = Counter(header[k][1] for k in weights).most_common(1)[0][0] if weights else torch.float32
     name = _PRECISION.get(dtype, str(dtype))
     if dtype == torch.float8_e4m3fn and any(k == "scaled_fp8" or k.endswith(".scale_weight") for k in header):
-        name += " scaled"
+        name += " scaled"  # ComfyUI: one scale per tensor
+    elif dtype in (torch.float8_e4m3fn, torch.int8) and any(k.endswith(".weight_scale") for k in header):
+        name += " scaled per channel (lightx2v)"  # lightx2v: a scale per output channel
     return name
 
 
@@ -168,6 +175,8 @@ def identify(path: Path) -> Found:
 def scan(folder: Path) -> list[Found]:
     """Every weight file under ``folder`` (recursively, hidden folders skipped), identified."""
     folder = Path(folder).expanduser()
+    if folder.is_file():  # one file: identify it
+        return [identify(folder)]
     if not folder.is_dir():
         raise UsageError(f"models folder not found: {folder}")
     files = sorted(p for p in folder.rglob("*") if p.suffix in SCANNED and p.is_file()
@@ -185,6 +194,9 @@ def models_dirs() -> list[Path]:
     import tomllib
 
     dirs = [Path(p).expanduser() for p in os.environ.get("CINE_MODELS_DIR", "").split(os.pathsep) if p.strip()]
+    for d in dirs:
+        if not d.is_dir():  # as --models-dir: a folder that is not there is a mistake to say, not to skip
+            raise UsageError(f"CINE_MODELS_DIR: {d} is not a folder")
     if config_path().is_file():
         try:
             dirs += [Path(p).expanduser() for p in tomllib.loads(config_path().read_text()).get("models_dirs", [])]

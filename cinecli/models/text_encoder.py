@@ -24,10 +24,13 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
-from transformers import UMT5Config, UMT5EncoderModel
+
+if TYPE_CHECKING:  # transformers (~1 s, 100 MB) loads only with a model: the plan reads sizes without it
+    from transformers import UMT5Config, UMT5EncoderModel
 
 from ..core.devices import choose_device, choose_dtype
 from ..core.errors import WeightsError
@@ -59,6 +62,8 @@ class TextEncoderConfig:
     def to_hf(self) -> UMT5Config:
         # "gated-gelu" makes transformers use gelu_new, the same tanh formula as Wan's T5 GELU (bit for bit);
         # gelu_pytorch_tanh would be F.gelu(approximate='tanh'): equal in exact arithmetic, rounded differently.
+        from transformers import UMT5Config
+
         return UMT5Config(
             vocab_size=self.vocab_size, d_model=self.dim, d_kv=self.head_dim, d_ff=self.dim_ffn,
             num_layers=self.num_layers, num_heads=self.num_heads, relative_attention_num_buckets=self.num_buckets,
@@ -277,6 +282,8 @@ def load_text_encoder(
     if isinstance(config, str):
         config = TEXT_ENCODER_CONFIGS[config]
     cfg = config or infer_text_config(canonical_shapes, read_config(source))
+
+    from transformers import UMT5EncoderModel
 
     model = build_empty(lambda: UMT5EncoderModel(cfg.to_hf()))
     # The encoder stack reads the embedding through its own module; drop it so the one tensor is read and cast

@@ -366,7 +366,7 @@ def advice(job: Job, m: Machine, err: NoFit) -> str:
             break
     if not job.fast_decode and job.tiny_vae_bytes and _plans(replace(job, fast_decode=True), m):
         ways.append("--fast-decode")
-    ways.append(f"--memory-budget {human(math.ceil(err.needed / GiB * 10) / 10 * GiB)} on a machine that has it")
+    ways.append(f"--memory-budget {math.ceil(err.needed / 1e8) / 10:g}GB on a machine that has it")  # GB = 10⁹
     return f"this job does not fit on {where}: {err.stage} needs {human(err.needed)}; it would fit with " + ", or ".join(ways)
 
 

@@ -159,7 +159,8 @@ def resolve_all(refs: dict[str, WeightRef], pull_hint: str, allow_download: bool
     if missing:
         why = "offline mode" if offline() else "no network"
         names = ", ".join(str(r.ref) for r in missing.values())
-        raise WeightsError(f"missing weights ({why}): {names}; fetch them with: {pull_hint}")
+        raise WeightsError(f"missing weights ({why}): {names}; use Wan files already on disk with --models-dir DIR, try "
+                           f"the self-test with no download (cine doctor), or fetch them with: {pull_hint}")
     for r in found.values():
         check_against_lock(r)
     local = [f for r in found.values() if r.ref.path is not None for f in r.files]
