@@ -16,6 +16,7 @@ from .effects.preset import Catalog, Preset
 from .effects.rules import check_options, unused_option_warnings
 from .generate.image import check_pair, read_image
 from .generate.pipeline import Generator, Plan, Request, metadata, plan, sampler_settings
+from .output.progress import StageProgress
 from .output.slowdown import parse_slowdown, slow_down
 from .output.video import STDOUT, check_output_paths, check_report_path, check_writable, frames_to_uint8, write_mp4
 from .plan.memory import VAE_TILES
@@ -195,20 +196,18 @@ def run_one(opts: RunOptions, console) -> dict | None:
                         fast_decode=opts.fast_decode)
         apply_plan(gen, mp)
     _print_notices(console, the_plan)  # after the checks that fail in one line (bad values, input, missing weights)
-    if not console.is_terminal and not opts.quiet:  # logs and Slurm files: a line per stage (a terminal: the spinner)
-        def progress(name: str, seconds: float) -> None:
-            console.print(f"cine: [{timings.total():7.1f} s] {name}: {seconds:.2f} s", markup=False, highlight=False)
-
+    label = f"{preset.name}: {the_plan.frames} frames {the_plan.width}x{the_plan.height} on {device}"
+    progress = contextlib.nullcontext() if opts.quiet else StageProgress(console, timings, label, the_plan.sampler.num_steps)
+    if not console.is_terminal and not opts.quiet:  # logs: the stages so far (after the one-line checks), then live
         for name, seconds in timings.stages.items():
-            progress(name, seconds)
-        timings.on_stage_end = progress
-    with console.status(f"{preset.name}: {the_plan.frames} frames {the_plan.width}x{the_plan.height} on {device}") if console.is_terminal else contextlib.nullcontext():
+            console.print(f"cine: [{timings.total():7.1f} s] {name}: {seconds:.2f} s", markup=False, highlight=False)
+    with progress:
         video = gen.generate(request, the_plan, image)
-    frames = slow_down(frames_to_uint8(video), the_plan.slowdown, timings)
-    settings = metadata(request, the_plan, gen, opts.crf)  # every setting that shapes the pixels: MP4 and report
-    with timings.stage("mp4 encode"):
-        written = write_mp4(frames, output, the_plan.fps, settings if opts.metadata else None,
-                            crf=opts.crf, overwrite=opts.overwrite)
+        frames = slow_down(frames_to_uint8(video), the_plan.slowdown, timings)
+        settings = metadata(request, the_plan, gen, opts.crf)  # every setting that shapes the pixels: MP4 and report
+        with timings.stage("mp4 encode"):
+            written = write_mp4(frames, output, the_plan.fps, settings if opts.metadata else None,
+                                crf=opts.crf, overwrite=opts.overwrite)
     sizes = {"width": the_plan.width, "height": the_plan.height, "frames": the_plan.frames, "fps": the_plan.fps,
              "slowdown": the_plan.slowdown, "output_frames": the_plan.output_frames,
              "latent": list(the_plan.latent_shape), "tokens": the_plan.tokens, "input": list(image.size)}

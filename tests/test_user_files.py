@@ -286,3 +286,58 @@ def test_dry_run_stdout_shape_errors_and_info_values(backbone, env, photo, tmp_p
     assert cine("run", photo, "--preset", backbone, "-o", out, "-q").exit_code == 0
     info = cine("info", out).stdout
     assert "None" not in info and "['" not in info and "{'" not in info and "last_frame: none" in info
+
+
+# 16. Click's own errors are one `cine: error:` line (the entry point); exit codes by kind
+@pytest.mark.parametrize("args", [["run", "p.png", "--frames", "1.5"], ["run", "p.png", "--seed", "abc"], ["--bogus"]])
+def test_usage_errors_are_one_line(args, env):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "cinecli", *args], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("cine: error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_exit_codes_by_kind(backbone, env, tmp_path):
+    assert cine("lora", "inspect", tmp_path / "missing.safetensors").exit_code == 4  # weights, not a photo (3)
+    (tmp_path / "afile").write_text("x")
+    assert cine("batch", tmp_path, "--preset", backbone, "-o", tmp_path / "afile").exit_code == 6  # the output
+    names = cine("effects")  # not a terminal: the names alone, once
+    assert names.stdout.split() == sorted(set(names.stdout.split())) and "┃" not in names.output
+
+
+# 19. progress: a terminal sees the stage, step i/N and the time left; a log sees each stage as it starts
+def test_progress_on_a_terminal_and_in_a_log():
+    import io
+
+    from rich.console import Console
+
+    from cinecli.core.timing import Timings
+    from cinecli.output.progress import StageProgress
+
+    for terminal in (True, False):
+        out = io.StringIO()
+        console = Console(file=out, force_terminal=terminal, width=160, color_system=None)
+        timings = Timings()
+        timings.stages["vae encode"] = 10.0
+        with StageProgress(console, timings, "selftest: 9 frames", steps=4) as progress:
+            with timings.stage("denoise step 1/4"):
+                pass
+            progress.step_seconds[-1] = 2.0  # a measured step of 2 s
+            assert progress.eta() == 3 * 2.0 + 1.6 * 10.0  # three steps to go, then the decode
+            with timings.stage("denoise step 2/4"):
+                text = out.getvalue()
+        if terminal:
+            assert "denoise step 2/4" in text and "1/4" in text and "left" in text
+        else:
+            assert "denoise step 2/4 …" in text and "denoise step 1/4: " in text
+
+
+def test_a_dry_run_plans_without_importing_model_code(backbone, env, photo):
+    import subprocess
+    import sys
+
+    code = ("import sys; from typer.testing import CliRunner; from cinecli.cli.app import app; "
+            f"r = CliRunner().invoke(app, ['run', {str(photo)!r}, '--preset', {str(backbone)!r}, '--dry-run']); "
+            "assert r.exit_code == 0, r.output; assert 'transformers' not in sys.modules and 'peft' not in sys.modules")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0

@@ -9,6 +9,7 @@ Expected failures print one line and exit with the codes of ``cinecli.core.error
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -166,13 +167,17 @@ def effects(
     if as_json:
         print(json.dumps(rows, indent=2))
         return
+    if not sys.stdout.isatty():  # a pipe or a script: the names, one per line (`cine effects | head -1`)
+        print("\n".join(r["effect"] for r in rows))
+        return
+    from rich.console import Console
     from rich.table import Table
 
     table = Table("effect", "aliases", "backbone", "effect LoRA", "frames", "steps")
     for r in rows:
         table.add_row(r["effect"], ", ".join(r["aliases"]), r["backbone"], r["lora"] or "(prompt only)", str(r["frames"]), str(r["steps"]))
-    stderr_console().print(table)
-    print("\n".join(r["effect"] for r in rows))
+    table.columns[2].no_wrap = True  # backbone names are identifiers: whole, never cut with …
+    Console(width=max(Console().width, 120)).print(table)  # a terminal: the table alone
 
 
 @app.command("info", cls=PlainCommand)
@@ -240,7 +245,25 @@ def readable(value) -> str:
 
 
 def main() -> None:
-    app(prog_name="cine")
+    """The ``cine`` entry point. Click's own usage errors (``--frames 1.5``, ``--bogus``) print as one
+    ``cine: error:`` line like every other error (exit 2), not Click's four-line block."""
+    from .common import click_errors
+
+    try:
+        code = app(prog_name="cine", standalone_mode=False)
+    except getattr(click_errors, "NoArgsIsHelpError", ()) as exc:  # bare `cine`: the help, as before
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click_errors.ClickException as exc:
+        message = (exc.format_message() or type(exc).__name__).strip().splitlines()[0]
+        ctx = getattr(exc, "ctx", None)
+        where = " ".join(ctx.command_path.split()[1:]) if ctx is not None else ""
+        sys.stderr.write(f"cine: error: {message[:1].lower() + message[1:]} (cine {where + ' ' if where else ''}-h for help)\n")
+        sys.exit(exc.exit_code)
+    except (getattr(click_errors, "Abort", typer.Abort), typer.Abort):
+        sys.stderr.write("cine: interrupted\n")
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from ..batch.items import LAST_FRAME_PATTERN
-from ..core.errors import UsageError
+from ..core.errors import OutputError, UsageError
 from .common import MODELS_DIR_HELP, handle_errors, set_models_dir, set_offline, stderr_console
 
 
@@ -60,7 +60,7 @@ def batch(
     check_choices(effects=effects, preset_file=preset_file)
     check_options(locals())  # every option by its parameter name, against the one table (checks.RULES)
     if outdir.exists() and not outdir.is_dir():
-        raise UsageError(f"-o {outdir} exists and is not a folder")
+        raise OutputError(f"-o {outdir} exists and is not a folder")  # the output cannot be written: exit 6
     opts = BatchOptions(
         inputs=inputs, effects=[e.strip() for e in effects.split(",") if e.strip()] if effects else [],
         outdir=outdir, recursive=recursive, name=name, seed=seed, frames=frames, fps=fps, steps=steps, fit=fit,

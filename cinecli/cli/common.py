@@ -12,6 +12,11 @@ import click
 import typer
 from typer.core import TyperCommand
 
+try:  # typer 0.2x vendors its own click: its errors are not the click package's classes
+    from typer._click import exceptions as click_errors
+except ImportError:  # older typer runs on the click package
+    from click import exceptions as click_errors  # noqa: F811
+
 from ..core.errors import EXIT_BROKEN_PIPE, EXIT_DEVICE, EXIT_FAILURE, EXIT_INTERRUPTED, CineError, UsageError
 from ..core.limits import is_out_of_memory
 
@@ -38,7 +43,7 @@ def handle_errors(fn):
         debug = kwargs.get("debug") or os.environ.get("CINE_DEBUG") == "1"
         try:
             return fn(*args, **kwargs)
-        except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+        except (typer.Exit, typer.Abort, click_errors.ClickException):
             raise
         except CineError as exc:
             if debug:

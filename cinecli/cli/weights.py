@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from ..core.errors import EXIT_WEIGHTS, UsageError
+from ..core.errors import EXIT_WEIGHTS, UsageError, WeightsError
 from ..core.sizes import human_bytes
 from .common import MODELS_DIR_HELP, fail, handle_errors, set_models_dir, stderr_console
 
@@ -176,11 +176,10 @@ def lora_inspect(lora: Path = typer.Argument(..., help="A LoRA file (.safetensor
                  backbone: Optional[str] = typer.Option(None, "--backbone", help="DiT weights (file/folder) or a backbone name to check the fit against."),
                  as_json: bool = typer.Option(False, "--json")) -> None:
     """Format, ranks, alphas and targets of a LoRA; with --backbone, how many tensors match and which do not."""
-    from ..core.errors import WeightsError
     from ..weights.lora_file import check_fit, read_lora
 
     if not lora.exists():
-        fail(f"{lora}: no such file", 3)
+        raise WeightsError(f"{lora}: no such file")  # a weights file: exit 4 (3 is for photos)
     parsed = read_lora(lora)
     doc = {"file": str(lora), **parsed.summary()}
     if backbone is not None:

@@ -87,7 +87,8 @@ class Timings:
 
     _active: str | None = None
     last_stage: str | None = None  # the most recent stage entered: where a failure happened
-    on_stage_end: Callable[[str, float], None] | None = None  # (name, seconds): progress lines where no spinner shows
+    on_stage_start: Callable[[str], None] | None = None  # (name): progress (output/progress.py)
+    on_stage_end: Callable[[str, float], None] | None = None  # (name, seconds)
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -97,6 +98,8 @@ class Timings:
         self._active = self.last_stage = name
         synchronize(self.device)
         _log_stage(name, "start")
+        if self.on_stage_start is not None:
+            self.on_stage_start(name)
         t0 = time.perf_counter()
         try:
             yield
