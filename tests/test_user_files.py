@@ -341,3 +341,32 @@ def test_a_dry_run_plans_without_importing_model_code(backbone, env, photo):
             f"r = CliRunner().invoke(app, ['run', {str(photo)!r}, '--preset', {str(backbone)!r}, '--dry-run']); "
             "assert r.exit_code == 0, r.output; assert 'transformers' not in sys.modules and 'peft' not in sys.modules")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0
+
+
+def test_info_reads_stdin_and_several_files(backbone, env, photo, tmp_path):
+    import subprocess
+    import sys
+
+    a, b = tmp_path / "a.mp4", tmp_path / "b.mp4"
+    for out in (a, b):
+        assert cine("run", photo, "--preset", backbone, "-o", out, "-q").exit_code == 0
+    docs = json.loads(cine("info", a, b, "--json").stdout)
+    assert [Path(d["path"]).name for d in docs] == ["a.mp4", "b.mp4"]
+    r = subprocess.run([sys.executable, "-m", "cinecli", "info", "-"], input=a.read_bytes(), capture_output=True)
+    assert r.returncode == 0 and r.stdout.decode().startswith("stdin: h264")
+
+
+# 18 (part): shell completion knows effects and devices, and --show-completion takes the shell asked for
+def test_completion_offers_effects_and_devices(env):
+    import subprocess
+    import sys
+
+    def complete(words: str, cword: int) -> list[str]:
+        env = {**os.environ, "_CINE_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(cword)}
+        return subprocess.run([sys.executable, "-m", "cinecli"], env=env, capture_output=True, text=True).stdout.split()
+
+    assert {"bullet-time", "bulletti", "run"} <= set(complete("cine ", 1))
+    assert complete("cine run p.png --device m", 4) == ["mps"]
+    assert "bullet-time,slowmo" in complete("cine batch d -e bullet-time,slo", 4)
+    fish = subprocess.run([sys.executable, "-m", "cinecli", "--show-completion", "fish"], capture_output=True, text=True)
+    assert fish.returncode == 0 and "complete --command cine" in fish.stdout

@@ -20,7 +20,17 @@ from typer.core import TyperGroup
 from .. import __version__
 from ..core.errors import EXIT_USAGE, CineError, UsageError
 from .batch import batch
-from .common import MODELS_DIR_HELP, PlainCommand, fail, handle_errors, set_models_dir, set_offline, stderr_console
+from .common import (
+    MODELS_DIR_HELP,
+    PlainCommand,
+    complete_device,
+    complete_effect,
+    fail,
+    handle_errors,
+    set_models_dir,
+    set_offline,
+    stderr_console,
+)
 from .quantize import quantize
 from .weights import lora_app, models_app
 
@@ -62,6 +72,17 @@ class EffectGroup(TyperGroup):
         except CineError as exc:
             fail(f"No such command or effect '{word}': {str(exc).splitlines()[0]}", EXIT_USAGE)
 
+    def shell_complete(self, ctx, incomplete: str):
+        """`cine <TAB>`: the commands and every effect name and alias (an effect is a first word too)."""
+        items = super().shell_complete(ctx, incomplete)
+        try:
+            from typer._click.shell_completion import CompletionItem
+        except ImportError:  # older typer on the click package
+            from click.shell_completion import CompletionItem
+        from .common import complete_effect
+
+        return items + [CompletionItem(name) for name in complete_effect(incomplete) if "," not in name]
+
     def format_usage(self, ctx, formatter):
         formatter.write_usage("cine", "EFFECT PHOTO [-o OUT.mp4] [OPTIONS]  |  cine COMMAND [ARGS]...")
 
@@ -92,7 +113,8 @@ def _global_options(
 def run(
     image: str = typer.Argument(..., metavar="PHOTO", help="Photo to animate (a file, or - to read it from stdin)."),
     output: Optional[str] = typer.Option(None, "-o", "--output", metavar="OUT", help="Output MP4, DIR/ (names it <stem>.<effect>.mp4) or - for stdout."),
-    effect: Optional[str] = typer.Option(None, "--effect", "-e", help="Effect or alias (cine effects lists them)."),
+    effect: Optional[str] = typer.Option(None, "--effect", "-e", help="Effect or alias (cine effects lists them).",
+                                         autocompletion=complete_effect),
     preset_file: Optional[Path] = typer.Option(None, "--preset", help="A preset TOML file to use instead of a named effect."),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="Use another backbone than the preset's."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Replace the preset's prompt (trigger words are kept)."),
@@ -104,7 +126,7 @@ def run(
     fit: str = typer.Option("crop", "--fit", help="How the photo meets the frame: crop, pad or stretch."),
     last_frame: Optional[str] = typer.Option(None, "--last-frame", help="End image (backbones that support it)."),
     slowdown: Optional[str] = typer.Option(None, "--slowdown", help="Synthesize frames after decoding: 2, 3 or 4x longer at the same fps, or off (slow-motion: 2)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps.", autocompletion=complete_device),
     dtype: str = typer.Option("auto", "--dtype", help="Weight dtype: auto, bf16, fp16 or fp32."),
     crf: int = typer.Option(18, "--crf", help="H.264 quality (lower is better, 18 is visually lossless)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
@@ -183,23 +205,31 @@ def effects(
 @app.command("info", cls=PlainCommand)
 @handle_errors
 def info(
-    file: Path = typer.Argument(..., help="An MP4 written by cine."),
-    as_json: bool = typer.Option(False, "--json", help="JSON on stdout."),
+    files: list[str] = typer.Argument(..., help="MP4s written by cine, or - for one on stdin (`… -o - | cine info -`)."),
+    as_json: bool = typer.Option(False, "--json", help="JSON on stdout (a list when several files are given)."),
 ) -> None:
-    """Show a clip's stream facts and the settings cine stored in it."""
+    """Show clips' stream facts and the settings cine stored in them."""
+    import io
+
     from ..output.video import read_info
 
-    if not file.exists():
-        fail(f"{file}: no such file", 3)
-    data = read_info(file)
+    docs = []
+    for file in files:
+        if file == "-":
+            docs.append(read_info(io.BytesIO(sys.stdin.buffer.read()), name="stdin"))
+            continue
+        if not Path(file).exists():
+            fail(f"{file}: no such file", 3)
+        docs.append(read_info(file))
     if as_json:
-        print(json.dumps(data, indent=2))
+        print(json.dumps(docs[0] if len(docs) == 1 else docs, indent=2))
         return
-    print(f"{data['path']}: {data['codec']} {data['width']}x{data['height']} {data['frames']} frames @ {data['fps']} fps")
-    for key, value in (data.get("cine") or {}).items():
-        print(f"  {key}: {readable(value)}")
-    if not data.get("cine"):
-        print("  (no cine metadata)")
+    for data in docs:
+        print(f"{data['path']}: {data['codec']} {data['width']}x{data['height']} {data['frames']} frames @ {data['fps']} fps")
+        for key, value in (data.get("cine") or {}).items():
+            print(f"  {key}: {readable(value)}")
+        if not data.get("cine"):
+            print("  (no cine metadata)")
 
 
 @app.command("doctor", cls=PlainCommand)
@@ -233,6 +263,9 @@ def version() -> None:
     print(__version__)
 
 
+SHELLS = ("bash", "zsh", "fish", "powershell", "pwsh")
+
+
 def readable(value) -> str:
     """A metadata value as a person reads it: none, a, b, k=v — not Python's None, ['a'], {'k': v}."""
     if value is None:
@@ -249,6 +282,15 @@ def main() -> None:
     ``cine: error:`` line like every other error (exit 2), not Click's four-line block."""
     from .common import click_errors
 
+    args = sys.argv[1:]
+    if len(args) == 2 and args[0] == "--show-completion" and args[1] in SHELLS:  # a named shell, not the detected one
+        try:
+            from typer._completion_shared import get_completion_script
+        except ImportError:  # another typer: its own --show-completion handles it
+            pass
+        else:
+            print(get_completion_script(prog_name="cine", complete_var="_CINE_COMPLETE", shell=args[1]))
+            sys.exit(0)
     try:
         code = app(prog_name="cine", standalone_mode=False)
     except getattr(click_errors, "NoArgsIsHelpError", ()) as exc:  # bare `cine`: the help, as before

@@ -10,13 +10,22 @@ import typer
 
 from ..batch.items import LAST_FRAME_PATTERN
 from ..core.errors import OutputError, UsageError
-from .common import MODELS_DIR_HELP, handle_errors, set_models_dir, set_offline, stderr_console
+from .common import (
+    MODELS_DIR_HELP,
+    complete_device,
+    complete_effect,
+    handle_errors,
+    set_models_dir,
+    set_offline,
+    stderr_console,
+)
 
 
 @handle_errors
 def batch(
     inputs: list[str] = typer.Argument(..., help="Folders, files, globs, or - for newline-separated paths on stdin."),
-    effects: Optional[str] = typer.Option(None, "-e", "--effect", help="Effect(s), comma-separated: bullet-time,slowmo."),
+    effects: Optional[str] = typer.Option(None, "-e", "--effect", help="Effect(s), comma-separated: bullet-time,slowmo.",
+                                          autocompletion=complete_effect),
     outdir: Path = typer.Option(..., "-o", "--output", help="Output folder (input subfolders are mirrored)."),
     recursive: bool = typer.Option(False, "-r", "--recursive", help="Descend into subfolders of input folders."),
     name: str = typer.Option("{stem}.{effect}.mp4", "--name", help="Output file name pattern: {stem}, {effect}, {ext}."),
@@ -25,7 +34,7 @@ def batch(
     fps: Optional[int] = typer.Option(None, "--fps"),
     steps: Optional[int] = typer.Option(None, "--steps"),
     fit: str = typer.Option("crop", "--fit", help="crop, pad or stretch."),
-    device: str = typer.Option("auto", "--device"),
+    device: str = typer.Option("auto", "--device", autocompletion=complete_device),
     dtype: str = typer.Option("auto", "--dtype"),
     quantize_recipe: Optional[str] = typer.Option(None, "--quantize", help="Quantize the DiT at load (hybrid, compact, fp8, int8)."),
     backbone: Optional[str] = typer.Option(None, "--backbone"),

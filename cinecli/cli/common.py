@@ -75,6 +75,23 @@ def set_offline(offline: bool) -> None:
         os.environ["HF_HUB_OFFLINE"] = "1"  # must be set before huggingface_hub is imported
 
 
+def complete_device(incomplete: str) -> list[str]:
+    """Shell completion for --device (no torch import: completion must be instant)."""
+    return [d for d in ("auto", "cpu", "cuda", "cuda:0", "cuda:1", "mps") if d.startswith(incomplete)]
+
+
+def complete_effect(incomplete: str) -> list[str]:
+    """Shell completion for effect names and aliases (comma-separated lists complete their last item)."""
+    from ..effects.preset import Catalog
+
+    head, _, last = incomplete.rpartition(",")
+    try:
+        names = sorted(Catalog().aliases())
+    except Exception:  # noqa: BLE001 - a broken user preset must not break the shell
+        return []
+    return [f"{head + ',' if head else ''}{n}" for n in names if n.startswith(last)]
+
+
 MODELS_DIR_HELP = "A ComfyUI / Wan2GP / any models folder whose Wan files to use instead of downloading (as CINE_MODELS_DIR)."
 
 

@@ -8,6 +8,7 @@ Linux, so even SIGKILL leaves nothing behind); without ``overwrite`` the final l
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import sys
@@ -195,7 +196,7 @@ def _umask() -> int:
 IMAGE_DEMUXERS = ("image2", "_pipe")  # ffmpeg opens a PNG/JPEG as a one-frame "video" through these
 
 
-def read_info(path: str | Path) -> dict:
+def read_info(path: str | Path | io.BytesIO, name: str | None = None) -> dict:
     """What ``cine info`` shows: stream facts plus the cine metadata stored in the file.
 
     Counts frames by demuxing (no decoding); a file that is not a video, or whose packets stop short of what
@@ -203,8 +204,9 @@ def read_info(path: str | Path) -> dict:
     """
     import av
 
+    source, path = (path, name or "stdin") if isinstance(path, io.BytesIO) else (str(path), path)
     try:
-        with av.open(str(path)) as container:
+        with av.open(source) as container:
             fmt = container.format.name
             if not container.streams.video or fmt == "image2" or fmt.endswith("_pipe"):
                 raise InputError(f"{path}: not a video ({'an image' if container.streams.video else 'no video stream'})")
@@ -223,7 +225,7 @@ def read_info(path: str | Path) -> dict:
             }
             raw = container.metadata.get(METADATA_KEY) or container.metadata.get("comment")
     except av.error.FFmpegError as exc:
-        why = "truncated" if _looks_like_mp4(path) else "not a video"
+        why = "truncated" if isinstance(source, str) and _looks_like_mp4(source) else "not a video"
         raise InputError(f"{path}: {why} ({getattr(exc, 'strerror', None) or type(exc).__name__})") from None
     except (IndexError, OSError) as exc:
         raise InputError(f"{path}: not a video ({exc})") from None
