@@ -17,6 +17,16 @@ def backbone(tmp_path_factory) -> Path:
     return write_backbone(tmp_path_factory.mktemp("selftest"))
 
 
+@pytest.fixture
+def photo(tmp_path) -> Path:
+    """A 96x64 test photo (a gradient and a disc) on disk."""
+    from cinecli.generate.selftest import sample_image
+
+    path = tmp_path / "portrait.png"
+    sample_image(96, 64).save(path)
+    return path
+
+
 @pytest.fixture(autouse=True)
 def own_folders(tmp_path, monkeypatch) -> None:
     """Every test gets its own cache, data and config folders: nothing a test does reaches the user's real ones

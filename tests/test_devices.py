@@ -22,13 +22,6 @@ GiB = 1 << 30
 
 
 @pytest.fixture
-def photo(tmp_path) -> Path:
-    path = tmp_path / "portrait.png"
-    sample_image(96, 64).save(path)
-    return path
-
-
-@pytest.fixture
 def mps(monkeypatch):
     monkeypatch.setenv("CINE_EMULATE_DEVICE", "mps")
     monkeypatch.delenv("CINE_EMULATE_DEVICE_MEMORY", raising=False)

@@ -20,13 +20,6 @@ def cine(*args):
     return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
-@pytest.fixture
-def photo(tmp_path) -> Path:
-    path = tmp_path / "portrait.png"
-    sample_image(96, 64).save(path)
-    return path
-
-
 def lines(r) -> list[dict]:
     return [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
 

@@ -400,14 +400,12 @@ class Generator:
 
 def chunking_for(name: str, default):
     """The plan's chunking name → a ``wan_dit.Chunking`` (``default``: the loader's, for its device)."""
-    from dataclasses import replace as with_fields
-
     from ..models.wan_dit import Chunking
 
     if name == "whole":
         return Chunking.whole(default.score_bytes)
     if name == "held":
-        return with_fields(default, hold_weights=True)
+        return replace(default, hold_weights=True)
     return default
 
 
