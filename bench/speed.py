@@ -123,6 +123,10 @@ def load_variant(variant: str, folder: Path, device: torch.device, args):
         model.compute_dtype = torch.float32  # the path CPUs without native bf16 take (devices.activation_dtype)
     if variant != "bf16":
         quantize_dit(model, RECIPES[variant])
+    if args.chunking:  # what the memory plan would choose (wan_dit.Chunking): chunked, held or whole
+        from cinecli.generate.pipeline import chunking_for
+
+        model.chunking = chunking_for(args.chunking, model.chunking)
     if args.compile:
         from cinecli.models.compiled import compile_blocks
 
@@ -202,6 +206,7 @@ def main() -> None:
     p.add_argument("--activations", choices=["auto", "fp32"], default="auto",
                    help="fp32: the activation path of CPUs without native bf16, forced (cine variants)")
     p.add_argument("--compile", action="store_true", help="regional torch.compile of cine's blocks")
+    p.add_argument("--chunking", choices=["chunked", "held", "whole"], help="cine's block chunking (default: the loader's)")
     p.add_argument("--fp8-matmul", action="store_true", help="FP8 GEMMs for fp8 layers (CUDA sm90+; CINE_FP8_MATMUL=1)")
     p.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=1)

@@ -368,7 +368,7 @@ def test_cuda_plan_runs_the_whole_sequence_when_it_fits():
     assert make_plan(job("1.3b", 81), gpu(24)).chunking == "whole"
     small = make_plan(job("14b", 81), gpu(8))
     assert small.chunking in ("held", "chunked") and small.dit == "streamed"
-    assert make_plan(job("1.3b", 49), cpu(64)).chunking == "chunked"  # the CPU keeps bounded chunks
+    assert make_plan(job("1.3b", 49), cpu(64)).chunking == "held"  # the CPU: bounded chunks, weights held per block
 
 
 # --- 8 and 12. streamed blocks: exactly pinned slabs, a device pool of two blocks ------------------------------

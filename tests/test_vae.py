@@ -9,6 +9,7 @@ re-statement of the TAEHV graph written below straight from the checkpoint layou
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from cinecli.core.devices import vae_dtype
 from cinecli.core.errors import WeightsError
 from cinecli.models.tiny_vae import TinyVAE
 from cinecli.models.vae_loader import load_tiny_vae, load_vae, normalize_vae_keys
@@ -154,13 +156,13 @@ def test_full_size_module_tree_has_checkpoint_names():
 
 @pytest.fixture(scope="module")
 def loaded_from_diffusers(reference):
-    return load_vae(reference[1]["diffusers"])
+    return load_vae(reference[1]["diffusers"], dtype="fp32")  # number for number: the reference's precision
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_matches_diffusers_fp32(reference, loaded_from_diffusers, layout):
     _, paths, _, outputs = reference
-    vae = load_vae(paths[layout])
+    vae = load_vae(paths[layout], dtype="fp32")
     assert vae.dtype == torch.float32 and vae.cfg == loaded_from_diffusers.cfg and vae.cfg.base_dim == 8
     # Every layout must give the very same weights; all clips run on the diffusers folder, one on the others.
     first = loaded_from_diffusers.state_dict()
@@ -180,7 +182,8 @@ def test_matches_diffusers_fp32(reference, loaded_from_diffusers, layout):
 
 def test_state_dict_source_and_bf16(reference):
     ref, _, original, outputs = reference
-    vae32 = load_vae(original)
+    vae32 = load_vae(original, dtype="fp32")
+    assert load_vae(original).dtype == vae_dtype("cpu")  # no dtype: the device's choice (bf16 where native)
     vae16 = load_vae(ref.state_dict(), dtype="bf16")  # diffusers names, straight from memory
     assert vae16.dtype == torch.bfloat16
     video, _, latents, _ = outputs[2]
@@ -444,3 +447,24 @@ def test_tiny_vae_encode_and_decoder_only(tmp_path):
     del decoder_only["decoder.22.bias"]
     with pytest.raises(WeightsError, match="decoder.22.bias"):
         load_tiny_vae(decoder_only)
+
+
+def test_a_16bit_vae_on_the_cpu_is_cast_once_and_memory_mapped(reference):
+    """The official fp32 VAE run in bf16 on the CPU: converted once into cine's cache and mapped from there, so its
+    pages can be dropped after each stage like the original's (not a private copy for the whole run)."""
+    import os
+
+    from cinecli.models.load import _file_mappings
+
+    ref, paths, original, _ = reference
+    a = load_vae(paths["original_pth"], dtype="bf16")
+    cached = list((Path(os.environ["CINE_CACHE_DIR"]) / "vae").glob("*.bfloat16.*.safetensors"))
+    assert len(cached) == 1
+    stamp = cached[0].stat().st_mtime_ns
+    b = load_vae(paths["original_pth"], dtype="bf16")
+    assert cached[0].stat().st_mtime_ns == stamp  # reused, not rewritten
+    direct = load_vae(ref.state_dict(), dtype="bf16")  # an in-memory cast: the same numbers
+    assert all(torch.equal(v, direct.state_dict()[k]) for k, v in b.state_dict().items())
+    maps = _file_mappings()
+    big = [p for p in a.parameters() if p.numel() > 1000]
+    assert big and all(any(lo <= p.data_ptr() < hi for lo, hi in maps) for p in big)

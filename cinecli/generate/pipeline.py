@@ -242,7 +242,7 @@ class Generator:
             with self._load("load vae"):
                 from ..models.vae_loader import load_vae
 
-                self._vae = load_vae(self.paths["vae"], device=self.device)  # fp32, as the reference
+                self._vae = load_vae(self.paths["vae"], device=self.device)  # devices.vae_dtype: bf16 where native
         return self._vae
 
     @property

@@ -31,6 +31,11 @@ def _identity(path: Path, patterns: tuple[str, ...]) -> list[str]:
     return [f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in resolve_files(path, patterns)]
 
 
+def identity(path: Path, patterns: tuple[str, ...]) -> list[str]:
+    """The cache key of a source: each file's resolved path, size and modification time (shared with the VAE's)."""
+    return _identity(path, patterns)
+
+
 def cached_path(source: Path, recipe, merges: list[tuple[Path, float]]) -> Path:
     """Where the converted file for this source, recipe and merged LoRAs lives (it may not exist yet)."""
     from .dit_loader import DIT_PATTERNS

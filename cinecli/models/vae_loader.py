@@ -12,13 +12,17 @@ map straight to its target dtype and device.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
-from ..core.devices import choose_device, choose_dtype
+from ..core.devices import choose_device, choose_dtype, vae_dtype
 from ..core.errors import WeightsError
 from ..weights import Source, iter_tensors, read_config, read_shapes
 from ..weights.files import component_folder, describe
@@ -101,15 +105,16 @@ def infer_vae_config(shapes: dict[str, tuple[int, ...]]) -> WanVAEConfig:
 
 
 def _dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    # The reference runs the VAE in fp32; 16-bit is opt-in.
-    return torch.float32 if dtype is None else choose_dtype(dtype, device)
+    # None: the device's choice (devices.vae_dtype: bf16 where it multiplies bf16 natively, else fp32 as the reference)
+    return vae_dtype(device) if dtype is None else choose_dtype(dtype, device)
 
 
 def load_vae(source: Source, *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
              config: WanVAEConfig | str | None = None) -> WanVAE:
     """Load the Wan2.1 VAE from a file, folder or state dict (any layout listed in the module docstring).
 
-    ``dtype`` is the weight and compute dtype (default fp32, as the reference); ``config`` overrides the one
+    ``dtype`` is the weight and compute dtype (default: ``devices.vae_dtype``, bf16 where the device multiplies bf16
+    natively, else fp32 as the reference); ``config`` overrides the one
     inferred from tensor shapes. Raises ``WeightsError`` on a missing file or a checkpoint that does not fit.
     """
     device = choose_device(device)
@@ -129,9 +134,37 @@ def load_vae(source: Source, *, device: str | torch.device = "cpu", dtype: str |
     if isinstance(config, str):
         config = VAE_CONFIGS[config]
     cfg = config or infer_vae_config({names[k]: shapes[k] for k in names})
+    cast = _cast_once(source, dtype, device)
+    if cast is not None:  # the CPU in 16 bits: a converted file, memory-mapped as the original would be
+        return load_vae(cast, device=device, dtype=dtype, config=cfg)
     model = build_empty(lambda: WanVAE(cfg))
     tensors = ((names[k], v) for k, v in iter_tensors(source, VAE_PATTERNS) if k in names)
     return assign_tensors(model, tensors, device=device, dtype_for=lambda n, t: dtype, what=describe(source))
+
+
+def _cast_once(source: Source, dtype: torch.dtype, device: torch.device) -> Path | None:
+    """On the CPU, a VAE file stored in another dtype than it computes in (the official fp32 ``Wan2.1_VAE.pth`` run
+    in bf16) is cast once into cine's cache (``<cache>/vae/``, keyed by the source's path, size and mtime) and
+    memory-mapped from there: its pages stay droppable after each stage (load.release_pages), as the original's
+    would be, instead of a private copy resident for the whole run. None when no cast is needed (or not a file)."""
+    if device.type != "cpu" or isinstance(source, Mapping):
+        return None
+    from safetensors.torch import save_file
+
+    from ..core.dirs import cache_dir
+    from .quant_cache import identity
+
+    first = next(iter_tensors(source, VAE_PATTERNS), None)
+    if first is None or first[1].dtype == dtype:
+        return None
+    key = hashlib.sha256(json.dumps([identity(Path(source), VAE_PATTERNS), str(dtype)]).encode()).hexdigest()[:20]
+    path = cache_dir() / "vae" / f"{Path(source).stem}.{str(dtype).removeprefix('torch.')}.{key}.safetensors"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        save_file({k: v.to(dtype).contiguous() for k, v in iter_tensors(source, VAE_PATTERNS)}, str(tmp))
+        os.replace(tmp, path)  # atomic: a killed run leaves no half-written cache file
+    return path
 
 
 def infer_tiny_config(shapes: dict[str, tuple[int, ...]]) -> TinyVAEConfig:
@@ -162,7 +195,7 @@ def load_tiny_vae(source: Source, *, device: str | torch.device = "cpu", dtype: 
     (the 1× stage of TAEW2.1) keeps its last-timestep channels, as TAEHV's ``patch_tgrow_layers`` does.
     """
     device = choose_device(device)
-    dtype = _dtype(dtype, device)
+    dtype = torch.float32 if dtype is None else choose_dtype(dtype, device)  # TAEW2.1: fp32 unless asked
     shapes = read_shapes(source, TINY_PATTERNS)
     try:
         names = normalize_keys(shapes, TINY_MARKERS)

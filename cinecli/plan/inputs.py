@@ -222,7 +222,7 @@ def prompt_cached(text_encoder: Path | None, prompts: list[str]) -> bool:
 def job(preset: Preset, p: Plan, weights: dict[str, dict], *, device: torch.device, dtype: torch.dtype,
         quantize: str | None = None, fast_decode: bool = False, offload: str = "auto") -> Job:
     """The memory plan's view of one run: sizes of every component and of the clip."""
-    from ..core.devices import activation_dtype
+    from ..core.devices import activation_dtype, vae_dtype
 
     path = lambda k: Path(weights[k]["path"]) if weights.get(k, {}).get("path") else None  # noqa: E731
     refs = preset.weights()
@@ -246,7 +246,8 @@ def job(preset: Preset, p: Plan, weights: dict[str, dict], *, device: torch.devi
         text_encoder_bytes=text_encoder_bytes(path("text_encoder"), refs["text_encoder"].bytes, wbytes,
                                               wo_bytes=4 if dtype == torch.float16 else wbytes),
         image_encoder_bytes=image_encoder_params(path("image_encoder")) * (4 if dtype == torch.float32 else 2),
-        vae_bytes=vae_params(path("vae")) * 4, act_bytes=abytes, weight_bytes=wbytes, default_recipe=default, pinned_recipe=recipe,
+        vae_bytes=vae_params(path("vae")) * torch.empty(0, dtype=vae_dtype(device)).element_size(),
+        act_bytes=abytes, weight_bytes=wbytes, default_recipe=default, pinned_recipe=recipe,
         prompt_cached=prompt_cached(path("text_encoder"), prompts),
         effect_bytes=file_bytes(weights.get(effect), refs[effect].bytes) if effect else 0,
         fast_decode=fast_decode,

@@ -33,6 +33,7 @@ from ..core.sizes import human_bytes as human
 HEAD_DIM = 128  # every Wan2.1/2.2 DiT (wan_dit.DiTConfig.head_dim)
 TOKEN_CHUNK_ELEMENTS = 1 << 22  # wan_dit.TOKEN_CHUNK_ELEMENTS: the block's default token chunk (tokens × width)
 VAE_TILES = (256, 192, 128)  # tile sides the plan may choose, largest (fewest seams, least overlap) first
+TILED_COST = 1.5  # a tiled VAE decode takes ~1.5x the untiled one (256-px tiles, 480x832, issue 23): whole frames first
 LADDER = ("none", "fp8", "hybrid", "compact")  # least lossy first
 TEXT_ROWS = 128  # text rows assumed in the per-video cross-attention keys/values (prompts are shorter; 512 max)
 GiB = 1 << 30
@@ -332,7 +333,9 @@ def make_plan(job: Job, m: Machine) -> MemoryPlan:
     texts = ["cached"] if job.prompt_cached else ["device", "cpu"] if m.device != "cpu" else ["cpu"]
     # CUDA's fused attention makes no score matrix, and its kernels are fast enough that a step of small chunks is
     # launch-bound (issue 21: ~600k launches per 14B step): the largest chunking that fits. Elsewhere bounded chunks.
-    chunkings = CHUNKINGS if m.device == "cuda" else ("chunked",)
+    # The CPU holds a block's converted weights for the block call when that fits (each quantized weight decoded
+    # once, not once per token chunk: issue 23), with bounded chunks; MPS keeps its score-capped chunks.
+    chunkings = CHUNKINGS if m.device == "cuda" else ("held", "chunked") if m.device == "cpu" else ("chunked",)
     best: tuple[int, str] | None = None
     for recipe, streamed in candidates(job):
         for tile in (None, *VAE_TILES):
