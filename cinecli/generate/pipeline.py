@@ -14,6 +14,7 @@ component's weights; the next request refaults them from the page cache.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import secrets
 import sys
@@ -427,17 +428,28 @@ def effect_strength(preset: Preset, strength: float | None = None) -> float | No
 
 def lora_files(preset: Preset, gen: Generator) -> dict[str, str]:
     """Every LoRA the clip was made with → its file as shared files name it, with its sha256 (hub: repo/file@rev)."""
-    from ..weights.lock import describe, sha256
+    from ..weights.lock import describe
 
     out = {}
     cards = [("lora", c) for c in gen.backbone.merge] + ([("effect", preset.effect)] if preset.effect else [])
     for kind, card in cards:
         path = gen.paths.get(f"{kind}:{card.name}")
         named = describe(card.source, path)
-        if "sha256:" not in named and path is not None and Path(path).is_file():  # not in the lock yet: hash it now
-            named = f"{Path(path).name} sha256:{sha256(Path(path))[:16]}"
+        # A local file not in the lock yet: hashed now, once per file version (a batch names it in every item).
+        # A hub file is named by repo/file(@revision) already.
+        if card.source.path is not None and "sha256:" not in named and path is not None and Path(path).is_file():
+            stat = Path(path).stat()
+            named = f"{Path(path).name} sha256:{_file_sha256(str(path), stat.st_size, stat.st_mtime_ns)[:16]}"
         out[card.name] = named
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """weights.lock.sha256 of a file, remembered per (path, size, mtime): never read twice in one process."""
+    from ..weights.lock import sha256
+
+    return sha256(Path(path))
 
 
 def metadata(request: Request, the_plan: Plan, gen: Generator, crf: int) -> dict:
