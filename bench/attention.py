@@ -2,6 +2,10 @@
 
     .venv/bin/python bench/attention.py                         # 12 heads x 128 (1.3B width), 10,000 and 20,000 tokens
     .venv/bin/python bench/attention.py --tokens 2000 --repeats 1   # quick
+    .venv/bin/python bench/attention.py --layouts --tokens 7800 20280   # the layouts SDPA is called on (issue 23)
+
+--layouts times SDPA on the same data in three layouts: strided [B, L, H, D] views in query chunks of 4M/width
+tokens (cine before issue 23), contiguous [B, H, L, D] in the same chunks, and contiguous in one call.
 
 Each variant runs on the same random q, k, v (bf16, RMS-normed like the DiT's, logit spread set by --logit-std),
 interleaved, best of --repeats; error is max|Δ| / max|ref| against a float32 reference computed in blocks.
@@ -10,6 +14,7 @@ interleaved, best of --repeats; error is max|Δ| / max|ref| against a float32 re
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -38,6 +43,24 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: 
     return out.transpose(1, 2)
 
 
+def layout_variants(q, k, v, step: int) -> dict:
+    """q, k, v: [B, L, H, D] → the ways cine has called SDPA on them (each returns [B, L, H, D])."""
+    qc, kc, vc = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # [B, H, L, D]
+    n = q.shape[1]
+
+    def strided_chunks():
+        kt, vt = k.transpose(1, 2), v.transpose(1, 2)
+        return torch.cat([F.scaled_dot_product_attention(q[:, s:s + step].transpose(1, 2), kt, vt)
+                          for s in range(0, n, step)], dim=2).transpose(1, 2)
+
+    def contiguous_chunks():
+        return torch.cat([F.scaled_dot_product_attention(qc[:, :, s:s + step], kc, vc)
+                          for s in range(0, n, step)], dim=2).transpose(1, 2)
+
+    return {"strided chunks": strided_chunks, "contiguous chunks": contiguous_chunks,
+            "contiguous whole": lambda: F.scaled_dot_product_attention(qc, kc, vc).transpose(1, 2)}
+
+
 def reference(q, k, v, block: int = 1024) -> torch.Tensor:
     """float32 attention, in query blocks (a 20k x 20k fp32 score matrix per head would be 1.6 GB)."""
     q, k, v = (t.float().transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
@@ -55,6 +78,7 @@ def main() -> None:
     p.add_argument("--blocks", type=int, nargs="+", default=[64, 256], help="query block sizes of the blocked variant")
     p.add_argument("--logit-std", type=float, default=3.0, help="spread of the attention logits (peakier maps > 1)")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--layouts", action="store_true", help="compare the layouts SDPA is called on instead")
     args = p.parse_args()
     print(f"attention: {args.heads} heads x {args.head_dim}, bf16, CPU {torch.get_num_threads()} threads, "
           f"native bf16 {torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()}", flush=True)
@@ -66,8 +90,11 @@ def main() -> None:
         q, k, v = q.bfloat16(), k.bfloat16(), torch.randn(shape, generator=g).bfloat16()
         ref = reference(q, k, v)
         variants = {"sdpa": lambda: sdpa(q, k, v)}
-        for b in args.blocks:
-            variants[f"blocked q{b}"] = lambda b=b: blocked_attention(q, k, v, block=b)
+        if args.layouts:
+            variants.update(layout_variants(q, k, v, step=(1 << 22) // (args.heads * args.head_dim)))
+        else:
+            for b in args.blocks:
+                variants[f"blocked q{b}"] = lambda b=b: blocked_attention(q, k, v, block=b)
         best = {name: float("inf") for name in variants}
         errs = {}
         for _ in range(args.repeats):
@@ -78,8 +105,9 @@ def main() -> None:
                 errs[name] = ((out.float() - ref).abs().max() / ref.abs().max()).item()
         flops = 4 * n * n * args.heads * args.head_dim
         for name in variants:
-            print(f"  {n:6d} tokens  {name:12s} {flops / best[name] / 1e9:7.1f} GFLOP/s  {best['sdpa'] / best[name]:5.2f}x sdpa"
-                  f"  max rel err vs fp32 {errs[name]:.2e}", flush=True)
+            print(f"  {n:6d} tokens  {name:18s} {best[name]:7.3f} s {flops / best[name] / 1e9:7.1f} GFLOP/s "
+                  f"{best['sdpa'] / best[name]:5.2f}x sdpa  max rel err vs fp32 {errs[name]:.2e}  "
+                  f"load {os.getloadavg()[0]:.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ def count(model: str, tokens: int, recipe: str, chunking: Chunking) -> tuple[Cou
     quant.QuantLinear.rows = lambda self, r0, r1, dtype: dequantized.append(self) or rows(self, r0, r1, dtype)
     meta = dict(device="meta")
     x, e0 = torch.empty(1, tokens, cfg.dim, **meta), torch.empty(1, 6, cfg.dim, **meta)
-    kv = tuple(torch.empty(1, n, cfg.num_heads, cfg.head_dim, dtype=torch.bfloat16, **meta) for n in (65, 65, 257, 257))
+    kv = tuple(torch.empty(1, cfg.num_heads, n, cfg.head_dim, dtype=torch.bfloat16, **meta) for n in (65, 65, 257, 257))
     rope = (torch.empty(tokens, 1, cfg.head_dim // 2, **meta), torch.empty(tokens, 1, cfg.head_dim // 2, **meta))
     try:
         with torch.no_grad(), OpCounter() as counter:

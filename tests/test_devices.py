@@ -178,7 +178,7 @@ def test_14b_block_at_81_frames_720p_keeps_every_mps_tensor_under_4gib():
     n = 21 * 45 * 80  # latent frames × (720/16) × (1280/16) = 75,600 tokens
     x = torch.empty(1, n, cfg.dim, device="meta")
     e0 = torch.empty(1, 6, cfg.dim, device="meta")
-    kv = tuple(torch.empty(1, rows, cfg.num_heads, 128, device="meta", dtype=torch.bfloat16) for rows in (65, 65, 257, 257))
+    kv = tuple(torch.empty(1, cfg.num_heads, rows, 128, device="meta", dtype=torch.bfloat16) for rows in (65, 65, 257, 257))
     rope = (torch.empty(n, 1, 64, device="meta"), torch.empty(n, 1, 64, device="meta"))
     lim = LIMITS["mps"]
     with torch.no_grad(), emulate.DeviceRules(lim, meta=True) as rules:

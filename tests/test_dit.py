@@ -179,7 +179,7 @@ def test_token_chunks_give_the_same_output(knob):
         chunked = model(*args)
         # the chunked block against the reference order of work: whole-sequence attention, out-of-place residual
         blk, x = model.blocks[0], torch.randn(1, 45, cfg.dim)
-        e0, kv = torch.randn(1, 6, cfg.dim) * 0.1, [torch.randn(1, 9, cfg.num_heads, cfg.head_dim) for _ in range(4)]
+        e0, kv = torch.randn(1, 6, cfg.dim) * 0.1, [torch.randn(1, cfg.num_heads, 9, cfg.head_dim) for _ in range(4)]
         rope = model.rope((5, 3, 3), x.device)
         s1, c1, g1, s2, c2, g2 = (blk.modulation + e0).unsqueeze(2).unbind(1)
         ref = x + blk.self_attn(blk.norm1(x) * (1 + c1) + s1, *rope) * g1

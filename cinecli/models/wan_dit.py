@@ -184,15 +184,20 @@ class SelfAttention(nn.Module):
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)  # over the whole width, before heads
 
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """x: [B, l, dim] compute dtype (any run of tokens; cos/sin its rows) → q, k, v [B, l, H, D] compute dtype."""
+        """x: [B, l, dim] compute dtype (any run of tokens; cos/sin its rows) → q, k, v [B, H, l, D] compute dtype.
+
+        Views in heads-first order over token-major storage: the caller copies them into its contiguous
+        [B, H, L, D] buffers (one copy, which the dtype cast needs anyway), the layout SDPA's kernels read fastest.
+        """
         dtype = x.dtype
         q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)), cos, sin)  # [B, l, H, D] fp32
         k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1)), cos, sin)
-        return q.to(dtype), k.to(dtype), self.v(x).unflatten(-1, (self.num_heads, -1))
+        return tuple(t.to(dtype).transpose(1, 2) for t in (q, k, self.v(x).unflatten(-1, (self.num_heads, -1))))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x: [B, L, dim] compute dtype → [B, L, dim] (the whole sequence at once; ``Block`` runs it in chunks)."""
-        return self.o(attention(*self.qkv(x, cos, sin)).flatten(2))
+        q, k, v = (t.contiguous() for t in self.qkv(x, cos, sin))  # [B, H, L, D]
+        return self.o(attention(q, k, v).transpose(1, 2).flatten(2))
 
 
 class CrossAttention(nn.Module):
@@ -208,12 +213,13 @@ class CrossAttention(nn.Module):
             self.norm_k_img = RMSNorm(dim, eps)
 
     def key_values(self, text: torch.Tensor, image: torch.Tensor | None, store: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """text: [B, 512, dim], image: [B, 257|514, dim] → per-video keys/values, each [B, Lk, H, D] in ``store``.
+        """text: [B, 512, dim], image: [B, 257|514, dim] → per-video keys/values, each [B, H, Lk, D] in ``store``.
 
         Kept for the whole video, so stored in the weights' 16-bit dtype even when activations run in fp32
-        (30 blocks × 769 rows × 2 × 1536 fp32 would be 283 MB for the 1.3B model).
+        (30 blocks × 769 rows × 2 × 1536 fp32 would be 283 MB for the 1.3B model), and contiguous heads-first,
+        the layout SDPA reads without a copy at every call.
         """
-        split = lambda t: t.to(store).unflatten(-1, (self.num_heads, -1))  # noqa: E731
+        split = lambda t: t.to(store).unflatten(-1, (self.num_heads, -1)).transpose(1, 2).contiguous()  # noqa: E731
         kv = (split(self.norm_k(self.k(text))), split(self.v(text)))
         if image is not None:
             kv += (split(self.norm_k_img(self.k_img(image))), split(self.v_img(image)))
@@ -221,12 +227,12 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, ...], text_bias: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, L, dim] compute dtype → [B, L, dim]; text_bias: pad-row logit bias (see ``Context``)."""
-        q = self.norm_q(self.q(x)).to(x.dtype).unflatten(-1, (self.num_heads, -1))  # [B, L, H, D]
+        q = self.norm_q(self.q(x)).to(x.dtype).unflatten(-1, (self.num_heads, -1)).transpose(1, 2).contiguous()  # [B, H, L, D]
         kv = [t.to(x.dtype) for t in kv]  # one block's keys/values at a time in the activation dtype
-        out = attention(q, kv[0], kv[1], bias=text_bias)
+        out = attention(q, kv[0], kv[1], bias=text_bias)  # [B, H, L, D]
         if len(kv) == 4:
             out = out + attention(q, kv[2], kv[3])
-        return self.o(out.flatten(2))
+        return self.o(out.transpose(1, 2).flatten(2))
 
 
 class Block(nn.Module):
@@ -259,18 +265,22 @@ class Block(nn.Module):
         cos, sin = rope
         step = chunking.tokens(chunking.token_elements, dim, n)
         heads = self.self_attn.num_heads
-        if step >= n:  # one chunk: no copies into preallocated q, k, v
+        # q, k, v contiguous in [B, H, L, D], the layout SDPA wants: on its strided [B, L, H, D] views the CPU
+        # kernel ran the same attention in 1.9x the time at 7,800 tokens (bench/attention.py --layouts).
+        if step >= n:  # one chunk: no preallocated buffers to copy into
             h = (self.norm1(x) * (1 + scale1) + shift1).to(dtype)
-            q, k, v = self.self_attn.qkv(h, cos, sin)  # [B, L, H, D]
+            q, k, v = (t.contiguous() for t in self.self_attn.qkv(h, cos, sin))  # [B, H, L, D]
             del h
         else:
-            q, k, v = (x.new_empty(b, n, heads, dim // heads, dtype=dtype) for _ in range(3))  # [B, L, H, D]
+            q, k, v = (x.new_empty(b, heads, n, dim // heads, dtype=dtype) for _ in range(3))  # [B, H, L, D]
             for s in range(0, n, step):  # q, k, v of every token before any token's residual changes
                 h = (self.norm1(x[:, s:s + step]) * (1 + scale1) + shift1).to(dtype)
-                q[:, s:s + step], k[:, s:s + step], v[:, s:s + step] = self.self_attn.qkv(h, cos[s:s + step], sin[s:s + step])
+                q[:, :, s:s + step], k[:, :, s:s + step], v[:, :, s:s + step] = self.self_attn.qkv(
+                    h, cos[s:s + step], sin[s:s + step])
         q_step = chunking.queries(step, b, heads, n)
         for s in range(0, n, q_step):  # queries in chunks, every key: exact attention, chunk-sized output
-            x[:, s:s + q_step] += self.self_attn.o(attention(q[:, s:s + q_step], k, v).flatten(2)) * gate1
+            out = attention(q[:, :, s:s + q_step], k, v).transpose(1, 2).flatten(2)  # [B, l, dim]
+            x[:, s:s + q_step] += self.self_attn.o(out) * gate1
         del q, k, v
         for s in range(0, n, step):  # cross-attention is per query token
             x[:, s:s + step] += self.cross_attn(self.norm3(x[:, s:s + step]).to(dtype), kv, text_bias)
