@@ -19,7 +19,7 @@ from .generate.pipeline import Generator, Plan, Request, metadata, plan, sampler
 from .output.progress import StageProgress
 from .output.slowdown import parse_slowdown, slow_down
 from .output.video import STDOUT, check_output_paths, check_report_path, check_writable, frames_to_uint8, write_mp4
-from .plan.memory import TILED_COST, VAE_TILES
+from .plan.memory import CHUNKING_SAYS, TILED_COST, VAE_TILES
 
 
 @dataclass
@@ -263,7 +263,8 @@ def _dry_run(opts: RunOptions, preset: Preset, p: Plan, image_size, output: str,
         lines.append(f"  missing weights ({human_bytes(doc['download_bytes'])}) download on first run, or now with: {_hint(opts, preset)}")
     tiles = f" ({mp.vae_tile}-px tiles: memory needs them; ~{TILED_COST:g}x the time of whole frames)" if mp.vae_tile else ""
     lines.append(f"  memory plan on {mp.device}: DiT {mp.quantize} ({human_bytes(mp.dit_bytes)}) {mp.dit}, "
-                 f"text encoder {mp.text_encoder}, VAE {mp.vae_decode}{tiles}, chunking {mp.chunking}; CLIP and VAE "
+                 f"text encoder {mp.text_encoder}, VAE {mp.vae_decode}{tiles}, chunking {mp.chunking} "
+                 f"({CHUNKING_SAYS[mp.chunking]}); CLIP and VAE "
                  f"on the {mp.device}")
     for st in mp.stages:
         lines.append(f"    {st.stage:22s} device {human_bytes(st.device_peak_bytes):>9s}   host {human_bytes(st.host_peak_bytes):>9s}")

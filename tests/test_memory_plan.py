@@ -22,6 +22,7 @@ from cinecli.cli.app import app
 from cinecli.core.sizes import parse_size
 from cinecli.generate.selftest import sample_image
 from cinecli.plan.inputs import dit_sizes, image_encoder_params, text_encoder_params, vae_params
+from cinecli.plan import memory as mp
 from cinecli.plan.memory import GiB, Job, Machine, NoFit, advice, make_plan
 
 SIZES = {"480p": (832, 480), "720p": (1280, 720)}
@@ -191,6 +192,8 @@ def test_dry_run_with_missing_weights_shows_real_sizes(env, photo, roomy):
     assert 0.5e9 < stages["load dit"]["host_peak_bytes"] < 3e9
     text = cine("bullet-time", photo, "--dry-run")
     assert "MISSING    32.8 GB" in text.stderr and "memory plan on cpu: DiT hybrid (13.8 GB)" in text.stderr  # GB = 10⁹
+    chunking = doc["plan"]["chunking"]  # the plan says how attention splits its queries, and why
+    assert f"chunking {chunking} ({mp.CHUNKING_SAYS[chunking]})" in text.stderr
 
 
 def test_official_backbone_stays_available(env, photo, roomy):

@@ -195,6 +195,13 @@ def block_linear_params(dim: int, ffn_dim: int) -> int:
 
 
 CHUNKINGS = ("whole", "held", "chunked")  # fewest kernel launches first (wan_dit.Chunking; bench/ops.py counts them)
+# What each chunking does, as --dry-run says it. On the CPU, query chunks over contiguous [B, H, L, D] q/k/v cost
+# no more than one whole-sequence SDPA call (bench/attention.py --layouts), so bounded memory is not traded for speed.
+CHUNKING_SAYS = {
+    "whole": "one attention call over the whole sequence, every weight converted once per block",
+    "held": "attention queries and per-token work in chunks, every weight converted once per block",
+    "chunked": "attention queries and per-token work in chunks, FFN weights converted once per block",
+}
 
 
 def dit_step_bytes(job: Job, sizes: DiTSizes, recipe: str, device: str = "cuda", chunking: str = "chunked") -> int:
