@@ -21,8 +21,8 @@ from typer.testing import CliRunner
 from cinecli.cli.app import app
 from cinecli.core.sizes import parse_size
 from cinecli.generate.selftest import sample_image
-from cinecli.plan.inputs import dit_sizes, image_encoder_params, text_encoder_params, vae_params
 from cinecli.plan import memory as mp
+from cinecli.plan.inputs import dit_sizes, image_encoder_params, text_encoder_params, vae_params
 from cinecli.plan.memory import GiB, Job, Machine, NoFit, advice, make_plan
 
 SIZES = {"480p": (832, 480), "720p": (1280, 720)}
