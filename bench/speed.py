@@ -134,21 +134,27 @@ def load_variant(variant: str, folder: Path, device: torch.device, args):
     return model
 
 
+def step_for(variant: str, model, cfg: DiTConfig, inputs: tuple):
+    """One denoising step of ``model`` as a callable: diffusers takes the padded prompt and the concatenated latent
+    every step, as its pipeline passes them; cine prepares its per-video context once (timed apart, not here)."""
+    x, t, context, clip, y = inputs
+    if variant == "diffusers":
+        padded = torch.zeros(1, 512, cfg.text_dim, device=x.device, dtype=torch.bfloat16)
+        padded[:, : context.shape[1]] = context
+        hidden = torch.cat([x, y], 1).to(torch.bfloat16) if y is not None else x.to(torch.bfloat16)
+        image = clip.to(torch.bfloat16) if clip is not None else None
+        return lambda: model(hidden, t, padded, encoder_hidden_states_image=image, return_dict=False)[0]
+    ctx = model.prepare_context(context.to(torch.bfloat16), clip)
+    return lambda: model(x, t, ctx, y=y)
+
+
 def run_variant(variant: str, folder: Path, cfg: DiTConfig, args) -> dict:
     device = choose_device(args.device)
-    x, t, context, clip, y = make_inputs(cfg, args.frames, args.height, args.width, device)
+    inputs = make_inputs(cfg, args.frames, args.height, args.width, device)
     model = load_variant(variant, folder, device, args)
     rss_loaded = current_rss()
     with torch.no_grad():
-        if variant == "diffusers":
-            padded = torch.zeros(1, 512, cfg.text_dim, device=device, dtype=torch.bfloat16)
-            padded[:, : context.shape[1]] = context
-            hidden = torch.cat([x, y], 1).to(torch.bfloat16) if y is not None else x.to(torch.bfloat16)
-            image = clip.to(torch.bfloat16) if clip is not None else None
-            step = lambda: model(hidden, t, padded, encoder_hidden_states_image=image, return_dict=False)[0]  # noqa: E731
-        else:
-            ctx = model.prepare_context(context.to(torch.bfloat16), clip)
-            step = lambda: model(x, t, ctx, y=y)  # noqa: E731
+        step = step_for(variant, model, cfg, inputs)
         for _ in range(args.warmup):
             time_call(step, device)
         if device.type == "cuda":
@@ -169,24 +175,27 @@ def run_variant(variant: str, folder: Path, cfg: DiTConfig, args) -> dict:
 
 
 def run_interleaved(folder: Path, cfg: DiTConfig, args) -> None:
-    """All cine variants in one process on the same weights and inputs, their steps alternated (A B C A B C …):
-    on a shared CPU whose load drifts, the ratio of medians is far steadier than separate runs. No memory figures."""
+    """All variants (diffusers too) in one process on the same weights and inputs, their steps alternated
+    (A B C A B C …): on a shared CPU whose load drifts, the ratio of medians is far steadier than separate runs.
+    No memory figures (one process holds every model)."""
+    import os
+
     device = choose_device(args.device)
-    x, t, context, clip, y = make_inputs(cfg, args.frames, args.height, args.width, device)
-    names = [v for v in args.variants if v != "diffusers"]
-    models = {v: load_variant(v, folder, device, args) for v in names}
+    inputs = make_inputs(cfg, args.frames, args.height, args.width, device)
+    names = list(args.variants)
     times: dict[str, list[float]] = {v: [] for v in names}
     with torch.no_grad():
-        ctxs = {v: m.prepare_context(context.to(torch.bfloat16), clip) for v, m in models.items()}
+        steps = {v: step_for(v, load_variant(v, folder, device, args), cfg, inputs) for v in names}
         for i in range(args.warmup + args.steps):
-            for v, m in models.items():
-                secs, _ = time_call(lambda: m(x, t, ctxs[v], y=y), device)  # noqa: B023
+            for v, step in steps.items():
+                secs, _ = time_call(step, device)
                 if i >= args.warmup:
                     times[v].append(secs)
     med = {v: sorted(ts)[len(ts) // 2] for v, ts in times.items()}
     for v in names:
         print(f"  {v:9s} median step {med[v]:9.3f} s ({', '.join(f'{s:.2f}' for s in times[v])})  "
-              f"{med[v] / med[names[0]]:.3f}x {names[0]}", flush=True)
+              + "  ".join(f"{med[v] / med[o]:.3f}x {o}" for o in names if o != v), flush=True)
+    print(f"  load average {os.getloadavg()[0]:.2f} (1 min) at the end", flush=True)
 
 
 # --- the parent: one subprocess per variant, then the table -------------------------------------------------------
