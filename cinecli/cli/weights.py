@@ -22,6 +22,10 @@ def _refs_for(target: str | None, backbone: str | None = None, preset_file: Path
     deduplicated across presets: the same selection a run with those options resolves."""
     from ..effects.preset import Catalog
 
+    if target == "rife":  # the frame interpolator (--slowdown, --fast-frames, cine interpolate): no preset
+        from ..models.rife_weights import RIFE_REF
+
+        return {"rife": RIFE_REF}
     catalog = Catalog(extra_preset=preset_file)
     if target is None and preset_file is None:
         if backbone is None:
@@ -63,7 +67,7 @@ def models_list(target: str = typer.Argument("all", help="An effect, or all."),
 
 @models_app.command("pull")
 @handle_errors
-def models_pull(target: Optional[str] = typer.Argument(None, help="An effect (or alias), or all."),
+def models_pull(target: Optional[str] = typer.Argument(None, help="An effect (or alias), all, or rife (the frame interpolator)."),
                 backbone: Optional[str] = typer.Option(None, "--backbone", help="With this backbone instead of the preset's (alone: only the backbone)."),
                 preset_file: Optional[Path] = typer.Option(None, "--preset", help="What a preset TOML file needs."),
                 fast_decode: bool = typer.Option(False, "--fast-decode", help="Also the tiny VAE that --fast-decode uses."),
