@@ -208,7 +208,7 @@ def run_one(opts: RunOptions, console) -> dict | None:
         if the_plan.interp_factor > 1:
             from .output.interpolate import choose
 
-            interp = choose(opts.interpolator, device=device)  # downloads RIFE when missing and allowed
+            interp = choose(opts.interpolator, device=device).load()  # downloads RIFE when missing and allowed
             the_plan.interpolator = interp.kind
     _print_notices(console, the_plan)  # after the checks that fail in one line (bad values, input, missing weights)
     label = f"{preset.name}: {the_plan.frames} frames {the_plan.width}x{the_plan.height} on {device}"

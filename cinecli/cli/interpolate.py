@@ -99,8 +99,8 @@ def interpolate(
     from ..core.devices import choose_device
     from ..output.interpolate import choose
 
-    with timings.stage("resolve weights"):
-        interp = choose(interpolator, weights, choose_device(device), explicit_weights=True)
+    with timings.stage("load interpolator"):
+        interp = choose(interpolator, weights, choose_device(device), explicit_weights=True).load()
     if not quiet:
         console.print(f"cine: interpolating {t} frames {w}x{h} x{n} with {interp.label}", markup=False, highlight=False)
     result = interp.run(frames, n, timings)

@@ -50,6 +50,14 @@ class Interpolator:
         return {"interpolation": self.label, "interpolation_weights": self.weights.name,
                 "interpolation_sha256": self.weights.sha256}
 
+    def load(self) -> Interpolator:
+        """Load RIFE now (strict: a file that does not fit is exit 4 here, before any frame is made or read)."""
+        if self.kind == "rife" and self._net is None:
+            from ..models.rife import load_rife
+
+            self._net = load_rife(self.weights.path, self.device)
+        return self
+
     def run(self, frames: np.ndarray, factor: int, timings: Timings | None = None) -> np.ndarray:
         """frames [T, H, W, 3] uint8 → [(T−1)·factor+1, H, W, 3] uint8, timed as "interpolate <kind> x<factor>"."""
         if factor == 1 or frames.shape[0] < 2:
@@ -57,11 +65,7 @@ class Interpolator:
         with timings.stage(f"interpolate {self.kind} x{factor}") if timings is not None else contextlib.nullcontext():
             if self.kind == "minterpolate":
                 return minterpolate(frames, factor)
-            if self._net is None:
-                from ..models.rife import load_rife
-
-                self._net = load_rife(self.weights.path, self.device)
-            return rife_frames(self._net, frames, factor)
+            return rife_frames(self.load()._net, frames, factor)
 
 
 def choose(requested: str | None, weights_file=None, device: str = "cpu", explicit_weights: bool = False) -> Interpolator:
