@@ -158,6 +158,9 @@ def run_one(opts: RunOptions, console) -> dict | None:
         the_plan = plan(request, image.size)
         if the_plan.interp_factor > 1:
             the_plan.interpolator = planned_interpolator(opts.interpolator)
+            if opts.dry_run and opts.interpolator is None and the_plan.interpolator == "minterpolate":
+                the_plan.notices.append("RIFE weights are not here and downloads are off (--offline): minterpolate "
+                                        "would interpolate (fetch RIFE with: cine models pull rife)")
         the_plan.notices += unused_option_warnings(vars(opts), preset, the_plan.sampler)
         if opts.quantize:
             from .models.recipes import get_recipe
@@ -296,7 +299,10 @@ def _dry_run(opts: RunOptions, preset: Preset, p: Plan, image_size, output: str,
     for name, w in weights.items():
         lines.append(f"    {name:24s} {'present' if w['present'] else 'MISSING':8s} {human_bytes(w['bytes']):>9s}  {w['ref']}")
     if doc["missing"]:
-        lines.append(f"  missing weights ({human_bytes(doc['download_bytes'])}) download on first run, or now with: {_hint(opts, preset)}")
+        pulls = [_hint(opts, preset)] if any(k != "rife" and not w["present"] for k, w in weights.items()) else []
+        pulls += ["cine models pull rife"] if "rife" in weights and not weights["rife"]["present"] else []
+        lines.append(f"  missing weights ({human_bytes(doc['download_bytes'])}) download on first run, or now with: "
+                     + " and ".join(pulls))
     tiles = f" ({mp.vae_tile}-px tiles: memory needs them; ~{TILED_COST:g}x the time of whole frames)" if mp.vae_tile else ""
     lines.append(f"  memory plan on {mp.device}: DiT {mp.quantize} ({human_bytes(mp.dit_bytes)}) {mp.dit}, "
                  f"text encoder {mp.text_encoder}, VAE {mp.vae_decode}{tiles}, chunking {mp.chunking}; CLIP and VAE "

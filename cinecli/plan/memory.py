@@ -70,9 +70,10 @@ TEXT_ENCODE_BYTES = 512 << 20  # umT5 activations for one 512-token prompt (64 h
 IMAGE_ENCODE_BYTES = 128 << 20  # CLIP ViT-H on 257 tokens (bench/memory.py: 0.05 GB over the loaded weights)
 # RIFE (models/rife.py), fp32, per padded pixel of each in-between frame of a batch (output/interpolate.py batches
 # up to RIFE_BATCH timesteps of a pair): the full-resolution block's ~90 live channels (its 28-channel input, the
-# 13-channel output, both frames, warped frames and features, flow, mask, grid) × 4 bytes, ×1.4 slack. Estimated
-# from the module's tensors, not yet measured.
-RIFE_PER_PIXEL = 512
+# 13-channel output, both frames, warped frames and features, flow, mask, grid) are 360 bytes; the CPU allocator
+# holds about twice that: bench/rife_speed.py --frames 2 (832x480 padded to 832x512, x4 = batches of 3) peaked at
+# 1.3 GB RSS, ~1.0 GB over the process and weights, i.e. ~780 bytes per pixel and frame of the batch.
+RIFE_PER_PIXEL = 800
 RIFE_BATCH = 8
 RIFE_WEIGHT_BYTES = 22_659_104  # IFNet v4.26's fp32 parameters (the file adds training-only modules, not loaded)
 
