@@ -236,9 +236,17 @@ def test_models_scan_and_folder_find_flownet(env, flownet, clip, tmp_path):
     assert json.loads(r.stdout)[0]["kind"] == "rife"
     dry = cine("interpolate", clip, "--factor", "2", "--dry-run", "--offline")
     assert "MISSING" in dry.stderr
+    assert "missing" in cine("models", "list", "rife").stdout
+    big = flownet.parent / "other.pkl"
+    with open(big, "wb") as f:  # a pickle far larger than flownet.pkl is not read (sparse: no disk used)
+        f.write(b"\x80")
+        f.truncate(257 << 20)
+    assert {f["path"]: f["kind"] for f in json.loads(cine("models", "scan", flownet.parent, "--json").stdout)}[str(big)] == "unknown"
     os.environ["CINE_MODELS_DIR"] = str(flownet.parent)  # `env` removes it again after the test
     dry = cine("interpolate", clip, "--factor", "2", "--dry-run")
     assert "present" in dry.stderr and "flownet.pkl" in dry.stderr
+    listed = json.loads(cine("models", "list", "rife", "--json").stdout)["rife"]["rife"]
+    assert listed["present"] and listed["source"] == "models dir"
 
 
 def test_zip_from_the_hub_cache_is_extracted_once(env, state, tmp_path, monkeypatch):

@@ -44,7 +44,7 @@ def _refs_for(target: str | None, backbone: str | None = None, preset_file: Path
 
 @models_app.command("list")
 @handle_errors
-def models_list(target: str = typer.Argument("all", help="An effect, or all."),
+def models_list(target: str = typer.Argument("all", help="An effect, rife (the frame interpolator), or all."),
                 as_json: bool = typer.Option(False, "--json"),
                 models_dir: Optional[Path] = typer.Option(None, "--models-dir", help=MODELS_DIR_HELP)) -> None:
     """What each preset needs: present or missing, sizes on disk, and where each comes from (hub cache, models dir)."""
@@ -53,8 +53,12 @@ def models_list(target: str = typer.Argument("all", help="An effect, or all."),
     from ..run import weights_needed
 
     catalog = Catalog()
-    names = catalog.names() if target == "all" else [catalog.resolve(target).name]
+    names = catalog.names() if target == "all" else [] if target == "rife" else [catalog.resolve(target).name]
     rows = {name: weights_needed(catalog.resolve(name)) for name in names}
+    if target in ("all", "rife"):  # the frame interpolator: --slowdown, --fast-frames, cine interpolate
+        from ..models.rife_weights import locate_rife
+
+        rows["rife"] = {"rife": locate_rife().as_json()}
     if as_json:
         print(json.dumps(rows, indent=2))
         return

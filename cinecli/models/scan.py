@@ -39,6 +39,7 @@ from ..weights.files import read_header
 from ..weights.keys import normalize_dit_keys, normalize_lora_key
 
 SCANNED = (".safetensors", ".sft", ".gguf", ".pkl")  # .pkl: RIFE's flownet.pkl (read with weights_only=True)
+PICKLE_READ_LIMIT = 256 << 20  # a legacy pickle is read whole: only files of about flownet.pkl's size (25 MB)
 SIZES = {5120: "14B", 1536: "1.3B"}
 _GGUF_FLOATS = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}  # GGUF's own type names
 _PRECISION = {torch.float8_e4m3fn: "fp8", torch.float8_e5m2: "fp8 e5m2", torch.int8: "int8", torch.bfloat16: "bf16",
@@ -167,6 +168,8 @@ def identify(path: Path) -> Found:
     """What one weight file is, from its header only."""
     path = Path(path)
     size = path.stat().st_size
+    if path.suffix == ".pkl" and size > PICKLE_READ_LIMIT:
+        return Found(path, "unknown", "pickle, too large to be RIFE's flownet.pkl (not read)", bytes=size)
     try:
         header = read_header(path)
     except WeightsError as exc:

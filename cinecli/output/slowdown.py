@@ -39,7 +39,6 @@ import numpy as np
 from ..core.errors import UsageError
 from ..effects.rules import SLOWDOWNS, parse_slowdown  # noqa: F401 - the factors, and their parser for callers here
 
-
 # name → FFmpeg filter chain ({fps} is the output rate), or None for a plain linear cross-fade computed here.
 # minterpolate works on YUV only: yuv444p keeps full colour resolution (the round trip alone: 52 dB PSNR, invisible).
 # scd=none: a generated clip has no scene cuts, and minterpolate's cut detector would repeat frames on fast motion.
