@@ -51,7 +51,7 @@ class RunOptions:
     fast_decode: bool = False
     sampler: str | None = None  # --sampler distill|euler|unipc
     distill_step: str | None = None  # --distill-step renoise|euler
-    slowdown: str | None = None  # --slowdown as given: 2, 3, 4 or off (checks.RULES); None: the preset's
+    slowdown: str | None = None  # --slowdown as given: 2 to 8 or off (checks.RULES); None: the preset's
     offload: str = "auto"  # DiT blocks: auto (the memory plan decides; resident until it does), none, blocks
     memory_budget: str | None = None  # caps the memory plan (else CINE_MEMORY_BUDGET)
     interpolator: str | None = None  # --interpolator rife|minterpolate; None: rife (minterpolate offline without it)

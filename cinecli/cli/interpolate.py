@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from ..core.errors import UsageError
+from ..core.errors import InputError, UsageError
 from .common import complete_device, handle_errors, set_offline, stderr_console
 
 
@@ -76,7 +76,7 @@ def interpolate(
         if source == "-":
             frames, fps, meta = read_frames(io.BytesIO(sys.stdin.buffer.read()), name="stdin")
         elif not Path(source).is_file():
-            raise UsageError(f"{source}: no such file")
+            raise InputError(f"{source}: no such file")
         else:
             frames, fps, meta = read_frames(source)
     if frames.shape[0] < 2:
