@@ -51,7 +51,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
     h, w = (int(v) for v in args.size.split("x"))
-    print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}; torch threads {torch.get_num_threads()}")
+    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    print(f"load average before: {load}; torch threads {torch.get_num_threads()}")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "flownet.pkl"
         torch.save(random_state(), path)

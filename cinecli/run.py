@@ -156,6 +156,9 @@ def run_one(opts: RunOptions, console) -> dict | None:
                           distill_step=opts.distill_step, slowdown=parse_slowdown(opts.slowdown),
                           fast_frames=opts.fast_frames)
         the_plan = plan(request, image.size)
+        if opts.interpolator is not None and the_plan.interp_factor == 1:
+            the_plan.notices.append(f"warning: --interpolator {opts.interpolator} does nothing here: no --slowdown "
+                                    "or --fast-frames interpolates this clip")
         if the_plan.interp_factor > 1:
             the_plan.interpolator = planned_interpolator(opts.interpolator)
             if opts.dry_run and opts.interpolator is None and the_plan.interpolator == "minterpolate":

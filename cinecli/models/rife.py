@@ -7,8 +7,9 @@ previous block's flow; a small feature Head gives each frame 4 channels that are
 
 The published ``flownet.pkl`` (``RIFEv4.26_0921.zip``) is a plain state dict saved from a DDP model, so every key
 starts with ``module.``. It is loaded as it is, strictly: every parameter has a tensor of its exact shape and every
-tensor has a parameter (save the training-only ``teacher.``/``caltime.`` modules, skipped by name), so a file of another RIFE version (16-channel Head of v4.22, …) is refused by name, never
-half-loaded. Module names below mirror the published key layout for that reason:
+tensor has a parameter (save the training-only ``teacher.``/``caltime.`` modules, skipped by name), so a file of
+another RIFE version (16-channel Head of v4.22, …) is refused by name, never half-loaded. Module names below
+mirror the published key layout for that reason:
 
     encode.cnn{0,1,2}.{weight,bias}     Conv2d 3→16 (stride 2), 16→16, 16→16
     encode.cnn3.{weight,bias}           ConvTranspose2d 16→4 (×2)
@@ -108,8 +109,9 @@ class IFBlock(nn.Module):
         if scale != 1:
             x = F.interpolate(x, scale_factor=1 / scale, mode="bilinear", align_corners=False)
         if flow is not None:  # flows are in pixels: shrinking the image shrinks them
-            small = flow if scale == 1 else F.interpolate(flow, scale_factor=1 / scale, mode="bilinear", align_corners=False)
-            x = torch.cat((x, small / scale), 1)
+            if scale != 1:
+                flow = F.interpolate(flow, scale_factor=1 / scale, mode="bilinear", align_corners=False)
+            x = torch.cat((x, flow / scale), 1)
         y = self.lastconv(self.convblock(self.conv0(x)))  # [B, 13, h, w] at 1/scale (÷4 by conv0, ×4 by lastconv)
         if scale != 1:
             y = F.interpolate(y, scale_factor=scale, mode="bilinear", align_corners=False)  # [B, 13, H, W]
@@ -119,21 +121,24 @@ class IFBlock(nn.Module):
 class Warp:
     """Backward warp: sample ``img`` at (x + flow_x, y + flow_y), bilinear, border padding, corners aligned.
 
-    The base pixel grid is cached per size and device (every pair of a clip has the same size)."""
+    Coordinates are normalized as the published warp does it (a linspace grid over [-1, 1] plus the flow divided by
+    half the side less one), so the same flow samples the same points to the last bit; the grid and the divisors
+    are cached per size and device (every pair of a clip has the same size)."""
 
     def __init__(self) -> None:
-        self._grids: dict[tuple, torch.Tensor] = {}
+        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, img: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = img.shape
+        h, w = flow.shape[-2:]
         key = (h, w, flow.device, flow.dtype)
-        if key not in self._grids:
-            ys, xs = torch.meshgrid(torch.arange(h, device=flow.device, dtype=flow.dtype),
-                                    torch.arange(w, device=flow.device, dtype=flow.dtype), indexing="ij")
-            self._grids[key] = torch.stack((xs, ys))[None]  # [1, 2, H, W] pixel coordinates (x, y)
-        pos = self._grids[key] + flow  # [B, 2, H, W]
-        norm = torch.tensor([2 / max(w - 1, 1), 2 / max(h - 1, 1)], device=flow.device, dtype=flow.dtype)
-        grid = (pos * norm[None, :, None, None] - 1).permute(0, 2, 3, 1)  # [B, H, W, 2] in [-1, 1]
+        if key not in self._cache:
+            kw = {"device": flow.device, "dtype": flow.dtype}
+            ys, xs = torch.meshgrid(torch.linspace(-1.0, 1.0, h, **kw), torch.linspace(-1.0, 1.0, w, **kw),
+                                    indexing="ij")
+            half = torch.tensor([(img.shape[3] - 1.0) / 2.0, (img.shape[2] - 1.0) / 2.0], **kw).view(1, 2, 1, 1)
+            self._cache[key] = torch.stack((xs, ys))[None], half  # [1, 2, H, W] (x, y) in [-1, 1]; [1, 2, 1, 1]
+        base, half = self._cache[key]
+        grid = (base + flow / half).permute(0, 2, 3, 1)  # [B, H, W, 2]
         return F.grid_sample(img, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
 
@@ -166,7 +171,8 @@ class IFNet(nn.Module):
                 flow, mask, carried = block(torch.cat((img0, img1, f0, f1, tmap), 1), None, scale)
             else:
                 wf0, wf1 = self.warp(f0, flow[:, :2]), self.warp(f1, flow[:, 2:])
-                delta, mask, carried = block(torch.cat((warped0, warped1, wf0, wf1, tmap, mask, carried), 1), flow, scale)
+                x = torch.cat((warped0, warped1, wf0, wf1, tmap, mask, carried), 1)  # [B, 28, H, W]
+                delta, mask, carried = block(x, flow, scale)
                 flow = flow + delta
             warped0, warped1 = self.warp(img0, flow[:, :2]), self.warp(img1, flow[:, 2:])
         return flow, mask, warped0, warped1

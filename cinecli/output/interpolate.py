@@ -68,7 +68,8 @@ class Interpolator:
             return rife_frames(self.load()._net, frames, factor)
 
 
-def choose(requested: str | None, weights_file=None, device: str = "cpu", explicit_weights: bool = False) -> Interpolator:
+def choose(requested: str | None, weights_file=None, device: str = "cpu",
+           explicit_weights: bool = False) -> Interpolator:
     """``--interpolator`` (None: the default, rife) → an Interpolator whose weights are present (or downloaded).
 
     RIFE's weights missing with downloads switched off (``--offline``) and no interpolator asked for: minterpolate
