@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -232,14 +233,15 @@ def is_rife_state(keys) -> bool:
     return "encode.cnn0.weight" in names and "block0.conv0.0.0.weight" in names and "block4.lastconv.0.weight" in names
 
 
-def load_rife(path, device: torch.device | str = "cpu", cfg: RifeConfig = V4_26) -> IFNet:
+def load_rife(path: str | Path, device: torch.device | str = "cpu", cfg: RifeConfig = V4_26) -> IFNet:
     """A ``flownet.pkl`` (read with ``torch.load(weights_only=True)``: a pickle that would run code is refused)
     → an IFNet in eval mode, fp32, on ``device``."""
+    from ..core.devices import module_to_device
     from ..weights.files import check_weight_file, load_pickle
 
-    check_weight_file(path)
-    net = load_state(IFNet(cfg), load_pickle(path), f"RIFE weights {getattr(path, 'name', path)}")
-    return net.eval().requires_grad_(False).to(device)
+    check_weight_file(Path(path))
+    net = load_state(IFNet(cfg), load_pickle(Path(path)), f"RIFE weights {Path(path).name}")
+    return module_to_device(net.eval().requires_grad_(False), device)
 
 
 def random_state(cfg: RifeConfig = V4_26, seed: int = 0, ddp: bool = True) -> dict[str, torch.Tensor]:

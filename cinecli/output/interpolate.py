@@ -35,7 +35,7 @@ class Interpolator:
 
     kind: str
     weights: RifeWeights | None = None
-    device: str = "cpu"
+    device: torch.device | str = "cpu"
     _net: object = None
 
     @property
@@ -68,7 +68,7 @@ class Interpolator:
             return rife_frames(self.load()._net, frames, factor)
 
 
-def choose(requested: str | None, weights_file=None, device: str = "cpu",
+def choose(requested: str | None, weights_file=None, device: torch.device | str = "cpu",
            explicit_weights: bool = False) -> Interpolator:
     """``--interpolator`` (None: the default, rife) → an Interpolator whose weights are present (or downloaded).
 
@@ -86,7 +86,7 @@ def choose(requested: str | None, weights_file=None, device: str = "cpu",
         sys.stderr.write("cine: RIFE weights are not here and downloads are off (--offline): interpolating with "
                          "minterpolate instead (fetch RIFE with: cine models pull rife)\n")
         return Interpolator("minterpolate")
-    return Interpolator("rife", resolve_rife(weights_file), str(device))
+    return Interpolator("rife", resolve_rife(weights_file), device)
 
 
 def _to_tensor(frame: np.ndarray, device) -> torch.Tensor:
