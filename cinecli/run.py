@@ -159,8 +159,12 @@ def run_one(opts: RunOptions, console) -> dict | None:
         if opts.interpolator is not None and the_plan.interp_factor == 1:
             the_plan.notices.append(f"warning: --interpolator {opts.interpolator} does nothing here: no --slowdown "
                                     "or --fast-frames interpolates this clip")
+        rife = None  # RIFE's weights as they are now, when this run would interpolate with RIFE
         if the_plan.interp_factor > 1:
-            the_plan.interpolator = planned_interpolator(opts.interpolator)
+            from .models.rife_weights import locate_rife
+
+            rife = locate_rife(record=False) if opts.interpolator != "minterpolate" else None
+            the_plan.interpolator = planned_interpolator(opts.interpolator, rife is not None and rife.path is not None)
             if opts.dry_run and opts.interpolator is None and the_plan.interpolator == "minterpolate":
                 the_plan.notices.append("RIFE weights are not here and downloads are off (--offline): minterpolate "
                                         "would interpolate (fetch RIFE with: cine models pull rife)")
@@ -184,10 +188,8 @@ def run_one(opts: RunOptions, console) -> dict | None:
         the_plan.notices += choose_backend(device)  # CINE_ATTENTION checked (exit 2) and imported now, not at step 1
         refs = local_refs(preset, opts.fast_decode, hash_files=False)  # one read of the models dirs per run
         weights = weights_needed(preset, opts.fast_decode, refs)
-        if the_plan.interpolator == "rife":
-            from .models.rife_weights import locate_rife
-
-            weights["rife"] = locate_rife().as_json()
+        if rife is not None and the_plan.interpolator == "rife":
+            weights["rife"] = rife.as_json()
         try:
             mp = memory_plan(opts, preset, the_plan, weights, device)
         except CineError as exc:
@@ -256,13 +258,12 @@ def run_one(opts: RunOptions, console) -> dict | None:
     return report
 
 
-def planned_interpolator(requested: str | None) -> str:
+def planned_interpolator(requested: str | None, rife_present: bool) -> str:
     """Which interpolator a run will use, decided without loading or downloading (for the plan and --dry-run):
     minterpolate when asked for, or when RIFE's weights are missing and downloads are off; else rife."""
-    from .models.rife_weights import locate_rife
     from .weights.hub import offline
 
-    if requested == "minterpolate" or (requested is None and offline() and locate_rife().path is None):
+    if requested == "minterpolate" or (requested is None and offline() and not rife_present):
         return "minterpolate"
     return "rife"
 

@@ -88,7 +88,7 @@ def interpolate(
     if dry_run:
         from ..models.rife_weights import locate_rife
 
-        found = locate_rife(weights) if interpolator == "rife" else None
+        found = locate_rife(weights, record=False) if interpolator == "rife" else None
         print(f"[dry-run] {source} → {out}: {t} frames {w}x{h} @ {float(fps):g} fps → {output_frames(t, n)} frames "
               f"(x{n}, {interpolator})", file=sys.stderr)
         if found is not None:

@@ -58,7 +58,7 @@ def models_list(target: str = typer.Argument("all", help="An effect, rife (the f
     if target in ("all", "rife"):  # the frame interpolator: --slowdown, --fast-frames, cine interpolate
         from ..models.rife_weights import locate_rife
 
-        rows["rife"] = {"rife": locate_rife().as_json()}
+        rows["rife"] = {"rife": locate_rife(record=False).as_json()}
     if as_json:
         print(json.dumps(rows, indent=2))
         return

@@ -83,29 +83,31 @@ def _from_models_dirs() -> Path | None:
     return None
 
 
-def _local(path: Path, source: str) -> RifeWeights:
-    lock.note_local([path])  # hashed once per file version into the lock file's "local" table
+def _local(path: Path, source: str, record: bool) -> RifeWeights:
+    if record:
+        lock.note_local([path])  # hashed once per file version into the lock file's "local" table
     entry = lock.read_lock()["local"].get(str(path.resolve()), {})
     return RifeWeights(path, source, path.name, path.stat().st_size, entry.get("sha256"))
 
 
-def locate_rife(weights_file: Path | None = None) -> RifeWeights:
+def locate_rife(weights_file: Path | None = None, record: bool = True) -> RifeWeights:
     """Where the weights are now, without network access; ``path`` None when only a download would bring them.
-    A ``--weights FILE`` that does not exist is an error (exit 4), not a reason to look elsewhere."""
+    A ``--weights FILE`` that does not exist is an error (exit 4), not a reason to look elsewhere. ``record``: hash a
+    local file into the lock file (runs that use it); plans and --dry-run only look (its sha256 may be None)."""
     from ..weights.hub import locate
 
     if weights_file is not None:
         path = Path(weights_file).expanduser()
         if not path.is_file():
             raise WeightsError(f"--weights {weights_file}: no such file")
-        return _local(path, "--weights")
+        return _local(path, "--weights", record)
     found = locate(RIFE_REF)
     if found.path is not None:
         pkl = _extracted(found.path)
         sha = (pkl.parent / f"{MEMBER}.sha256").read_text().strip()
         return RifeWeights(pkl, "hub cache", str(RIFE_REF), found.path.stat().st_size, sha)
     if (path := _from_models_dirs()) is not None:
-        return _local(path, "models dir")
+        return _local(path, "models dir", record)
     return RifeWeights(None, "hub", str(RIFE_REF), RIFE_REF.bytes)
 
 
@@ -125,7 +127,3 @@ def resolve_rife(weights_file: Path | None = None, allow_download: bool = True) 
     raise WeightsError(f"missing RIFE weights ({why}): {RIFE_REF}; fetch them with: {PULL_HINT}, or pass "
                        "--weights FILE (a flownet.pkl)")
 
-
-def present(weights_file: Path | None = None) -> bool:
-    """Whether RIFE can run without a download (for choosing the slow-motion interpolator)."""
-    return locate_rife(weights_file).path is not None

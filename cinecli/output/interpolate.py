@@ -82,7 +82,7 @@ def choose(requested: str | None, weights_file=None, device: torch.device | str 
         raise UsageError(f"--interpolator {requested}: must be one of {', '.join(INTERPOLATORS)}")
     if requested == "minterpolate":
         return Interpolator("minterpolate")
-    if requested is None and not explicit_weights and offline() and locate_rife(weights_file).path is None:
+    if requested is None and not explicit_weights and offline() and locate_rife(weights_file, record=False).path is None:
         sys.stderr.write("cine: RIFE weights are not here and downloads are off (--offline): interpolating with "
                          "minterpolate instead (fetch RIFE with: cine models pull rife)\n")
         return Interpolator("minterpolate")
