@@ -295,10 +295,10 @@ def _dry_run(opts: RunOptions, preset: Preset, p: Plan, image_size, output: str,
     if opts.as_json:
         print(json.dumps(doc, indent=2))
         return doc
+    count = (f"{p.frames} frames generated, interpolated x2 ({p.interpolator}) to {p.delivered_frames}" if p.fast_frames
+             else f"{p.frames} frames")
     lines = [f"[dry-run] {doc['input']} → {output}", f"  effect {preset.name} on {preset.backbone.name}",
-             f"  {p.width}x{p.height} (photo {image_size[0]}x{image_size[1]}, --fit {opts.fit}), {p.frames} frames @ {p.fps} fps, "
-             + (f"generated as {p.frames} and interpolated x2 ({p.interpolator}) to {p.delivered_frames}, "
-                if p.fast_frames else "")
+             f"  {p.width}x{p.height} (photo {image_size[0]}x{image_size[1]}, --fit {opts.fit}), {count} @ {p.fps} fps, "
              + (f"slowed {p.slowdown}x ({p.interpolator}) to {p.output_frames} frames, " if p.slowdown > 1 else "") + f"seed {p.seed}, {p.sampler.kind} sampler {p.sampler.num_steps} steps", f"  prompt: {p.prompt}", "  weights:"]
     for name, w in weights.items():
         lines.append(f"    {name:24s} {'present' if w['present'] else 'MISSING':8s} {human_bytes(w['bytes']):>9s}  {w['ref']}")
