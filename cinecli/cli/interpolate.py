@@ -105,8 +105,9 @@ def interpolate(
         console.print(f"cine: interpolating {t} frames {w}x{h} x{n} with {interp.label}", markup=False, highlight=False)
     result = interp.run(frames, n, timings)
     settings = {"cine": __version__, "interpolated": True, "factor": n, "frames": t, "output_frames": result.shape[0],
-                "fps": float(fps), "crf": crf, **interp.settings(),
-                "source": {k: meta[k] for k in ("effect", "seed", "frames", "fps") if k in meta} if meta else None}
+                "fps": float(fps), "crf": crf, **interp.settings()}
+    if meta:  # a clip cine made: what made it, beside how it was re-timed
+        settings["source"] = {k: meta[k] for k in ("effect", "seed", "frames", "fps", "backbone") if k in meta}
     with timings.stage("mp4 encode"):
         written = write_mp4(result, out, fps, None if no_metadata else settings, crf=crf, overwrite=overwrite)
     if not quiet:
