@@ -17,7 +17,7 @@ from .effects.rules import check_options, unused_option_warnings
 from .generate.image import check_pair, read_image
 from .generate.pipeline import Generator, Plan, Request, metadata, plan, sampler_settings
 from .output.progress import StageProgress
-from .output.slowdown import parse_slowdown, slow_down
+from .output.slowdown import parse_slowdown
 from .output.video import STDOUT, check_output_paths, check_report_path, check_writable, frames_to_uint8, write_mp4
 from .plan.memory import CHUNKING_SAYS, TILED_COST, VAE_TILES
 
@@ -51,9 +51,11 @@ class RunOptions:
     fast_decode: bool = False
     sampler: str | None = None  # --sampler distill|euler|unipc
     distill_step: str | None = None  # --distill-step renoise|euler
-    slowdown: str | None = None  # --slowdown as given: 2, 3, 4 or off (checks.RULES); None: the preset's
+    slowdown: str | None = None  # --slowdown as given: 2 to 8 or off (checks.RULES); None: the preset's
     offload: str = "auto"  # DiT blocks: auto (the memory plan decides; resident until it does), none, blocks
     memory_budget: str | None = None  # caps the memory plan (else CINE_MEMORY_BUDGET)
+    interpolator: str | None = None  # --interpolator rife|minterpolate; None: rife (minterpolate offline without it)
+    fast_frames: bool = False  # --fast-frames: generate (F−1)/2+1 frames, interpolate ×2 back to F
 
 
 def pull_hint(preset: Preset, backbone: str | None = None, preset_file: Path | None = None, fast_decode: bool = False) -> str:
@@ -151,8 +153,21 @@ def run_one(opts: RunOptions, console) -> dict | None:
         request = Request(image=opts.image, preset=preset, output=output, seed=opts.seed, frames=opts.frames, fps=opts.fps,
                           fit=opts.fit, last_frame=opts.last_frame, prompt=opts.prompt, negative_prompt=opts.negative_prompt,
                           steps=opts.steps, effect_strength=opts.strength, sampler=opts.sampler,
-                          distill_step=opts.distill_step, slowdown=parse_slowdown(opts.slowdown))
+                          distill_step=opts.distill_step, slowdown=parse_slowdown(opts.slowdown),
+                          fast_frames=opts.fast_frames)
         the_plan = plan(request, image.size)
+        if opts.interpolator is not None and the_plan.interp_factor == 1:
+            the_plan.notices.append(f"warning: --interpolator {opts.interpolator} does nothing here: no --slowdown "
+                                    "or --fast-frames interpolates this clip")
+        rife = None  # RIFE's weights as they are now, when this run would interpolate with RIFE
+        if the_plan.interp_factor > 1:
+            from .models.rife_weights import locate_rife
+
+            rife = locate_rife(record=False) if opts.interpolator != "minterpolate" else None
+            the_plan.interpolator = planned_interpolator(opts.interpolator, rife is not None and rife.path is not None)
+            if opts.dry_run and opts.interpolator is None and the_plan.interpolator == "minterpolate":
+                the_plan.notices.append("RIFE weights are not here and downloads are off (--offline): minterpolate "
+                                        "would interpolate (fetch RIFE with: cine models pull rife)")
         the_plan.notices += unused_option_warnings(vars(opts), preset, the_plan.sampler)
         if opts.quantize:
             from .models.recipes import get_recipe
@@ -173,6 +188,8 @@ def run_one(opts: RunOptions, console) -> dict | None:
         the_plan.notices += choose_backend(device)  # CINE_ATTENTION checked (exit 2) and imported now, not at step 1
         refs = local_refs(preset, opts.fast_decode, hash_files=False)  # one read of the models dirs per run
         weights = weights_needed(preset, opts.fast_decode, refs)
+        if rife is not None and the_plan.interpolator == "rife":
+            weights["rife"] = rife.as_json()
         try:
             mp = memory_plan(opts, preset, the_plan, weights, device)
         except CineError as exc:
@@ -195,6 +212,12 @@ def run_one(opts: RunOptions, console) -> dict | None:
         gen = Generator(preset.backbone, paths, device, choose_dtype(opts.dtype, device), timings=timings, quantize=opts.quantize,
                         fast_decode=opts.fast_decode)
         apply_plan(gen, mp)
+        interp = None
+        if the_plan.interp_factor > 1:
+            from .output.interpolate import choose
+
+            interp = choose(opts.interpolator, device=device).load()  # downloads RIFE when missing and allowed
+            the_plan.interpolator = interp.kind
     _print_notices(console, the_plan)  # after the checks that fail in one line (bad values, input, missing weights)
     label = f"{preset.name}: {the_plan.frames} frames {the_plan.width}x{the_plan.height} on {device}"
     progress = contextlib.nullcontext() if opts.quiet else StageProgress(console, timings, label, the_plan.sampler.num_steps)
@@ -203,13 +226,19 @@ def run_one(opts: RunOptions, console) -> dict | None:
             console.print(f"cine: [{timings.total():7.1f} s] {name}: {seconds:.2f} s", markup=False, highlight=False)
     with progress:
         video = gen.generate(request, the_plan, image)
-        frames = slow_down(frames_to_uint8(video), the_plan.slowdown, timings)
+        frames = frames_to_uint8(video)
+        del video
+        if interp is not None:
+            frames = interp.run(frames, the_plan.interp_factor, timings)
         settings = metadata(request, the_plan, gen, opts.crf)  # every setting that shapes the pixels: MP4 and report
+        if interp is not None:
+            settings.update(interp.settings())
         with timings.stage("mp4 encode"):
             written = write_mp4(frames, output, the_plan.fps, settings if opts.metadata else None,
                                 crf=opts.crf, overwrite=opts.overwrite)
     sizes = {"width": the_plan.width, "height": the_plan.height, "frames": the_plan.frames, "fps": the_plan.fps,
              "slowdown": the_plan.slowdown, "output_frames": the_plan.output_frames,
+             "fast_frames": the_plan.fast_frames, "delivered_frames": the_plan.delivered_frames,
              "latent": list(the_plan.latent_shape), "tokens": the_plan.tokens, "input": list(image.size)}
     job = {"effect": preset.name, "input": str(opts.image), "seed": the_plan.seed, "prompt": the_plan.prompt,
            "backbone": preset.backbone.name, "steps": the_plan.sampler.num_steps, "sampler": the_plan.sampler.kind,
@@ -229,6 +258,16 @@ def run_one(opts: RunOptions, console) -> dict | None:
     return report
 
 
+def planned_interpolator(requested: str | None, rife_present: bool) -> str:
+    """Which interpolator a run will use, decided without loading or downloading (for the plan and --dry-run):
+    minterpolate when asked for, or when RIFE's weights are missing and downloads are off; else rife."""
+    from .weights.hub import offline
+
+    if requested == "minterpolate" or (requested is None and offline() and not rife_present):
+        return "minterpolate"
+    return "rife"
+
+
 def _print_notices(console, the_plan: Plan) -> None:
     for notice in the_plan.notices:
         console.print(f"[yellow]{notice}[/]" if notice.startswith("warning") else notice, markup=True, highlight=False)
@@ -240,6 +279,8 @@ def _dry_run_doc(opts: RunOptions, preset: Preset, p: Plan, image_size, output: 
         "dry_run": True, "effect": preset.name, "input": str(opts.image), "input_size": list(image_size), "output": output,
         "width": p.width, "height": p.height, "frames": p.frames, "fps": p.fps, "seed": p.seed, "prompt": p.prompt,
         "slowdown": p.slowdown, "output_frames": p.output_frames, "last_frame": opts.last_frame,
+        "fast_frames": p.fast_frames, "delivered_frames": p.delivered_frames,
+        "interpolator": p.interpolator if p.interp_factor > 1 else None,
         "sampler": {"kind": p.sampler.kind, "steps": p.sampler.num_steps, **sampler_settings(p.sampler)},
         "negative_prompt": p.negative_prompt,
         "backbone": preset.backbone.name, "weights": weights, "plan": mp.to_json() if mp else None,
@@ -254,13 +295,18 @@ def _dry_run(opts: RunOptions, preset: Preset, p: Plan, image_size, output: str,
     if opts.as_json:
         print(json.dumps(doc, indent=2))
         return doc
+    count = (f"{p.frames} frames generated, interpolated x2 ({p.interpolator}) to {p.delivered_frames}" if p.fast_frames
+             else f"{p.frames} frames")
     lines = [f"[dry-run] {doc['input']} → {output}", f"  effect {preset.name} on {preset.backbone.name}",
-             f"  {p.width}x{p.height} (photo {image_size[0]}x{image_size[1]}, --fit {opts.fit}), {p.frames} frames @ {p.fps} fps, "
-             + (f"slowed {p.slowdown}x to {p.output_frames} frames, " if p.slowdown > 1 else "") + f"seed {p.seed}, {p.sampler.kind} sampler {p.sampler.num_steps} steps", f"  prompt: {p.prompt}", "  weights:"]
+             f"  {p.width}x{p.height} (photo {image_size[0]}x{image_size[1]}, --fit {opts.fit}), {count} @ {p.fps} fps, "
+             + (f"slowed {p.slowdown}x ({p.interpolator}) to {p.output_frames} frames, " if p.slowdown > 1 else "") + f"seed {p.seed}, {p.sampler.kind} sampler {p.sampler.num_steps} steps", f"  prompt: {p.prompt}", "  weights:"]
     for name, w in weights.items():
         lines.append(f"    {name:24s} {'present' if w['present'] else 'MISSING':8s} {human_bytes(w['bytes']):>9s}  {w['ref']}")
     if doc["missing"]:
-        lines.append(f"  missing weights ({human_bytes(doc['download_bytes'])}) download on first run, or now with: {_hint(opts, preset)}")
+        pulls = [_hint(opts, preset)] if any(k != "rife" and not w["present"] for k, w in weights.items()) else []
+        pulls += ["cine models pull rife"] if "rife" in weights and not weights["rife"]["present"] else []
+        lines.append(f"  missing weights ({human_bytes(doc['download_bytes'])}) download on first run, or now with: "
+                     + " and ".join(pulls))
     tiles = f" ({mp.vae_tile}-px tiles: memory needs them; ~{TILED_COST:g}x the time of whole frames)" if mp.vae_tile else ""
     lines.append(f"  memory plan on {mp.device}: DiT {mp.quantize} ({human_bytes(mp.dit_bytes)}) {mp.dit}, "
                  f"text encoder {mp.text_encoder}, VAE {mp.vae_decode}{tiles}, chunking {mp.chunking} "

@@ -184,7 +184,9 @@ def test_dry_run_with_missing_weights_shows_real_sizes(env, photo, roomy):
     assert "lightx2v/Wan2.1-Distill-Models" in w["dit"]["ref"] and "lora:lightx2v-i2v-480p-4step" not in w
     assert 40e9 < doc["download_bytes"] < 60e9  # tens of GB, not 0 B
     assert doc["plan"]["quantize"] == "hybrid" and 12e9 < doc["dit_bytes"] < 14.5e9  # ~13 GB hybrid DiT
-    assert set(doc["plan"]) == {"dit", "quantize", "text_encoder", "vae_decode", "vae_tile", "chunking", "stages"}
+    assert set(doc["plan"]) == {"dit", "quantize", "text_encoder", "vae_decode", "vae_tile", "chunking", "stages",
+                                "frames", "delivered_frames", "output_frames"}
+    assert doc["plan"]["frames"] == doc["plan"]["delivered_frames"] == doc["plan"]["output_frames"] == 49
     stages = {s["stage"]: s for s in doc["plan"]["stages"]}
     assert {"text encode", "load dit", "vae encode", "denoise step 1/4", "vae decode"} <= set(stages)
     # first run: converted layer by layer as it is written (the largest layer, 5120×13824, and its temporaries),

@@ -23,6 +23,7 @@ class Worker:
         self.opts = opts
         self.catalog = Catalog(extra_preset=opts.preset_file)
         self.generators: dict[str, object] = {}
+        self._interpolator = None  # chosen (and RIFE loaded) on the first item that slows down: once per batch
 
     def generator(self, preset, timings):
         from ..core.devices import choose_device, choose_dtype
@@ -69,13 +70,20 @@ class Worker:
             except CineError:
                 pass  # e.g. missing weights: each item reports it
 
+    def interpolator(self, device):
+        """--slowdown's interpolator, as `cine run` chooses it (RIFE, or minterpolate offline without its weights)."""
+        from ..output.interpolate import choose
+
+        if self._interpolator is None:
+            self._interpolator = choose(None, device=device).load()
+        return self._interpolator
+
     def process(self, item: Item) -> dict:
         """Make one item's video; never raises for a per-item problem (it becomes a failed record). A full disk or
         a backbone's weights (missing, unreadable) fail every item alike: they stop the batch, with one line."""
         from ..core.timing import Timings
         from ..generate.image import read_image
         from ..generate.pipeline import Request, metadata, plan
-        from ..output.slowdown import slow_down
         from ..output.video import frames_to_uint8, write_mp4
 
         timings = Timings()
@@ -90,12 +98,16 @@ class Worker:
                               last_frame=item.last_frame, slowdown=self.opts.slowdown)
             the_plan = plan(request, image.size)
             gen = self.generator(preset, timings)
+            interp = self.interpolator(gen.device) if the_plan.interp_factor > 1 else None
             video = gen.generate(request, the_plan, image)
-            frames = slow_down(frames_to_uint8(video), the_plan.slowdown, timings)
+            frames = frames_to_uint8(video)
+            settings = metadata(request, the_plan, gen, self.opts.crf)
+            if interp is not None:
+                frames = interp.run(frames, the_plan.interp_factor, timings)
+                settings.update(interp.settings())
             with timings.stage("mp4 encode"):
                 Path(item.output).parent.mkdir(parents=True, exist_ok=True)
-                write_mp4(frames, item.output, the_plan.fps, metadata(request, the_plan, gen, self.opts.crf),
-                          crf=self.opts.crf, overwrite=True)
+                write_mp4(frames, item.output, the_plan.fps, settings, crf=self.opts.crf, overwrite=True)
             record.update(status="ok", output_sha256=sha256(Path(item.output)), frames=the_plan.frames,
                           output_frames=the_plan.output_frames, width=the_plan.width, height=the_plan.height)
         except (DiskFullError, WeightsError):

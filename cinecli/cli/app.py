@@ -31,6 +31,7 @@ from .common import (
     set_offline,
     stderr_console,
 )
+from .interpolate import interpolate
 from .quantize import quantize
 from .weights import lora_app, models_app
 
@@ -125,7 +126,9 @@ def run(
     steps: Optional[int] = typer.Option(None, "--steps", help="Override the sampler's step count (distilled presets warn)."),
     fit: str = typer.Option("crop", "--fit", help="How the photo meets the frame: crop, pad or stretch."),
     last_frame: Optional[str] = typer.Option(None, "--last-frame", help="End image (backbones that support it)."),
-    slowdown: Optional[str] = typer.Option(None, "--slowdown", help="Synthesize frames after decoding: 2, 3 or 4x longer at the same fps, or off (slow-motion: 2)."),
+    slowdown: Optional[str] = typer.Option(None, "--slowdown", help="Synthesize frames after decoding: 2 to 8x longer at the same fps, or off (slow-motion: 2)."),
+    interpolator: Optional[str] = typer.Option(None, "--interpolator", help="Frame interpolation for --slowdown/--fast-frames: rife (default) or minterpolate."),
+    fast_frames: bool = typer.Option(False, "--fast-frames", help="Generate (F-1)/2+1 frames and interpolate x2 back to F (same fps)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps.", autocompletion=complete_device),
     dtype: str = typer.Option("auto", "--dtype", help="Weight dtype: auto, bf16, fp16 or fp32."),
     crf: int = typer.Option(18, "--crf", help="H.264 quality (lower is better, 18 is visually lossless)."),
@@ -165,7 +168,7 @@ def run(
         device=device, dtype=dtype, crf=crf, overwrite=overwrite, report_file=report_file, as_json=as_json,
         quiet=quiet, dry_run=dry_run, metadata=not no_metadata, quantize=quantize_recipe, strength=strength,
         fast_decode=fast_decode, sampler=sampler, distill_step=distill_step, slowdown=slowdown, offload=offload,
-        memory_budget=memory_budget,
+        memory_budget=memory_budget, interpolator=interpolator, fast_frames=fast_frames,
     )
     run_one(opts, stderr_console(quiet))
 
@@ -255,6 +258,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(lora_app, name="lora")
 app.command("quantize", cls=PlainCommand)(quantize)
 app.command("batch", cls=PlainCommand)(batch)
+app.command("interpolate", cls=PlainCommand)(interpolate)
 
 
 @app.command("version")

@@ -44,7 +44,7 @@ def batch(
     ray: Optional[str] = typer.Option(None, "--ray", help="Run on Ray: --ray alone (a local instance) or --ray ADDRESS (a cluster)."),
     ray_actors: int = typer.Option(1, "--ray-actors", help="CPU actors when the Ray cluster has no GPUs (one per GPU otherwise)."),
     crf: int = typer.Option(18, "--crf"),
-    slowdown: Optional[str] = typer.Option(None, "--slowdown", help="2, 3 or 4x longer by frame interpolation, or off (default: each preset's)."),
+    slowdown: Optional[str] = typer.Option(None, "--slowdown", help="2 to 8x longer by frame interpolation (RIFE, or minterpolate offline without it), or off (default: each preset's)."),
     last_frame_pattern: str = typer.Option(LAST_FRAME_PATTERN, "--last-frame-pattern",
                                            help="Burst pairs: the last-frame photo beside each photo, a glob with {stem} and {ext}."),
     as_json: bool = typer.Option(False, "--json", help="Stream one JSON line per item on stdout as items finish."),

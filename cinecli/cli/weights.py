@@ -22,6 +22,10 @@ def _refs_for(target: str | None, backbone: str | None = None, preset_file: Path
     deduplicated across presets: the same selection a run with those options resolves."""
     from ..effects.preset import Catalog
 
+    if target == "rife":  # the frame interpolator (--slowdown, --fast-frames, cine interpolate): no preset
+        from ..models.rife_weights import RIFE_REF
+
+        return {"rife": RIFE_REF}
     catalog = Catalog(extra_preset=preset_file)
     if target is None and preset_file is None:
         if backbone is None:
@@ -40,7 +44,7 @@ def _refs_for(target: str | None, backbone: str | None = None, preset_file: Path
 
 @models_app.command("list")
 @handle_errors
-def models_list(target: str = typer.Argument("all", help="An effect, or all."),
+def models_list(target: str = typer.Argument("all", help="An effect, rife (the frame interpolator), or all."),
                 as_json: bool = typer.Option(False, "--json"),
                 models_dir: Optional[Path] = typer.Option(None, "--models-dir", help=MODELS_DIR_HELP)) -> None:
     """What each preset needs: present or missing, sizes on disk, and where each comes from (hub cache, models dir)."""
@@ -49,8 +53,12 @@ def models_list(target: str = typer.Argument("all", help="An effect, or all."),
     from ..run import weights_needed
 
     catalog = Catalog()
-    names = catalog.names() if target == "all" else [catalog.resolve(target).name]
+    names = catalog.names() if target == "all" else [] if target == "rife" else [catalog.resolve(target).name]
     rows = {name: weights_needed(catalog.resolve(name)) for name in names}
+    if target in ("all", "rife"):  # the frame interpolator: --slowdown, --fast-frames, cine interpolate
+        from ..models.rife_weights import locate_rife
+
+        rows["rife"] = {"rife": locate_rife(record=False).as_json()}
     if as_json:
         print(json.dumps(rows, indent=2))
         return
@@ -63,7 +71,7 @@ def models_list(target: str = typer.Argument("all", help="An effect, or all."),
 
 @models_app.command("pull")
 @handle_errors
-def models_pull(target: Optional[str] = typer.Argument(None, help="An effect (or alias), or all."),
+def models_pull(target: Optional[str] = typer.Argument(None, help="An effect (or alias), all, or rife (the frame interpolator)."),
                 backbone: Optional[str] = typer.Option(None, "--backbone", help="With this backbone instead of the preset's (alone: only the backbone)."),
                 preset_file: Optional[Path] = typer.Option(None, "--preset", help="What a preset TOML file needs."),
                 fast_decode: bool = typer.Option(False, "--fast-decode", help="Also the tiny VAE that --fast-decode uses."),

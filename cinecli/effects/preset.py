@@ -111,7 +111,7 @@ class Preset:
     frames: int = 49
     fps: int = 16
     max_area: int = 480 * 832
-    slowdown: int = 1  # temporal up-sampling after decoding (cinecli/slowdown.py); 1 = none
+    slowdown: int = 1  # temporal up-sampling after decoding (output/interpolate.py); 1 = none
     sampler: SamplerSpec | None = None  # None: the backbone's
     aliases: tuple[str, ...] = ()
     description: str = ""
@@ -206,7 +206,7 @@ def parse_card(raw: dict, base: Path, name: str) -> LoraCard:
 
 
 def _slowdown(value: object, path: Path) -> int:
-    """A preset's ``slowdown`` (2, 3, 4 or "off"; checked by the --slowdown rule) → the factor; absent → 1."""
+    """A preset's ``slowdown`` (2 to 8 or "off"; checked by the --slowdown rule) → the factor; absent → 1."""
     check_fields({"slowdown": value}, f"preset {path}")
     return parse_slowdown(value) or 1
 

@@ -77,22 +77,24 @@ def _dtypes() -> tuple[str, ...]:
 SAMPLER_KINDS = ("distill", "euler", "unipc")
 DISTILL_STEPS = ("renoise", "euler")  # distilled samplers: fresh noise each step (as trained) or deterministic x0 + σ·v
 FITS = ("crop", "pad", "stretch")  # how a photo meets the model's frame (generate/image.py)
-SLOWDOWNS = (2, 3, 4)  # more than 4x stretches 16 fps motion past what block matching follows; the model should make it
+SLOWDOWNS = tuple(range(2, 9))  # 2..8: RIFE follows 16 fps motion to 8x (beyond, the model should make the motion)
+INTERPOLATORS = ("rife", "minterpolate")  # learned RIFE v4.26 (default), FFmpeg's block matching (no weights)
+FACTORS = number(2, 8)  # `cine interpolate --factor N`
 
 
 def slowdown_problem(value: object) -> str | None:
-    """The rule for ``--slowdown`` and a preset's ``slowdown``: 2, 3, 4 or off.
+    """The rule for ``--slowdown`` and a preset's ``slowdown``: 2 to 8, or off.
 
     1 is refused rather than read as "none": ``off`` says that without looking like a typo of a factor.
     """
     text = str(value).strip().lower()
     if not isinstance(value, bool) and (text == "off" or (text.isdigit() and int(text) in SLOWDOWNS)):
         return None
-    return f"must be {', '.join(map(str, SLOWDOWNS))} or off"
+    return f"must be {SLOWDOWNS[0]} to {SLOWDOWNS[-1]} or off"
 
 
 def parse_slowdown(value: str | int | None) -> int | None:
-    """A checked ``--slowdown`` → 2, 3 or 4; ``off`` → 1 (no up-sampling); None → None (the preset decides)."""
+    """A checked ``--slowdown`` → 2 to 8; ``off`` → 1 (no up-sampling); None → None (the preset decides)."""
     if value is None:
         return None
     if problem := slowdown_problem(value):
@@ -119,7 +121,9 @@ RULES: dict[str, Rule] = {
     "fit": one_of(*FITS),
     "sampler": one_of(*SAMPLER_KINDS),
     "distill_step": one_of(*DISTILL_STEPS),
-    "slowdown": slowdown_problem,  # 2, 3, 4 or off
+    "slowdown": slowdown_problem,  # 2 to 8, or off
+    "interpolator": one_of(*INTERPOLATORS),
+    "factor": FACTORS,
     "offload": one_of("auto", "none", "blocks"),  # DiT weights: the plan decides, all on the device, streamed blocks
     "memory_budget": lambda v: None if parse_size(v) else "must be a size like 8GB, 7.5G or 512MiB",  # memory_plan
 }

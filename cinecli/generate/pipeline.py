@@ -30,7 +30,6 @@ from ..core.limits import is_out_of_memory
 from ..core.timing import Timings
 from ..effects.preset import Backbone, Preset, SamplerSpec
 from ..effects.rules import MAX_FRAMES
-from ..output.slowdown import DEFAULT_METHOD as INTERPOLATION
 from ..output.slowdown import output_frames as upsampled_frames
 from . import prompt_cache
 from .image import check_pair, enlarge_notice, fit_image, read_image, target_size, to_tensor
@@ -56,6 +55,7 @@ class Request:
     sampler: str | None = None  # --sampler: distill | euler | unipc (None: the preset's or backbone's)
     distill_step: str | None = None  # --distill-step: renoise | euler (None: the backbone's)
     slowdown: int | None = None  # None: the preset's
+    fast_frames: bool = False  # --fast-frames: generate (F−1)/2+1 frames, interpolate ×2 back to F
 
 
 @dataclass
@@ -72,10 +72,22 @@ class Plan:
     sampler: SamplerSpec
     notices: list[str] = field(default_factory=list)
     slowdown: int = 1  # frames synthesized after decoding: frames → (frames − 1)·slowdown + 1, same fps
+    fast_frames: bool = False  # ``frames`` is half the clip's (+1): interpolation ×2 makes the rest
+    interpolator: str | None = None  # what synthesizes frames ("rife", "minterpolate"): run.py decides
+
+    @property
+    def interp_factor(self) -> int:
+        """The one interpolation factor after decoding: fast mode's ×2 times the slowdown."""
+        return self.slowdown * (2 if self.fast_frames else 1)
+
+    @property
+    def delivered_frames(self) -> int:
+        """The clip's frame count at the generation's pace (what --frames asked for): fast mode's ×2 done."""
+        return upsampled_frames(self.frames, 2 if self.fast_frames else 1)
 
     @property
     def output_frames(self) -> int:
-        return upsampled_frames(self.frames, self.slowdown)
+        return upsampled_frames(self.frames, self.interp_factor)
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
@@ -110,6 +122,16 @@ def plan(request: Request, image_size: tuple[int, int]) -> Plan:
     if round_frames(frames) != frames:
         notices.append(f"frames {frames} → {round_frames(frames)} (the model needs 4k+1 frames, at most {MAX_FRAMES})")
         frames = round_frames(frames)
+    fast = request.fast_frames
+    if fast and frames < 9:
+        notices.append(f"warning: --fast-frames needs at least 9 frames; generating all {frames}")
+        fast = False
+    elif fast:
+        if (frames - 1) % 8:  # half of F−1 must stay a multiple of 4 (the VAE's 4k+1)
+            even = min(MAX_FRAMES, 8 * round((frames - 1) / 8) + 1)
+            notices.append(f"frames {frames} → {even} (--fast-frames generates (F−1)/2+1 frames, which must be 4k+1)")
+            frames = even
+        frames = (frames - 1) // 2 + 1  # generated; interpolation ×2 delivers the rest
     sampler, sampler_notices = choose_sampler(preset.effective_sampler, request.sampler, request.distill_step,
                                               preset.backbone.name)
     notices += sampler_notices
@@ -133,7 +155,8 @@ def plan(request: Request, image_size: tuple[int, int]) -> Plan:
         notices.append(f"warning: --slowdown {slowdown} does nothing to a single frame (--frames {frames})")
     seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
     return Plan(width, height, frames, request.fps or preset.fps, seed, prompt,
-                preset.negative_for(sampler, request.negative_prompt), sampler, notices, slowdown=slowdown)
+                preset.negative_for(sampler, request.negative_prompt), sampler, notices, slowdown=slowdown,
+                fast_frames=fast)
 
 
 def condition_mask(frames: int, lat_h: int, lat_w: int, last_frame: bool) -> torch.Tensor:
@@ -464,7 +487,8 @@ def metadata(request: Request, the_plan: Plan, gen: Generator, crf: int) -> dict
         "fps": the_plan.fps, "width": the_plan.width, "height": the_plan.height,
         "dtype": str(gen.dtype).removeprefix("torch."), "quantization": gen.quant_recipe,
         "slowdown": the_plan.slowdown, "output_frames": the_plan.output_frames,
-        "interpolation": INTERPOLATION if the_plan.slowdown > 1 else None,
+        "fast_frames": the_plan.fast_frames, "delivered_frames": the_plan.delivered_frames,
+        "interpolation": the_plan.interpolator if the_plan.interp_factor > 1 else None,
         "last_frame": Path(str(request.last_frame)).name if request.last_frame is not None else None,
         "effect_strength": effect_strength(preset, request.effect_strength), "fit": request.fit,
         "fast_decode": gen.fast_decode, "crf": crf, "lora_files": lora_files(preset, gen),

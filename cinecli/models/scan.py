@@ -2,8 +2,9 @@
 
 ``identify(path)`` reads only a file's header (safetensors or GGUF: key names, shapes, dtypes; never the file
 name, never the tensor data) and says what it is: a Wan2.1 DiT (t2v/i2v/flf2v, its width and precision), a umT5
-text encoder, a CLIP vision tower, a Wan2.1 VAE, a LoRA (for which width and task) or unknown. Pickles
-(``.pth``) are not scanned: their header is the whole file.
+text encoder, a CLIP vision tower, a Wan2.1 VAE, a LoRA (for which width and task), RIFE's IFNet, or unknown.
+Pickles are not scanned (their header is the whole file), except ``.pkl``: RIFE's ``flownet.pkl`` is 25 MB, read
+memory-mapped through ``torch.load(weights_only=True)``.
 
 Where to look, all of them, in this order: ``--models-dir DIR`` (the CLI sets ``CINE_MODELS_DIR``), the
 ``CINE_MODELS_DIR`` environment variable (several folders separated by ``os.pathsep``), and ``models_dirs`` in
@@ -37,7 +38,8 @@ from ..weights import lock
 from ..weights.files import read_header
 from ..weights.keys import normalize_dit_keys, normalize_lora_key
 
-SCANNED = (".safetensors", ".sft", ".gguf")
+SCANNED = (".safetensors", ".sft", ".gguf", ".pkl")  # .pkl: RIFE's flownet.pkl (read with weights_only=True)
+PICKLE_READ_LIMIT = 256 << 20  # a legacy pickle is read whole: only files of about flownet.pkl's size (25 MB)
 SIZES = {5120: "14B", 1536: "1.3B"}
 _GGUF_FLOATS = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}  # GGUF's own type names
 _PRECISION = {torch.float8_e4m3fn: "fp8", torch.float8_e5m2: "fp8 e5m2", torch.int8: "int8", torch.bfloat16: "bf16",
@@ -47,7 +49,7 @@ _PRECISION = {torch.float8_e4m3fn: "fp8", torch.float8_e5m2: "fp8 e5m2", torch.i
 @dataclass
 class Found:
     path: Path
-    kind: str  # dit | text_encoder | image_encoder | vae | lora | unknown
+    kind: str  # dit | text_encoder | image_encoder | vae | lora | rife | unknown
     label: str  # what a person reads: "DiT i2v 14B fp8 scaled"
     info: dict = field(default_factory=dict)  # model_type, dim, text_dim, image_dim, precision, …
     bytes: int = 0
@@ -152,15 +154,27 @@ def _as_lora(path: Path, header: dict) -> Found | None:
     return Found(path, "lora", what, {"dim": dim, "model_type": task})
 
 
+def _as_rife(path: Path, header: dict) -> Found | None:
+    from .rife import V4_26, is_rife_state
+
+    if not is_rife_state(header):
+        return None
+    head = next((shape for k, (shape, _) in header.items() if k.endswith("encode.cnn3.weight")), None)
+    fits = head is not None and head[1] == V4_26.head_channels  # ConvTranspose2d weight [in, out, k, k]
+    return Found(path, "rife", "RIFE IFNet v4.25/4.26" if fits else "RIFE IFNet (another version)", {"fits": fits})
+
+
 def identify(path: Path) -> Found:
     """What one weight file is, from its header only."""
     path = Path(path)
     size = path.stat().st_size
+    if path.suffix == ".pkl" and size > PICKLE_READ_LIMIT:
+        return Found(path, "unknown", "pickle, too large to be RIFE's flownet.pkl (not read)", bytes=size)
     try:
         header = read_header(path)
     except WeightsError as exc:
         return Found(path, "unknown", f"unreadable ({str(exc)[:80]})", bytes=size)
-    for probe in (_as_lora, _as_dit, _as_vae, _as_text_encoder, _as_image_encoder):
+    for probe in (_as_rife, _as_lora, _as_dit, _as_vae, _as_text_encoder, _as_image_encoder):
         found = probe(path, header)
         if found is not None:
             found.bytes = size

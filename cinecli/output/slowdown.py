@@ -1,5 +1,6 @@
-"""Slow motion by temporal up-sampling (``--slowdown N``): N−1 synthesized frames between each pair of generated
-frames, played at the same frame rate, so the same motion lasts N times longer (F frames → (F−1)·N+1).
+"""FFmpeg's frame interpolation (``--interpolator minterpolate``): N−1 synthesized frames between each pair of
+frames, played at the same frame rate, so the same motion lasts N times longer (F frames → (F−1)·N+1). RIFE is the
+default interpolator (output/interpolate.py chooses); this is what runs without its weights.
 
 The in-between frames come from FFmpeg's filters run through PyAV's filter graph (the FFmpeg inside the ``av``
 wheel cine already needs; no new dependency). CineMobile made its slow-motion training data the same way, with
@@ -31,18 +32,12 @@ than blending; cine's frames are far larger.
 
 from __future__ import annotations
 
-import contextlib
 from fractions import Fraction
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..core.errors import UsageError
 from ..effects.rules import SLOWDOWNS, parse_slowdown  # noqa: F401 - the factors, and their parser for callers here
-
-if TYPE_CHECKING:
-    from ..core.timing import Timings
-
 
 # name → FFmpeg filter chain ({fps} is the output rate), or None for a plain linear cross-fade computed here.
 # minterpolate works on YUV only: yuv444p keeps full colour resolution (the round trip alone: 52 dB PSNR, invisible).
@@ -77,14 +72,6 @@ def interpolate(frames: np.ndarray, factor: int, method: str = DEFAULT_METHOD) -
         out = _filter(frames, factor, METHODS[method].format(fps=_RATE * factor))
     out[::factor] = frames  # the generated frames pass through exactly (the YUV round trip would touch them)
     return out
-
-
-def slow_down(frames: np.ndarray, factor: int, timings: Timings | None = None) -> np.ndarray:
-    """``interpolate`` with the default method, timed as its own stage ("slowdown xN") when ``timings`` is given."""
-    if factor == 1:
-        return frames
-    with timings.stage(f"slowdown x{factor}") if timings is not None else contextlib.nullcontext():
-        return interpolate(frames, factor)
 
 
 def _blend(frames: np.ndarray, factor: int) -> np.ndarray:

@@ -14,6 +14,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Iterator
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +80,7 @@ def check_output_paths(output: str | Path, inputs: dict[str, str | Path | None])
             raise UsageError(f"{option} {path} is also the output (-o {output}); cine never writes over its inputs")
 
 
-def _encode(container, frames: np.ndarray, fps: int, crf: int) -> None:
+def _encode(container, frames: np.ndarray, fps: int | Fraction, crf: int) -> None:
     stream = container.add_stream("libx264", rate=fps)
     stream.height, stream.width = frames.shape[1:3]
     stream.pix_fmt = "yuv420p"
@@ -93,7 +94,7 @@ def _encode(container, frames: np.ndarray, fps: int, crf: int) -> None:
         container.mux(packet)
 
 
-def write_mp4(frames: np.ndarray, path: str | Path, fps: int, metadata: dict | None = None,
+def write_mp4(frames: np.ndarray, path: str | Path, fps: int | Fraction, metadata: dict | None = None,
               crf: int = 18, overwrite: bool = False) -> str:
     """Encode frames [T, H, W, 3] uint8 to ``path`` (or ``-`` for stdout); returns the path written."""
     import av
@@ -241,3 +242,31 @@ def _looks_like_mp4(path: str | Path) -> bool:
     with contextlib.suppress(OSError), open(path, "rb") as f:
         return f.read(12)[4:8] == b"ftyp"
     return False
+
+
+def read_frames(source: str | Path | io.BytesIO, name: str | None = None) -> tuple[np.ndarray, Fraction, dict | None]:
+    """Decode a clip: (frames [T, H, W, 3] uint8 RGB, its frame rate, the cine metadata stored in it or None).
+
+    A file that is not a video, or cannot be decoded to its end, is an InputError (exit 3)."""
+    import av
+
+    source, label = (source, name or "stdin") if isinstance(source, io.BytesIO) else (str(source), str(source))
+    try:
+        with av.open(source) as container:
+            fmt = container.format.name
+            if not container.streams.video or fmt == "image2" or fmt.endswith("_pipe"):
+                raise InputError(f"{label}: not a video ({'an image' if container.streams.video else 'no video stream'})")
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+            raw = container.metadata.get(METADATA_KEY) or container.metadata.get("comment")
+    except av.error.FFmpegError as exc:
+        raise InputError(f"{label}: not a readable video ({getattr(exc, 'strerror', None) or type(exc).__name__})") from None
+    except (IndexError, OSError) as exc:
+        raise InputError(f"{label}: not a video ({exc})") from None
+    try:
+        meta = json.loads(raw) if raw else None
+    except ValueError:
+        meta = None
+    out = np.stack(frames) if frames else np.zeros((0, 0, 0, 3), np.uint8)
+    return out, Fraction(rate) if rate else Fraction(0), meta if isinstance(meta, dict) else None

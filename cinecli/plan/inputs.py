@@ -253,4 +253,5 @@ def job(preset: Preset, p: Plan, weights: dict[str, dict], *, device: torch.devi
         fast_decode=fast_decode,
         tiny_vae_bytes=tiny_vae_bytes() if preset.backbone.tiny_vae else 0,
         quant_cached=quant_cached, offload=offload, dit_private_bytes=dit_private_bytes(preset, header, sizes, dtype),
+        interp_factor=p.interp_factor, interpolator=p.interpolator or "rife", delivered_frames=p.delivered_frames,
     )

@@ -33,7 +33,7 @@ from .gguf import GGUF_SUFFIX, iter_gguf, read_gguf_header
 
 Source = str | os.PathLike | Mapping[str, torch.Tensor]
 
-PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pkl")  # .pkl: RIFE's flownet.pkl
 INDEX_SUFFIX = ".safetensors.index.json"
 
 
@@ -109,7 +109,9 @@ def check_weight_file(path: Path) -> None:
         raise WeightsError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
-def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+def load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a pickled checkpoint, through ``torch.load(weights_only=True)`` only (memory-mapped when it is
+    a torch.save zip); a pickle naming other Python objects is refused (exit 4)."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
@@ -153,7 +155,7 @@ def iter_tensors(source: Source, patterns: Sequence[str] = ("*.safetensors", "*.
             except (SafetensorError, OSError) as exc:
                 raise WeightsError(f"unreadable safetensors file {path}: {exc}") from None
         elif path.suffix in PICKLE_SUFFIXES:
-            yield from _load_pickle(path).items()
+            yield from load_pickle(path).items()
         elif path.suffix == GGUF_SUFFIX:
             yield from iter_gguf(path)
         else:
@@ -181,7 +183,7 @@ def read_header(source: Source, patterns: Sequence[str] = ("*.safetensors", "*.p
         elif path.suffix == GGUF_SUFFIX:
             header.update(read_gguf_header(path))
         else:
-            header.update((k, (tuple(v.shape), v.dtype)) for k, v in _load_pickle(path).items())
+            header.update((k, (tuple(v.shape), v.dtype)) for k, v in load_pickle(path).items())
     return header
 
 

@@ -97,7 +97,7 @@ def verify(entry: dict, root: Path, full: bool = True) -> list[str]:
 
 
 # --- local files ---------------------------------------------------------------------------------------------------
-WEIGHT_SUFFIXES = (".safetensors", ".sft", ".pth", ".pt", ".bin", ".ckpt", ".gguf")  # what is hashed (not configs, tokenizers)
+WEIGHT_SUFFIXES = (".safetensors", ".sft", ".pth", ".pt", ".bin", ".ckpt", ".pkl", ".gguf")  # what is hashed (not configs, tokenizers)
 
 
 def weight_files(files: list[Path]) -> list[Path]:
