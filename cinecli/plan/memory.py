@@ -11,6 +11,11 @@ optional budget) and what the job needs (``Job``: the DiT config, component size
   VAE           whole frames, else spatial tiles of the largest side in ``VAE_TILES`` that fits ("vae_decode":
                 "tiled", ``vae_tile`` the side; the conditioning encode is tiled alike)
 
+A two-expert backbone (Wan2.2 A14B, ``Job.experts`` 2) runs one expert at a time (models/experts.py), so a step
+holds one expert plus the rest, never two: on the CPU the idle expert's pages are dropped; streamed, the device
+holds the active expert's two blocks and both experts' small non-block parts, the host both experts' blocks;
+resident, one expert is on the device and the idle one waits in host memory until they trade places at the switch.
+
 Estimates follow the model code (see ``dit_step_bytes``, ``vae_encode_bytes``, ``vae_decode_bytes``): the
 constants are live-tensor peaks traced through the real modules on the ``meta`` device at real widths (one
 denoising step of WanDiT, the chunked Wan VAE), so they track tokens, frame size and frame count; weight bytes
@@ -125,6 +130,7 @@ class Job:
     # 16-bit DiT weights a load holds in its own memory, not as file pages: cast from the file's dtype (the
     # official fp32 shards) or rewritten by a backbone LoRA merge. 0 when the load is zero-copy.
     dit_private_bytes: int = 0
+    experts: int = 1  # DiTs of one architecture that take turns (Wan2.2 A14B: high noise, then low noise)
 
     @property
     def tokens(self) -> int:
@@ -153,13 +159,17 @@ class MemoryPlan:
     dit_bytes: int = 0  # the DiT's weights at the chosen recipe
     vae_tile: int | None = None  # the tile side (pixels) when "tiled"
     chunking: str = "chunked"  # how DiT blocks split their work (CHUNKINGS; wan_dit.Chunking)
+    experts: int = 1  # DiTs that take turns, each ``dit_bytes`` (one in use at a time)
 
     def peak(self, which: str = "device_peak_bytes") -> int:
         return max((getattr(s, which) for s in self.stages), default=0)
 
     def to_json(self) -> dict:
-        return {"dit": self.dit, "quantize": self.quantize, "text_encoder": self.text_encoder, "vae_decode": self.vae_decode,
-                "vae_tile": self.vae_tile, "chunking": self.chunking, "stages": [asdict(s) for s in self.stages]}
+        out = {"dit": self.dit, "quantize": self.quantize, "text_encoder": self.text_encoder, "vae_decode": self.vae_decode,
+               "vae_tile": self.vae_tile, "chunking": self.chunking, "stages": [asdict(s) for s in self.stages]}
+        if self.experts > 1:
+            out["experts"] = self.experts
+        return out
 
 
 class NoFit(Exception):
@@ -273,10 +283,11 @@ def _stages(job: Job, m: Machine, recipe: str, streamed: bool, text: str, tile: 
                 "dit": dit + job.effect_bytes, "vae decode": job.vae_bytes * (1 - VAE_ENCODER_SHARE)}
         dit_host = 0
     else:  # everything loaded stays on the device; streamed blocks wait in pinned host memory
-        dit = sizes.streamed if streamed else sizes.total
+        idle = job.experts - 1  # the other experts: their non-block parts on the device when streamed, else on the host
+        dit = sizes.streamed + idle * sizes.outside_blocks if streamed else sizes.total
         always = dit + job.image_encoder_bytes + job.vae_bytes + job.effect_bytes + (job.tiny_vae_bytes if job.fast_decode else 0)
         keep = dict.fromkeys(("clip", "vae encode", "dit", "vae decode"), always)
-        dit_host = sizes.total if streamed else 0
+        dit_host = job.experts * sizes.total if streamed else idle * sizes.total
 
     def add(name: str, dev: int, host: int) -> None:
         if on_cpu:  # the device is host RAM
@@ -291,8 +302,10 @@ def _stages(job: Job, m: Machine, recipe: str, streamed: bool, text: str, tile: 
     # cast or merged source is whole in memory before its conversion starts.
     converted = recipe in ("none", "prequantized") or recipe in job.quant_cached
     first_run = 0 if converted else job.dit_private_bytes + convert_bytes(sizes)
-    add("load dit", 0 if on_cpu else dit, dit_host + first_run)
-    add("image encode", keep["clip"] + IMAGE_ENCODE_BYTES, dit_host)
+    # Two resident experts load mapped on the host and move to the device at their first step.
+    add("load dit", 0 if on_cpu or (job.experts > 1 and not streamed) else dit, dit_host + first_run)
+    if job.image_encoder_bytes:  # none for a model that takes no CLIP features (Wan2.2's i2v)
+        add("image encode", keep["clip"] + IMAGE_ENCODE_BYTES, dit_host)
     add("vae encode", keep["vae encode"] + vae_encode_bytes(job, tile, m.device), dit_host)
     step = dit_step_bytes(job, sizes, recipe, m.device, chunking)
     for i in range(job.steps):
@@ -343,7 +356,7 @@ def make_plan(job: Job, m: Machine) -> MemoryPlan:
                 stages = _stages(job, m, recipe, streamed, text, tile, chunking)
                 if _fits(stages, m):
                     return MemoryPlan("streamed" if streamed else "resident", recipe, text, "tiled" if tile else "whole",
-                                      stages, m.device, job.dit[recipe].total, tile, chunking)
+                                      stages, m.device, job.dit[recipe].total, tile, chunking, job.experts)
                 dev, host = _needs(stages, m)
                 short_on_device = dev > m.device_cap
                 need = dev if short_on_device else host
