@@ -428,7 +428,7 @@ class Generator:
                              step_hook=lambda i, n: self._stage(f"denoise step {i + 1}/{n}"), nonfinite_hint=hint,
                              low_noise=denoiser("low_noise") if "low_noise" in experts.models else None)
             contexts.clear()
-            del y
+            y = None  # the conditioning latents are done with (the closures above read it per step)
             experts.release()
         if self.fast_decode:
             tiny = self.tiny_vae
