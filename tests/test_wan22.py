@@ -321,3 +321,51 @@ def test_scan_tells_the_experts_apart_and_a_comfyui_folder_serves_them(env, stac
     assert doc["weights"]["dit_low_noise"]["path"].endswith("wan2.2_i2v_low_noise_14B_fp8_scaled.safetensors")
     listing = cine("models", "scan", stack / "experts")
     assert listing.exit_code == 0 and "high-noise expert" in listing.stdout and "low-noise expert" in listing.stdout
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_an_emulated_gpu_holds_one_expert_at_a_time(streamed, stack, tmp_path, monkeypatch):
+    """CUDA (emulated): at every DiT call exactly one expert is on the device. Resident experts trade places at
+    the switch (the idle one's weights go to the host); streamed ones keep their blocks on the host and the idle
+    one's two device slots are given back."""
+    from cinecli.core.devices import choose_device
+    from cinecli.generate.pipeline import Generator
+    from cinecli.models import experts as experts_module
+    from cinecli.models.wan_dit import WanDiT
+    from cinecli.weights.hub import resolve_all
+
+    monkeypatch.setenv("CINE_EMULATE_DEVICE", "cuda")
+    device = choose_device("cuda")  # the emulated device: CPU memory under CUDA's rules, a device of its own
+    preset = Catalog(extra_preset=preset_file(stack, tmp_path)).resolve(None)
+    gen = Generator(preset.backbone, resolve_all(preset.weights(), "test"), device, torch.bfloat16, vae_tile=None,
+                    stream_blocks=streamed)
+    seen, forward = [], WanDiT.forward
+
+    def where(model) -> tuple[str, str]:
+        """(the block weights' device, the blocks' slots: "slots" when a streamed expert holds device slots)"""
+        stream = model.block_stream
+        slots = "slots" if stream is not None and any(s is not None for s in getattr(stream, "slots", [])) else "-"
+        return str(model.blocks[0].ffn[0].weight.device), slots
+
+    def spy(self, *a, **kw):
+        seen.append({name: where(m) for name, m in gen._experts.models.items()})
+        return forward(self, *a, **kw)
+
+    monkeypatch.setattr(WanDiT, "forward", spy)
+    moves, move = [], experts_module._move  # whole-expert copies between the host and the device
+    monkeypatch.setattr(experts_module, "_move", lambda model, to: moves.append(
+        (next(n for n, m in gen._experts.models.items() if m is model), "host" if to.type == "cpu" and to.index is None
+         else "device")) or move(model, to))
+    run(gen, preset)
+    run(gen, preset)  # the next video: the high-noise expert comes back
+    assert len(seen) == 8 and gen.experts.switches == 3
+    order = ["high_noise", "high_noise", "low_noise", "low_noise"] * 2
+    for active, state in zip(order, seen):
+        idle = "low_noise" if active == "high_noise" else "high_noise"
+        if streamed:  # blocks wait on the host; only the expert that runs may hold device slots
+            assert state[idle][1] == "-", state
+    if streamed:
+        assert moves == []
+    else:  # one expert on the device at a time: the idle one leaves before the other arrives
+        assert moves == [("high_noise", "device"), ("high_noise", "host"), ("low_noise", "device"),
+                         ("low_noise", "host"), ("high_noise", "device"), ("high_noise", "host"), ("low_noise", "device")]

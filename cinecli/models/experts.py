@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..core.devices import activation_dtype, kind, module_to_device
+from ..core.devices import activation_dtype, kind, to_device
 
 
 class Experts:
@@ -50,7 +50,7 @@ class Experts:
                 self.switches += 1
             model = self.models[name]
             if self.swaps_whole:
-                module_to_device(model, self.device)
+                _move(model, self.device)
                 model.compute_dtype = activation_dtype(self.device, model.patch_embedding.weight.dtype)
             self.active = name
         return self.models[name]
@@ -68,7 +68,7 @@ class Experts:
             model.block_stream.release_slots()
             release_cached(self.device)
         elif self.swaps_whole:
-            module_to_device(model, torch.device("cpu"))
+            _move(model, torch.device("cpu"))
             release_cached(self.device)
         if self.active == name:
             self.active = None
@@ -78,3 +78,11 @@ class Experts:
         from .load import release_pages
 
         release_pages(*self.models.values())  # only file-mapped pages: a no-op for weights on a GPU
+
+
+def _move(model: nn.Module, device: torch.device) -> None:
+    """Every weight of ``model`` copied to ``device`` (``devices.to_device``). Always a copy, as between a GPU and
+    the host, so an emulated device (whose tensors live on the CPU) frees what it held when the expert leaves."""
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            t.data = to_device(t.data, device, copy=True)
