@@ -20,7 +20,7 @@ from wan_fixtures import random_state_dict
 
 from cinecli.cli.app import app
 from cinecli.effects.preset import Catalog, SamplerSpec
-from cinecli.generate.sampler import expert_schedule, sample
+from cinecli.generate.sampler import expert_schedule, rescale_boundary, sample
 from cinecli.models.wan_dit import DIT_CONFIGS
 
 CFG = replace(DIT_CONFIGS["tiny-i2v"], model_type="i2v-noclip")  # Wan2.2's expert shape, tiny: no img_emb, no k_img
@@ -126,6 +126,9 @@ def test_distilled_list_switches_at_boundary_step_index():
     assert expert_schedule(spec) == [name for name, _ in calls]
     # the model sees the shifted timesteps σ'·1000 (σ' = 5σ/(1 + 4σ)), σ = t/1000 of the list
     assert [round(t, 1) for _, t in calls] == [1000.0, 937.5, 833.3, 625.0]
+    # --steps 8 on the distilled list keeps the switch at the same share of the schedule
+    eight = replace(rescale_boundary(spec, 8), timesteps=tuple(1000 * (1 - i / 8) for i in range(8)))  # as plan() does
+    assert expert_schedule(eight) == ["high_noise"] * 4 + ["low_noise"] * 4
 
 
 def test_timestep_boundary_0900_as_wan22_image2video():
@@ -301,6 +304,8 @@ def test_dry_run_offline_names_both_experts(env, photo):
     assert "wan2.2_i2v_A14b_high_noise_lightx2v_4step.safetensors" in text.stderr
     assert "wan2.2_i2v_A14b_low_noise_lightx2v_4step.safetensors" in text.stderr
     assert "high noise steps 1-2, low noise steps 3-4" in text.stderr and "no CLIP" in text.stderr
+    wan21 = cine("bullet-time", photo, "--backbone", "wan2.2-i2v-a14b-4step", "--dry-run")  # a Wan2.1 effect LoRA
+    assert wan21.exit_code == 2 and "do not carry over" in wan21.stderr and len(wan21.stderr.strip().splitlines()) == 1
 
 
 def test_scan_tells_the_experts_apart_and_a_comfyui_folder_serves_them(env, stack, photo, tmp_path):
