@@ -277,8 +277,8 @@ def _stages(job: Job, m: Machine, recipe: str, streamed: bool, text: str, tile: 
     out: list[Stage] = []
     if on_cpu:  # one pool, and each stage holds only its own component's pages (module doc)
         dit = sizes.outside_blocks + sizes.block if streamed else sizes.total  # streamed: one block at a time
-        if recipe == "none" and job.dit_private_bytes:  # private pages cannot be dropped after each block
-            dit = sizes.total
+        if recipe == "none" and job.dit_private_bytes:  # private pages cannot be dropped after each block,
+            dit = sizes.total * job.experts  # nor a parked expert's (its cast or merged copy stays in memory)
         keep = {"clip": job.image_encoder_bytes, "vae encode": job.vae_bytes * VAE_ENCODER_SHARE,
                 "dit": dit + job.effect_bytes, "vae decode": job.vae_bytes * (1 - VAE_ENCODER_SHARE)}
         dit_host = 0
