@@ -289,9 +289,8 @@ class Generator:
             # streaming moves the rest to the device below.
             where = torch.device("cpu") if self.stream_blocks or len(self.backbone.experts) > 1 else self.device
             if recipe and recipe != "none" and not is_prequantized(self.paths[label]):
-                from ..models.recipes import (
-                    get_recipe,  # quantized once per expert, then memory-mapped from cine's cache
-                )
+                # quantized once per expert, then memory-mapped from cine's cache
+                from ..models.recipes import get_recipe
 
                 dit = load_quantized(self.paths[label], get_recipe(recipe), merges, device=where, dtype=self.dtype)
             else:
@@ -326,7 +325,8 @@ class Generator:
                 continue
             key = f"{card.name}@{strength:g}"
             if key not in effects.loaded:
-                with self._stage(f"load effect {card.name}" + (f" ({expert.replace('_', ' ')})" if len(experts.models) > 1 else "")):
+                which = f" ({expert.replace('_', ' ')})" if len(experts.models) > 1 else ""
+                with self._stage(f"load effect {card.name}{which}"):
                     effects.load(key, self.paths[labels[expert]], strength=strength)
             effects.use(key)
 
