@@ -9,6 +9,10 @@ freed before the DiT loads. The other components stay loaded (batches reuse them
 weights are memory-mapped files, each one's pages leave the process when its stage ends (``release_pages``:
 CLIP after the image encode, the VAE after encoding, the DiT before the decode), so a stage holds only its own
 component's weights; the next request refaults them from the page cache.
+
+A two-expert backbone (Wan2.2-I2V-A14B) loads both DiTs, each with its own effect adapters, and runs one at a time
+(``models/experts.py``): the sampler says which expert a step needs, and the other is parked at the switch. It
+takes no CLIP features: the photo reaches it only through ``y``, so no image encoder is loaded.
 """
 
 from __future__ import annotations
