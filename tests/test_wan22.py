@@ -129,6 +129,10 @@ def test_distilled_list_switches_at_boundary_step_index():
     # --steps 8 on the distilled list keeps the switch at the same share of the schedule
     eight = replace(rescale_boundary(spec, 8), timesteps=tuple(1000 * (1 - i / 8) for i in range(8)))  # as plan() does
     assert expert_schedule(eight) == ["high_noise"] * 4 + ["low_noise"] * 4
+    # a preset's own sampler table without a switch keeps the backbone's, at the same share
+    orbit = Catalog().resolve("orbit")
+    assert orbit.effective_sampler.boundary_step_index == 2
+    assert replace(orbit, sampler=SamplerSpec(kind="euler", steps=40)).effective_sampler.boundary_step_index == 20
 
 
 def test_timestep_boundary_0900_as_wan22_image2video():

@@ -155,10 +155,11 @@ class Preset:
     def effective_sampler(self) -> SamplerSpec:
         """The preset's sampler, else the backbone's; a preset's table that names no expert switch keeps the
         backbone's (a two-expert backbone needs one)."""
-        spec = self.sampler or self.backbone.sampler
+        spec, own = self.sampler or self.backbone.sampler, self.backbone.sampler
         if spec.boundary_step_index is None and spec.boundary is None:
-            spec = replace(spec, boundary_step_index=self.backbone.sampler.boundary_step_index,
-                           boundary=self.backbone.sampler.boundary)
+            index = own.boundary_step_index  # the same share of a schedule of another length
+            index = round(index * spec.num_steps / own.num_steps) if index is not None else None
+            spec = replace(spec, boundary_step_index=index, boundary=own.boundary)
         return spec
 
     def negative_for(self, sampler: SamplerSpec, override: str | None = None) -> str:
