@@ -287,7 +287,16 @@ def _dry_run_doc(opts: RunOptions, preset: Preset, p: Plan, image_size, output: 
         "dit_bytes": mp.dit_bytes if mp else None,
         "download_bytes": sum(w["bytes"] or 0 for w in weights.values() if not w["present"]),
         "missing": [w["ref"] for w in weights.values() if not w["present"]],
+        **({"experts": _expert_steps(p)} if preset.backbone.dit_low_noise is not None else {}),
     }
+
+
+def _expert_steps(p: Plan) -> dict[str, list[int]]:
+    """A two-expert backbone: expert → the (1-based) steps it runs."""
+    from .generate.sampler import expert_schedule
+
+    order = expert_schedule(p.sampler)
+    return {e: [i + 1 for i, x in enumerate(order) if x == e] for e in ("high_noise", "low_noise")}
 
 
 def _dry_run(opts: RunOptions, preset: Preset, p: Plan, image_size, output: str, weights: dict, mp) -> dict:
@@ -300,18 +309,27 @@ def _dry_run(opts: RunOptions, preset: Preset, p: Plan, image_size, output: str,
     lines = [f"[dry-run] {doc['input']} → {output}", f"  effect {preset.name} on {preset.backbone.name}",
              f"  {p.width}x{p.height} (photo {image_size[0]}x{image_size[1]}, --fit {opts.fit}), {count} @ {p.fps} fps, "
              + (f"slowed {p.slowdown}x ({p.interpolator}) to {p.output_frames} frames, " if p.slowdown > 1 else "") + f"seed {p.seed}, {p.sampler.kind} sampler {p.sampler.num_steps} steps", f"  prompt: {p.prompt}", "  weights:"]
+    experts = {"dit": "dit (high noise)", "dit_low_noise": "dit (low noise)"} if preset.backbone.dit_low_noise else {}
     for name, w in weights.items():
-        lines.append(f"    {name:24s} {'present' if w['present'] else 'MISSING':8s} {human_bytes(w['bytes']):>9s}  {w['ref']}")
+        lines.append(f"    {experts.get(name, name):24s} {'present' if w['present'] else 'MISSING':8s} "
+                     f"{human_bytes(w['bytes']):>9s}  {w['ref']}")
     if doc["missing"]:
         pulls = [_hint(opts, preset)] if any(k != "rife" and not w["present"] for k, w in weights.items()) else []
         pulls += ["cine models pull rife"] if "rife" in weights and not weights["rife"]["present"] else []
         lines.append(f"  missing weights ({human_bytes(doc['download_bytes'])}) download on first run, or now with: "
                      + " and ".join(pulls))
     tiles = f" ({mp.vae_tile}-px tiles: memory needs them; ~{TILED_COST:g}x the time of whole frames)" if mp.vae_tile else ""
-    lines.append(f"  memory plan on {mp.device}: DiT {mp.quantize} ({human_bytes(mp.dit_bytes)}) {mp.dit}, "
-                 f"text encoder {mp.text_encoder}, VAE {mp.vae_decode}{tiles}, chunking {mp.chunking} "
-                 f"({CHUNKING_SAYS[mp.chunking]}); CLIP and VAE "
-                 f"on the {mp.device}")
+    dit = f"DiT {mp.quantize} ({human_bytes(mp.dit_bytes)}) {mp.dit}"
+    if mp.experts > 1:  # Wan2.2 A14B: one expert in use at a time, so the peaks hold one of them
+        from .generate.sampler import expert_schedule
+
+        order = expert_schedule(p.sampler)
+        high = order.count("high_noise")
+        dit = (f"2 DiT experts, one at a time: high noise steps 1-{high}, low noise steps {high + 1}-{len(order)}; "
+               f"each {mp.quantize} ({human_bytes(mp.dit_bytes)}) {mp.dit}")
+    clip = "CLIP and VAE" if preset.backbone.image_encoder is not None else "no CLIP (the photo enters as VAE latents); VAE"
+    lines.append(f"  memory plan on {mp.device}: {dit}, text encoder {mp.text_encoder}, VAE {mp.vae_decode}{tiles}, "
+                 f"chunking {mp.chunking} ({CHUNKING_SAYS[mp.chunking]}); {clip} on the {mp.device}")
     for st in mp.stages:
         lines.append(f"    {st.stage:22s} device {human_bytes(st.device_peak_bytes):>9s}   host {human_bytes(st.host_peak_bytes):>9s}")
     sys.stderr.write("\n".join(lines) + "\n")

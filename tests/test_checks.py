@@ -244,7 +244,7 @@ def test_malformed_user_preset_is_skipped_with_a_warning(env, files):
     (user / "mine.toml").write_text('name = "mine"\nbackbone = "wan2.1-i2v-14b-480p-4step"\nprompt = "a slow orbit"\n')
     r = cine("effects", "--json")
     assert r.exit_code == 0, r.output
-    assert {e["effect"] for e in json.loads(r.stdout)} == {"bullet-time", "dolly-zoom", "slow-motion", "mine"}
+    assert {e["effect"] for e in json.loads(r.stdout)} == {"bullet-time", "dolly-zoom", "slow-motion", "orbit", "mine"}
     assert f"cine: warning: skipping user preset 'broken': malformed TOML in {user / 'broken.toml'}" in r.stderr
     assert f"skipping user preset 'zero': preset {user / 'zero.toml'}: frames = 0" in r.stderr
     assert cine("slowmo", files["photo"], "--dry-run").exit_code == 0

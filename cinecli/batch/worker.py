@@ -48,7 +48,7 @@ class Worker:
             apply_plan(gen, memory_plan(self.opts, preset, clip, weights_needed(preset, refs=refs), device))
             self.generators[key] = gen
         gen = self.generators[key]
-        if preset.effect is not None and f"effect:{preset.effect.name}" not in gen.paths:  # another effect, same backbone
+        if preset.effect is not None and not set(preset.effect.labels().values()) <= gen.paths.keys():  # another effect
             gen.paths.update(resolve_all(local_refs(preset), pull_hint(preset, self.opts.backbone, self.opts.preset_file)))
         gen.timings = timings
         timings.device = gen.device

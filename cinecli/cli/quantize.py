@@ -40,7 +40,7 @@ def pipeline_psnr(reference, quantized, vae, seed: int = 0, frames: int = 9, siz
     lat = (16, 1 + (frames - 1) // 4, size // 8, size // 8)
     context = torch.randn(1, 16, cfg.text_dim, generator=g)
     clip = torch.randn(1, 514 if cfg.model_type == "flf2v" else 257, cfg.image_dim, generator=g) if cfg.has_image_input else None
-    y = torch.cat([condition_mask(frames, lat[2], lat[3], False)[None], torch.randn(1, *lat, generator=g)], 1) if cfg.has_image_input else None
+    y = torch.cat([condition_mask(frames, lat[2], lat[3], False)[None], torch.randn(1, *lat, generator=g)], 1) if cfg.has_latent_input else None
     videos = []
     for model in (reference, quantized):
         with torch.no_grad():

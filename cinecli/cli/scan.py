@@ -18,7 +18,8 @@ from .weights import models_app
 def models_scan(folder: Path = typer.Argument(..., help="A models folder (ComfyUI's models/, Wan2GP's ckpts/, any)."),
                 as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
                 remember: bool = typer.Option(False, "--remember", help="Use this folder in every later run (user config).")) -> None:
-    """Identify Wan files by content (keys, shapes, dtypes; never the name): DiT, umT5, CLIP, VAE, LoRA or unknown."""
+    """Identify Wan files by content (keys, shapes, dtypes): DiT, umT5, CLIP, VAE, LoRA or unknown. Only which
+    Wan2.2 expert a file holds (high or low noise: one shape) comes from its metadata or, else, its name."""
     from ..models.scan import remember as remember_folder
     from ..models.scan import scan
 

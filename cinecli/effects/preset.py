@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import difflib
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import tomllib
@@ -41,8 +41,14 @@ class WeightRef:
         return f"{self.repo}/{self.file}" + (f"@{self.revision}" if self.revision else "")
 
 
+EXPERTS = ("high_noise", "low_noise")  # a two-expert backbone's DiTs (Wan2.2 A14B), in the order they run
+
+
 @dataclass(frozen=True)
 class LoraCard:
+    """An effect or backbone LoRA. For a two-expert backbone it comes as a high/low pair (``source`` is the
+    high-noise file, ``low_noise`` the other), or as one file applied to the ``experts`` the card names."""
+
     name: str
     source: WeightRef
     trigger: str = ""
@@ -51,7 +57,19 @@ class LoraCard:
     model_types: tuple[str, ...] = ("i2v",)
     description: str = ""
     url: str = ""
+    low_noise: WeightRef | None = None  # the pair's low-noise file (then ``source`` is the high-noise one)
+    experts: tuple[str, ...] = EXPERTS  # a single file on a two-expert backbone: the experts it applies to
 
+    def files(self) -> dict[str, WeightRef]:
+        """Expert → the file it gets (a one-DiT backbone reads only "high_noise": its one DiT runs every step)."""
+        if self.low_noise is not None:
+            return {"high_noise": self.source, "low_noise": self.low_noise}
+        return dict.fromkeys(self.experts, self.source)
+
+    def labels(self, kind: str = "effect") -> dict[str, str]:
+        """Expert → the weight label of its file (``effect:NAME``, the pair's low-noise file ``effect:NAME:low_noise``)."""
+        return {e: f"{kind}:{self.name}" + (":low_noise" if self.low_noise is not None and e == "low_noise" else "")
+                for e in self.files()}
 
 
 
@@ -64,6 +82,11 @@ class SamplerSpec:
     shift: float = 5.0
     guidance: float = 1.0
     step: str = "renoise"  # distill only: "renoise" (fresh noise each step, as trained) or "euler" (deterministic)
+    # Two-expert backbones: where the high-noise expert hands over to the low-noise one. ``boundary_step_index``:
+    # steps before this index run the high-noise expert (LightX2V's distilled list); ``boundary``: a fraction of
+    # the 1000 timesteps, the high-noise expert while t >= boundary·1000 (Wan2.2's image2video.py). The index wins.
+    boundary_step_index: int | None = None
+    boundary: float | None = None
 
     @property
     def num_steps(self) -> int:
@@ -82,7 +105,7 @@ class Backbone:
     vae: WeightRef
     text_encoder: WeightRef
     tokenizer: WeightRef
-    image_encoder: WeightRef
+    image_encoder: WeightRef | None  # None: the model takes no CLIP features (Wan2.2's i2v experts)
     model_type: str = "i2v"
     supports_last_frame: bool = False
     merge: tuple[LoraCard, ...] = ()
@@ -92,11 +115,22 @@ class Backbone:
     description: str = ""
     negative_prompt: str = ""  # CFG backbones: the reference default (Wan's sample_neg_prompt), used unless overridden
     dit_config: str | None = None  # a DIT_CONFIGS name: lets the memory plan size the DiT before it is downloaded
+    # A two-expert backbone (Wan2.2 A14B): ``dit`` is the high-noise expert, this the low-noise one; the sampler's
+    # boundary says which runs each step.
+    dit_low_noise: WeightRef | None = None
+
+    @property
+    def experts(self) -> tuple[str, ...]:
+        """The DiT experts in the order they run: ("high_noise", "low_noise"), or ("high_noise",) for one DiT."""
+        return EXPERTS if self.dit_low_noise is not None else EXPERTS[:1]
 
     def components(self) -> dict[str, WeightRef]:
-        refs = {"dit": self.dit, "vae": self.vae, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer,
-                "image_encoder": self.image_encoder}
-        refs.update({f"lora:{card.name}": card.source for card in self.merge})
+        refs = {"dit": self.dit, **({"dit_low_noise": self.dit_low_noise} if self.dit_low_noise else {}),
+                "vae": self.vae, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer}
+        if self.image_encoder is not None:
+            refs["image_encoder"] = self.image_encoder
+        for card in self.merge:
+            refs.update({label: card.files()[e] for e, label in card.labels("lora").items() if e in self.experts})
         return refs
 
 
@@ -119,7 +153,14 @@ class Preset:
 
     @property
     def effective_sampler(self) -> SamplerSpec:
-        return self.sampler or self.backbone.sampler
+        """The preset's sampler, else the backbone's; a preset's table that names no expert switch keeps the
+        backbone's (a two-expert backbone needs one)."""
+        spec, own = self.sampler or self.backbone.sampler, self.backbone.sampler
+        if spec.boundary_step_index is None and spec.boundary is None:
+            index = own.boundary_step_index  # the same share of a schedule of another length
+            index = round(index * spec.num_steps / own.num_steps) if index is not None else None
+            spec = replace(spec, boundary_step_index=index, boundary=own.boundary)
+        return spec
 
     def negative_for(self, sampler: SamplerSpec, override: str | None = None) -> str:
         """The negative prompt a run encodes: ``override`` (--negative-prompt), the preset's, else the backbone's;
@@ -135,7 +176,8 @@ class Preset:
         """Every weight reference a run of this preset needs, by component label."""
         refs = self.backbone.components()
         if self.effect is not None:
-            refs[f"effect:{self.effect.name}"] = self.effect.source
+            files = self.effect.files()
+            refs.update({label: files[e] for e, label in self.effect.labels().items() if e in self.backbone.experts})
         if fast_decode:
             if self.backbone.tiny_vae is None:
                 raise PresetError(f"backbone {self.backbone.name} names no tiny_vae for --fast-decode")
@@ -193,15 +235,33 @@ def parse_sampler(raw: dict | None) -> SamplerSpec | None:
         raise PresetError(f"unknown sampler kind '{spec.kind}' ({', '.join(SAMPLER_KINDS)})")
     if spec.step not in DISTILL_STEPS:
         raise PresetError(f"unknown distill step '{spec.step}' ({' or '.join(DISTILL_STEPS)})")
+    index, boundary = spec.boundary_step_index, spec.boundary
+    if index is not None and (isinstance(index, bool) or not isinstance(index, int) or index < 0):
+        raise PresetError(f"sampler boundary_step_index must be a whole number ≥ 0, got {index!r}")
+    if boundary is not None and (isinstance(boundary, bool) or not isinstance(boundary, (int, float))
+                                 or not 0 <= boundary <= 1):
+        raise PresetError(f"sampler boundary must be a fraction of the timesteps in [0, 1], got {boundary!r}")
     return spec
 
 
 def parse_card(raw: dict, base: Path, name: str) -> LoraCard:
+    """A LoRA card: ``source = {...}`` (one file; ``experts = ["high_noise"]`` limits it to one expert of a
+    two-expert backbone), or a pair ``high_noise = {...}`` and ``low_noise = {...}``."""
+    pair = "high_noise" in raw or "low_noise" in raw
+    if pair and not {"high_noise", "low_noise"} <= raw.keys():
+        raise PresetError(f"LoRA {name}: a pair names both files, high_noise = {{...}} and low_noise = {{...}}")
+    if pair and "source" in raw:
+        raise PresetError(f"LoRA {name}: give source (one file) or high_noise and low_noise (a pair), not both")
+    experts = tuple(raw.get("experts", EXPERTS))
+    if not experts or any(e not in EXPERTS for e in experts):
+        raise PresetError(f"LoRA {name}: experts must name high_noise and/or low_noise, got {list(experts)}")
     return LoraCard(
-        name=raw.get("name", name), source=parse_ref(raw.get("source"), base, f"LoRA {name} source"),
+        name=raw.get("name", name),
+        source=parse_ref(raw.get("high_noise" if pair else "source"), base, f"LoRA {name} {'high_noise' if pair else 'source'}"),
         trigger=raw.get("trigger", ""), strength=float(raw.get("strength", 1.0)),
         fits_dims=tuple(raw.get("fits_dims", ())), model_types=tuple(raw.get("model_types", ("i2v",))),
         description=raw.get("description", ""), url=raw.get("url", ""),
+        low_noise=parse_ref(raw["low_noise"], base, f"LoRA {name} low_noise") if pair else None, experts=experts,
     )
 
 
@@ -316,13 +376,20 @@ class Catalog:
             name, (raw, where) = ref, self.backbones[ref]
         else:
             raise PresetError(f"unknown backbone '{ref}' (known: {', '.join(sorted(self.backbones))})")
-        refs = {k: parse_ref(raw.get(k), where, f"backbone {name} {k}") for k in
-                ("dit", "vae", "text_encoder", "tokenizer", "image_encoder")}
+        refs = {k: parse_ref(raw.get(k), where, f"backbone {name} {k}") for k in ("dit", "vae", "text_encoder", "tokenizer")}
+        model_type = raw.get("model_type", "i2v")
+        no_clip = model_type == "i2v-noclip" and "image_encoder" not in raw  # Wan2.2's i2v: the photo enters through y
+        refs["image_encoder"] = None if no_clip else parse_ref(raw.get("image_encoder"), where, f"backbone {name} image_encoder")
+        low = parse_ref(raw["dit_low_noise"], where, f"backbone {name} dit_low_noise") if "dit_low_noise" in raw else None
+        sampler = parse_sampler(raw.get("sampler")) or SamplerSpec()
+        if low is not None and sampler.boundary_step_index is None and sampler.boundary is None:
+            raise PresetError(f"backbone {name} has two experts (dit, dit_low_noise) but its sampler names no switch: "
+                              "boundary_step_index or boundary")
         return Backbone(
-            name=name, **refs, model_type=raw.get("model_type", "i2v"),
+            name=name, **refs, model_type=model_type, dit_low_noise=low,
             supports_last_frame=bool(raw.get("supports_last_frame", False)),
             merge=tuple(self.card(c, where) for c in raw.get("merge", ())),
-            sampler=parse_sampler(raw.get("sampler")) or SamplerSpec(), quantize=raw.get("quantize"),
+            sampler=sampler, quantize=raw.get("quantize"),
             tiny_vae=parse_ref(raw["tiny_vae"], where, f"backbone {name} tiny_vae") if "tiny_vae" in raw else None,
             description=raw.get("description", ""), negative_prompt=raw.get("negative_prompt", ""),
             dit_config=raw.get("dit_config"),

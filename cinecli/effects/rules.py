@@ -162,6 +162,11 @@ def check_preset(preset) -> None:
             check_fields(fields, label)
     if preset.effect is not None:
         check_fields({"strength": preset.effect.strength}, f"LoRA card {preset.effect.name}")
+        card, backbone = preset.effect, preset.backbone
+        if backbone.model_type not in card.model_types:  # e.g. a Wan2.1 effect LoRA on Wan2.2's experts
+            raise UsageError(f"effect LoRA {card.name} is for {'/'.join(card.model_types)} backbones; backbone "
+                             f"{backbone.name} is {backbone.model_type} (Wan2.1 effect LoRAs do not carry over to "
+                             "Wan2.2; a Wan2.2 card names model_types = [\"i2v-noclip\"])")
 
 
 def check_choices(effect_word: str | None = None, effects: str | list | None = None, preset_file: object = None) -> None:

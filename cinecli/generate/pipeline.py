@@ -9,6 +9,10 @@ freed before the DiT loads. The other components stay loaded (batches reuse them
 weights are memory-mapped files, each one's pages leave the process when its stage ends (``release_pages``:
 CLIP after the image encode, the VAE after encoding, the DiT before the decode), so a stage holds only its own
 component's weights; the next request refaults them from the page cache.
+
+A two-expert backbone (Wan2.2-I2V-A14B) loads both DiTs, each with its own effect adapters, and runs one at a time
+(``models/experts.py``): the sampler says which expert a step needs, and the other is parked at the switch. It
+takes no CLIP features: the photo reaches it only through ``y``, so no image encoder is loaded.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from ..effects.rules import MAX_FRAMES
 from ..output.slowdown import output_frames as upsampled_frames
 from . import prompt_cache
 from .image import check_pair, enlarge_notice, fit_image, read_image, target_size, to_tensor
-from .sampler import choose_sampler, sample
+from .sampler import choose_sampler, rescale_boundary, sample
 
 VAE_TILE, VAE_TILE_OVERLAP = 256, 32  # pixels; tiles spread evenly (480x832: 2x4 tiles, 1.3x the pixels)
 
@@ -141,7 +145,8 @@ def plan(request: Request, image_size: tuple[int, int]) -> Plan:
         if sampler.kind == "distill" and request.steps != sampler.num_steps:
             notices.append(f"warning: this backbone is distilled for {sampler.num_steps} steps; {request.steps} steps "
                            "leave its trained schedule and usually look worse")
-            sampler = replace(sampler, timesteps=tuple(1000 * (1 - i / request.steps) for i in range(request.steps)))
+            sampler = replace(rescale_boundary(sampler, request.steps),
+                              timesteps=tuple(1000 * (1 - i / request.steps) for i in range(request.steps)))
         else:
             sampler = replace(sampler, steps=request.steps)
     prompt = final_prompt(request)
@@ -196,8 +201,10 @@ class Generator:
     # "held" over bounded chunks, or bounded "chunked" (the loader's default for the device).
     chunking: str = "chunked"
     _tiny: object = None
-    _effects: object = None  # models.adapters.Effects on the DiT: effect LoRAs attached unmerged, switched per job
-    _dit: object = None
+    # Per expert ("high_noise"; "low_noise" too on a two-expert backbone): models.adapters.Effects on its DiT,
+    # effect LoRAs attached unmerged and switched per job.
+    _effects: dict = field(default_factory=dict)
+    _experts: object = None  # models.experts.Experts: the loaded DiTs, one in use at a time
     _vae: object = None
     _clip: object = None
 
@@ -279,50 +286,81 @@ class Generator:
         return self._tiny
 
     @property
+    def experts(self):
+        """Every DiT of the backbone, loaded (each its own stage): a ``models.experts.Experts``, one in use at a time."""
+        if self._experts is None:
+            from ..models.experts import Experts
+
+            self._experts = Experts(self.device, self.stream_blocks)
+        for expert in self.backbone.experts:
+            if expert not in self._experts.models:
+                self._load_expert(expert)
+        return self._experts
+
+    @property
     def dit(self):
-        if self._dit is None:
-            with self._load("load dit"):
-                from ..models import load_dit
-                from ..models.adapters import Effects, merge_into
-                from ..models.quant_cache import is_prequantized, load_quantized
+        """The (first, high-noise) DiT."""
+        return self.experts.models["high_noise"]
 
-                recipe = self.quantize or self.backbone.quantize
-                merges = [(self.paths[f"lora:{c.name}"], c.strength, c.name) for c in self.backbone.merge]
-                # Streamed blocks load on the host; streaming moves the rest to the device below.
-                where = torch.device("cpu") if self.stream_blocks else self.device
-                if recipe and recipe != "none" and not is_prequantized(self.paths["dit"]):
-                    from ..models.recipes import get_recipe  # quantized once, then memory-mapped from cine's cache
+    def _load_expert(self, expert: str) -> None:
+        label = "dit" if expert == "high_noise" else f"dit_{expert}"
+        with self._load("load dit" if expert == "high_noise" else f"load dit ({expert.replace('_', ' ')})"):
+            from ..models import load_dit
+            from ..models.adapters import Effects, merge_into
+            from ..models.quant_cache import is_prequantized, load_quantized
 
-                    self._dit = load_quantized(self.paths["dit"], get_recipe(recipe), merges, device=where, dtype=self.dtype)
-                else:
-                    self._dit = load_dit(self.paths["dit"], device=where, dtype=self.dtype)
-                    for path, strength, name in merges:  # backbone LoRAs (the 4-step distillation): merged once
-                        merge_into(self._dit, path, strength=strength, what=f"LoRA {name}")
-                if self.stream_blocks:
-                    from ..models.streaming import stream_blocks
+            recipe = self.quantize or self.backbone.quantize
+            merges = [(self.paths[card.labels("lora")[expert]], card.strength, card.name)
+                      for card in self.backbone.merge if expert in card.files()]
+            # Streamed blocks load on the host, and so do experts that trade places on the device (Experts.activate);
+            # streaming moves the rest to the device below.
+            where = torch.device("cpu") if self.stream_blocks or len(self.backbone.experts) > 1 else self.device
+            if recipe and recipe != "none" and not is_prequantized(self.paths[label]):
+                # quantized once per expert, then memory-mapped from cine's cache
+                from ..models.recipes import get_recipe
 
-                    stream_blocks(self._dit, self.device)
-                self._dit.chunking = chunking_for(self.chunking, self._dit.chunking)
-                self._effects = Effects(self._dit)
-        return self._dit
+                dit = load_quantized(self.paths[label], get_recipe(recipe), merges, device=where, dtype=self.dtype)
+            else:
+                dit = load_dit(self.paths[label], device=where, dtype=self.dtype)
+                for path, strength, name in merges:  # backbone LoRAs (the 4-step distillation): merged once
+                    merge_into(dit, path, strength=strength, what=f"LoRA {name}")
+            if self.stream_blocks:
+                from ..models.streaming import stream_blocks
+
+                stream_blocks(dit, self.device)
+            elif where != self.device:  # activations as on the device it will run on (effect adapters follow it)
+                from ..core.devices import activation_dtype, limits
+                from ..models.wan_dit import Chunking
+
+                dit.compute_dtype = activation_dtype(self.device, dit.patch_embedding.weight.dtype)
+                dit.chunking = Chunking.for_device(limits(self.device))
+            dit.chunking = chunking_for(self.chunking, dit.chunking)
+            self._experts.add(expert, dit)
+            self._effects[expert] = Effects(dit)
 
     def use_effect(self, preset: Preset, strength: float | None = None) -> None:
-        """Switch the DiT to the preset's effect LoRA (attached on first use; no backbone reload), or none."""
-        self.dit  # noqa: B018 - loads the DiT (its own stage) if needed
+        """Switch each DiT to the preset's effect LoRA (attached on first use; no backbone reload), or none. A pair
+        gives each expert its own file; a single file goes to the experts its card names (the others run bare)."""
+        experts = self.experts  # loads the DiTs (their own stages) if needed
         card = preset.effect
-        if card is None:
-            self._effects.use(None)
-            return
         strength = effect_strength(preset, strength)
-        key = f"{card.name}@{strength:g}"
-        if key not in self._effects.loaded:
-            with self._stage(f"load effect {card.name}"):
-                self._effects.load(key, self.paths[f"effect:{card.name}"], strength=strength)
-        self._effects.use(key)
+        labels = card.labels() if card is not None else {}
+        for expert in experts.models:
+            effects = self._effects[expert]
+            if expert not in labels:
+                effects.use(None)
+                continue
+            key = f"{card.name}@{strength:g}"
+            if key not in effects.loaded:
+                which = f" ({expert.replace('_', ' ')})" if len(experts.models) > 1 else ""
+                with self._stage(f"load effect {card.name}{which}"):
+                    effects.load(key, self.paths[labels[expert]], strength=strength)
+            effects.use(key)
 
     @property
     def quant_recipe(self) -> str:
-        return getattr(self._dit, "quant_recipe", None) or self.quantize or self.backbone.quantize or "none"
+        dit = self._experts.models.get("high_noise") if self._experts is not None else None
+        return getattr(dit, "quant_recipe", None) or self.quantize or self.backbone.quantize or "none"
 
     def nonfinite_hint(self) -> str:
         from ..models.recipes import RECIPES
@@ -361,17 +399,22 @@ class Generator:
         text = self.text_context(p.prompt)
         negative = self.text_context(p.negative_prompt) if p.sampler.uses_cfg else None
 
-        dit, clip, vae = self.dit, self.clip, self.vae  # loads (each its own stage) before the stages that use them
+        experts = self.experts  # loads (each its own stage) before the stages that use them
+        config = experts.models["high_noise"].config
+        clip = self.clip if config.has_image_input else None  # Wan2.2's i2v takes no CLIP features
+        vae = self.vae
         if self.fast_decode:
             self.tiny_vae  # noqa: B018
         self.use_effect(preset, request.effect_strength)
         from ..models.load import release_pages
 
-        with self._stage("image encode"):
-            clip_fea = clip.encode(first[None].to(self.device))  # [1, 257, 1280]
-            if dit.config.model_type == "flf2v":
-                clip_fea = torch.cat([clip_fea, clip.encode((last if last is not None else first)[None].to(self.device))], 1)
-            release_pages(clip.model)
+        clip_fea = None
+        if clip is not None:
+            with self._stage("image encode"):
+                clip_fea = clip.encode(first[None].to(self.device))  # [1, 257, 1280]
+                if config.model_type == "flf2v":
+                    clip_fea = torch.cat([clip_fea, clip.encode((last if last is not None else first)[None].to(self.device))], 1)
+                release_pages(clip.model)
         with self._stage("vae encode"):
             video = torch.zeros(3, p.frames, p.height, p.width)
             video[:, 0] = first
@@ -384,20 +427,36 @@ class Generator:
             del video
             release_pages(vae)
 
-        with torch.no_grad(), self._stage("prepare context"):  # text/image embeddings once per video
-            ctx = dit.prepare_context(text[None].to(self.device), clip_fea)
-            ctx_neg = dit.prepare_context(negative[None].to(self.device), clip_fea) if negative is not None else None
-        with torch.no_grad():
+        contexts: dict[str, tuple] = {}  # expert → (context, negative context): text/image embeddings once per video
 
+        def context(expert: str) -> tuple:
+            """The expert's conditioning, made when it first runs (its cross-attention keys/values come from its
+            own weights); the other expert's is dropped then, as that expert is parked."""
+            if expert not in contexts:
+                contexts.clear()
+                dit = experts.activate(expert)
+                contexts[expert] = (dit.prepare_context(text[None].to(self.device), clip_fea),
+                                    dit.prepare_context(negative[None].to(self.device), clip_fea) if negative is not None else None)
+            return contexts[expert]
+
+        def denoiser(expert: str):
             def denoise(x: torch.Tensor, t: torch.Tensor, cond: bool) -> torch.Tensor:
-                return dit(x, t, ctx if cond else ctx_neg, y=y)
+                ctx, ctx_neg = context(expert)
+                return experts.activate(expert)(x, t, ctx if cond else ctx_neg, y=y)
 
+            return denoise
+
+        with torch.no_grad(), self._stage("prepare context"):
+            context("high_noise")
+        with torch.no_grad():
             generator = torch.Generator().manual_seed(p.seed)
             hint = self.nonfinite_hint()
-            latents = sample(denoise, p.sampler, (1, *p.latent_shape), generator, self.device,
-                             step_hook=lambda i, n: self._stage(f"denoise step {i + 1}/{n}"), nonfinite_hint=hint)
-            del ctx, ctx_neg, y
-            release_pages(dit)
+            latents = sample(denoiser("high_noise"), p.sampler, (1, *p.latent_shape), generator, self.device,
+                             step_hook=lambda i, n: self._stage(f"denoise step {i + 1}/{n}"), nonfinite_hint=hint,
+                             low_noise=denoiser("low_noise") if "low_noise" in experts.models else None)
+            contexts.clear()
+            y = None  # the conditioning latents are done with (the closures above read it per step)
+            experts.release()
         if self.fast_decode:
             tiny = self.tiny_vae
             with self._stage("vae decode (tiny)"):
@@ -435,9 +494,11 @@ def chunking_for(name: str, default):
 
 def sampler_settings(spec: SamplerSpec) -> dict:
     """The sampler settings that change the video beyond its kind and steps (MP4 metadata and report)."""
+    switch = {k: v for k, v in (("boundary_step_index", spec.boundary_step_index), ("boundary", spec.boundary))
+              if v is not None}  # two-expert backbones: where the low-noise expert takes over
     if spec.kind == "distill":
-        return {"distill_step": spec.step, "shift": spec.shift}
-    return {"shift": spec.shift, "guidance": spec.guidance}
+        return {"distill_step": spec.step, "shift": spec.shift, **switch}
+    return {"shift": spec.shift, "guidance": spec.guidance, **switch}
 
 
 def effect_strength(preset: Preset, strength: float | None = None) -> float | None:
@@ -456,14 +517,20 @@ def lora_files(preset: Preset, gen: Generator) -> dict[str, str]:
     out = {}
     cards = [("lora", c) for c in gen.backbone.merge] + ([("effect", preset.effect)] if preset.effect else [])
     for kind, card in cards:
-        path = gen.paths.get(f"{kind}:{card.name}")
-        named = describe(card.source, path)
-        # A local file not in the lock yet: hashed now, once per file version (a batch names it in every item).
-        # A hub file is named by repo/file(@revision) already.
-        if card.source.path is not None and "sha256:" not in named and path is not None and Path(path).is_file():
-            stat = Path(path).stat()
-            named = f"{Path(path).name} sha256:{_file_sha256(str(path), stat.st_size, stat.st_mtime_ns)[:16]}"
-        out[card.name] = named
+        files = card.files()
+        named = []  # (expert, label, name)
+        for expert, label in card.labels(kind).items():
+            if expert not in gen.backbone.experts or label in (n for _, n, _ in named):
+                continue  # one file for several experts: named once
+            path, ref = gen.paths.get(label), files[expert]
+            text = describe(ref, path)
+            # A local file not in the lock yet: hashed now, once per file version (a batch names it in every item).
+            # A hub file is named by repo/file(@revision) already.
+            if ref.path is not None and "sha256:" not in text and path is not None and Path(path).is_file():
+                stat = Path(path).stat()
+                text = f"{Path(path).name} sha256:{_file_sha256(str(path), stat.st_size, stat.st_mtime_ns)[:16]}"
+            named.append((expert, label, text))
+        out[card.name] = named[0][2] if len(named) == 1 else {expert: text for expert, _, text in named}
     return out
 
 
@@ -481,6 +548,7 @@ def metadata(request: Request, the_plan: Plan, gen: Generator, crf: int) -> dict
     return {
         "cine": __version__, "effect": preset.name, "seed": the_plan.seed, "prompt": the_plan.prompt,
         "negative_prompt": the_plan.negative_prompt, "backbone": gen.backbone.name, "dit": _describe_dit(gen),
+        **({"dit_low_noise": _describe_dit(gen, "dit_low_noise")} if gen.backbone.dit_low_noise else {}),
         "loras": [c.name for c in gen.backbone.merge] + ([preset.effect.name] if preset.effect else []),
         "steps": the_plan.sampler.num_steps, "sampler": the_plan.sampler.kind, "frames": the_plan.frames,
         **sampler_settings(the_plan.sampler),
@@ -495,8 +563,8 @@ def metadata(request: Request, the_plan: Plan, gen: Generator, crf: int) -> dict
     }
 
 
-def _describe_dit(gen: Generator) -> str:
-    """The DiT as the MP4 names it: hub repo/file, or file name + sha256 for local weights (never a local path)."""
+def _describe_dit(gen: Generator, label: str = "dit") -> str:
+    """A DiT as the MP4 names it: hub repo/file, or file name + sha256 for local weights (never a local path)."""
     from ..weights.lock import describe
 
-    return describe(gen.backbone.dit, gen.paths.get("dit"))
+    return describe(gen.backbone.components()[label], gen.paths.get(label))

@@ -10,6 +10,11 @@ with fresh noise (PR #127, July 2025, the consistency-model sampler the 4-step s
 "euler" — x ← x0 + σ_next·v, deterministic (the form of later versions, e.g. the reputationly/LightX2V fork).
 
 All noise comes from one seeded CPU ``torch.Generator``, so a seed gives the same video on any device.
+
+Two-expert backbones (Wan2.2 A14B) run a high-noise expert for the first steps and a low-noise one for the rest:
+``expert_for`` says which, from the step index (LightX2V's ``boundary_step_index``: steps before it are high
+noise, ``MultiDistillModelStruct``) or from the timestep the step feeds (Wan2.2 ``image2video.py``: high noise
+while t >= boundary·1000, t being the scheduler's timestep, integers for UniPC).
 """
 
 from __future__ import annotations
@@ -91,6 +96,36 @@ def choose_sampler(spec: SamplerSpec, kind: str | None, step: str | None, backbo
     return spec, notices
 
 
+def expert_for(spec: SamplerSpec, step: int, timestep: float) -> str:
+    """Which expert runs step ``step`` (0-based) that feeds the model ``timestep``: "high_noise" or "low_noise"."""
+    if spec.boundary_step_index is not None:
+        return "high_noise" if step < spec.boundary_step_index else "low_noise"
+    if spec.boundary is not None:
+        return "high_noise" if timestep >= spec.boundary * 1000 else "low_noise"
+    return "high_noise"  # one DiT: it runs every step
+
+
+def timesteps_for(spec: SamplerSpec) -> list[float]:
+    """The timestep each step feeds the model (as ``sample`` does): σ·1000, or UniPC's integer timesteps."""
+    with on_host():
+        if spec.kind == "unipc":
+            return [float(t) for t in unipc_scheduler(spec).timesteps]
+        return [float(s) * 1000 for s in sigmas_for(spec)[:-1]]
+
+
+def expert_schedule(spec: SamplerSpec) -> list[str]:
+    """The expert of every step, in order (``--dry-run`` prints where it switches)."""
+    return [expert_for(spec, i, t) for i, t in enumerate(timesteps_for(spec))]
+
+
+def rescale_boundary(spec: SamplerSpec, steps: int) -> SamplerSpec:
+    """A distilled list's ``boundary_step_index`` for ``steps`` steps instead of its own (``--steps``): the same
+    share of the schedule (2 of 4 → 4 of 8)."""
+    if spec.boundary_step_index is None or spec.num_steps == steps:
+        return spec
+    return replace(spec, boundary_step_index=round(spec.boundary_step_index * steps / spec.num_steps))
+
+
 def sigmas_for(spec: SamplerSpec) -> torch.Tensor:
     """The σ at each step plus the terminal 0, float64: [steps + 1]."""
     if spec.kind == "unipc":
@@ -116,10 +151,12 @@ def sample(
     device: torch.device,
     step_hook: Callable[[int, int], object] | None = None,
     nonfinite_hint: str = "",
+    low_noise: Denoise | None = None,
 ) -> torch.Tensor:
     """Run the sampler from pure noise → clean latents [B,16,F,H,W] float32.
 
-    ``step_hook(i, n)`` returns a context manager wrapped around step i (timing, progress).
+    ``step_hook(i, n)`` returns a context manager wrapped around step i (timing, progress). ``low_noise``: a
+    two-expert backbone's low-noise expert, which runs the steps ``expert_for`` gives it (``denoise`` the others).
     """
     with on_host():  # the schedule is host arithmetic in float64 (read as Python floats below)
         unipc = unipc_scheduler(spec) if spec.kind == "unipc" else None
@@ -131,8 +168,9 @@ def sample(
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         timestep = float(unipc.timesteps[i]) if unipc is not None else sigma * 1000  # UniPC: integers, as the reference
         t = torch.full((batch,), timestep, device=device)
+        model = low_noise if low_noise is not None and expert_for(spec, i, timestep) == "low_noise" else denoise
         with step_hook(i, n) if step_hook else contextlib.nullcontext():
-            v = denoise(x, t, True)
+            v = model(x, t, True)
             if spec.kind == "distill":
                 x0 = x - sigma * v
                 if i == n - 1:
@@ -143,7 +181,7 @@ def sample(
                     x = (1 - sigma_next) * x0 + sigma_next * noise_like(shape, generator, device)
             else:
                 if spec.uses_cfg:
-                    uncond = denoise(x, t, False)
+                    uncond = model(x, t, False)
                     v = uncond + spec.guidance * (v - uncond)
                 if unipc is not None:
                     x = unipc.step(v, unipc.timesteps[i], x, return_dict=False)[0]

@@ -36,6 +36,8 @@ def infer_config(shapes: dict[str, tuple[int, ...]], config_json: dict | None = 
         model_type = "flf2v"
     elif "img_emb.proj.1.weight" in shapes or "blocks.0.cross_attn.k_img.weight" in shapes:
         model_type = "i2v"
+    elif in_dim > 16:  # mask ‖ condition latent on the input, no CLIP branch: Wan2.2's i2v experts
+        model_type = "i2v-noclip"
     else:
         model_type = "t2v"
     cfg = config_json or {}

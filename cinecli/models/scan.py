@@ -1,10 +1,12 @@
 """Use the Wan files people already have: find them in a ComfyUI, Wan2GP or plain folder by content.
 
-``identify(path)`` reads only a file's header (safetensors or GGUF: key names, shapes, dtypes; never the file
-name, never the tensor data) and says what it is: a Wan2.1 DiT (t2v/i2v/flf2v, its width and precision), a umT5
-text encoder, a CLIP vision tower, a Wan2.1 VAE, a LoRA (for which width and task), RIFE's IFNet, or unknown.
-Pickles are not scanned (their header is the whole file), except ``.pkl``: RIFE's ``flownet.pkl`` is 25 MB, read
-memory-mapped through ``torch.load(weights_only=True)``.
+``identify(path)`` reads only a file's header (safetensors or GGUF: key names, shapes, dtypes; never the tensor
+data) and says what it is: a Wan2.1 DiT (t2v/i2v/flf2v, its width and precision), a Wan2.2 i2v expert (the 14B
+shape without the CLIP branch), a umT5 text encoder, a CLIP vision tower, a Wan2.1 VAE, a LoRA (for which width and
+task), RIFE's IFNet, or unknown. Pickles are not scanned (their header is the whole file), except ``.pkl``: RIFE's
+``flownet.pkl`` is 25 MB, read memory-mapped through ``torch.load(weights_only=True)``. The two Wan2.2 experts have
+identical shapes, so which one a file holds (high or low noise) comes from its metadata or, failing that, its name
+(``…high_noise…``, ``…_HIGH…``); a file that says neither is listed with one line asking to name it.
 
 Where to look, all of them, in this order: ``--models-dir DIR`` (the CLI sets ``CINE_MODELS_DIR``), the
 ``CINE_MODELS_DIR`` environment variable (several folders separated by ``os.pathsep``), and ``models_dirs`` in
@@ -13,7 +15,8 @@ the user config ``<user_config_dir>/config.toml`` (``cine models scan DIR --reme
 ``with_local(backbone, refs)`` swaps each hub reference that is not in the Hugging Face cache for a found file
 that fits the backbone, so a run uses it instead of downloading:
   dit            same task (``model_type``), and the width every LoRA card of the job ``fits_dims``; among several
-                 fitting files the largest (the highest precision) wins. The 480P and 720P 14B models have the
+                 fitting files the largest (the highest precision) wins. A two-expert backbone takes its
+                 ``dit`` from the high-noise experts found and ``dit_low_noise`` from the low-noise ones. The 480P and 720P 14B models have the
                  same shapes: headers cannot tell them apart, so the file used is printed (``cine models list``).
   text_encoder   a umT5 encoder as wide as the DiT's text input;  image_encoder  a CLIP tower as wide as its
                  image input;  vae  a Wan2.1 VAE (16 latent channels).
@@ -25,6 +28,7 @@ downloads are; nothing is copied or moved.
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +87,30 @@ def _precision(path: Path, header: dict, weights: list[str]) -> str:
     return name
 
 
+_ROLE = {"high_noise": re.compile(r"high[\W_]*noise|(?:^|[\W_])high(?:[\W_]|$)", re.I),
+         "low_noise": re.compile(r"low[\W_]*noise|(?:^|[\W_])low(?:[\W_]|$)", re.I)}
+
+
+def expert_role(path: Path) -> str | None:
+    """A Wan2.2 expert's role, "high_noise" or "low_noise": from the safetensors metadata when it says, else from
+    the file name; None when neither tells (or both words appear)."""
+    texts = []
+    if path.suffix in (".safetensors", ".sft"):
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                texts.append(" ".join(str(v) for v in (f.metadata() or {}).values()))
+        except Exception:  # a header that read as weights but not as metadata: the name still may tell
+            pass
+    texts.append(path.name)
+    for text in texts:
+        roles = [role for role, pattern in _ROLE.items() if pattern.search(text)]
+        if len(roles) == 1:
+            return roles[0]
+    return None
+
+
 def _as_dit(path: Path, header: dict) -> Found | None:
     from .dit_loader import infer_config
 
@@ -95,6 +123,10 @@ def _as_dit(path: Path, header: dict) -> Found | None:
     prec = _precision(path, header, weights)
     info = {"model_type": cfg.model_type, "dim": cfg.dim, "layers": cfg.num_layers, "text_dim": cfg.text_dim,
             "image_dim": cfg.image_dim, "precision": prec}
+    if cfg.model_type == "i2v-noclip":  # Wan2.2 A14B: which expert is it?
+        info["expert"] = role = expert_role(path)
+        what = role.replace("_", "-") + " expert" if role else "expert (high or low noise? put high_noise or low_noise in its name)"
+        return Found(path, "dit", f"DiT Wan2.2 i2v {_size(cfg.dim)} {prec}, {what}", info)
     return Found(path, "dit", f"DiT {cfg.model_type} {_size(cfg.dim)} {prec}", info)
 
 
@@ -250,8 +282,14 @@ def choose(backbone: Backbone, found: list[Found], cards=(), dit: dict | None = 
     dims = _dit_dims(backbone, cards)
     dits = [f for f in found if f.kind == "dit" and f.info["model_type"] == backbone.model_type
             and (dims is None or f.info["dim"] in dims)]
-    if dits:
+    if backbone.dit_low_noise is not None:  # two experts: each label from the files of its role
+        for label, role in (("dit", "high_noise"), ("dit_low_noise", "low_noise")):
+            fits = [f for f in dits if f.info.get("expert") == role]
+            if fits:
+                out[label] = max(fits, key=lambda f: f.bytes)
+    elif dits:
         out["dit"] = max(dits, key=lambda f: f.bytes)
+    if "dit" in out:
         dit = out["dit"].info
     for kind, key in (("text_encoder", "text_dim"), ("image_encoder", "image_dim")):
         fits = [f for f in found if f.kind == kind and (dit is None or f.info["dim"] == dit[key])]
@@ -277,7 +315,7 @@ def with_local(backbone: Backbone, refs: dict[str, WeightRef], cards=(), hash_fi
     folders = [f for f in models_dirs() if f.is_dir()]  # a configured folder on an unplugged disk is skipped
     if not folders:
         return refs
-    missing = {label for label in ("dit", "text_encoder", "image_encoder", "vae")
+    missing = {label for label in ("dit", "dit_low_noise", "text_encoder", "image_encoder", "vae")
                if label in refs and refs[label].repo is not None and locate(refs[label]).path is None}
     if not missing:
         return refs
@@ -287,8 +325,11 @@ def with_local(backbone: Backbone, refs: dict[str, WeightRef], cards=(), hash_fi
         dit = _dit_info(located.path)
     chosen = choose(backbone, found, cards, dit)
     out = dict(refs)
+    experts = {"dit", "dit_low_noise"}
+    if experts <= refs.keys() and len(missing & experts) == 1 and not experts <= chosen.keys():
+        missing -= experts  # two experts come from one place: never a local high-noise file beside a hub low-noise one
     for label in missing & chosen.keys():
-        if label != "dit" and "dit" in missing and "dit" not in chosen:
+        if label not in experts and "dit" in missing and "dit" not in chosen:
             continue  # the encoders must fit the DiT the run will use; without a local DiT that is the hub's
         out[label] = WeightRef(path=chosen[label].path)
     if hash_files:

@@ -112,6 +112,12 @@ class BlockStream:
     def pinned_bytes(self) -> int:
         return sum(s.pinned for s in self.slabs)
 
+    def release_slots(self) -> None:
+        """Give the two device slots back (a parked expert of a two-expert backbone); the next pass reallocates."""
+        if self.copy_stream is not None:
+            self.copy_stream.synchronize()  # no copy may still be writing into a slot being freed
+        self.slots, self.freed = [None, None], [None, None]
+
     def _slot(self, j: int, nbytes: int) -> torch.Tensor:
         if self.slots[j] is None or self.slots[j].numel() < nbytes:
             size = max(nbytes, max(s.nbytes for s in self.slabs))

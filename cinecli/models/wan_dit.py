@@ -26,7 +26,7 @@ from .layers import Linear, weights_held
 
 @dataclass(frozen=True)
 class DiTConfig:
-    model_type: str = "i2v"  # "t2v" | "i2v" | "flf2v"
+    model_type: str = "i2v"  # "t2v" | "i2v" | "flf2v" | "i2v-noclip" (Wan2.2 A14B: the photo enters through y only)
     dim: int = 1536
     ffn_dim: int = 8960
     num_heads: int = 12
@@ -46,7 +46,13 @@ class DiTConfig:
 
     @property
     def has_image_input(self) -> bool:
+        """CLIP image tokens (``img_emb``, the cross-attention's ``k_img``/``v_img``): Wan2.1's i2v and flf2v."""
         return self.model_type in ("i2v", "flf2v")
+
+    @property
+    def has_latent_input(self) -> bool:
+        """The mask ‖ condition latent ``y`` on the input channels: every model but t2v (Wan2.2's i2v has no CLIP)."""
+        return self.model_type != "t2v"
 
 
 DIT_CONFIGS: dict[str, DiTConfig] = {
@@ -55,6 +61,9 @@ DIT_CONFIGS: dict[str, DiTConfig] = {
     "cinemobile-1.2b": DiTConfig(num_layers=27),  # the paper's depth-pruned student of Fun-1.3B-InP
     "wan2.1-i2v-14b": DiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
     "wan2.1-flf2v-14b": DiTConfig(model_type="flf2v", dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+    # Each expert of Wan2.2-I2V-A14B (high noise, low noise): the 14B shape without the image embedding or the
+    # cross-attention's image keys/values (Wan-Video/Wan2.2 wan/configs/wan_i2v_A14B.py; wan2.2-reference.md).
+    "wan2.2-i2v-a14b": DiTConfig(model_type="i2v-noclip", dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
     # Tiny configs for tests and the self-test backbone: real head_dim 128, so RoPE splits 44/42/42 as in release.
     "tiny-i2v": DiTConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=32, image_dim=32, freq_dim=64),
 }

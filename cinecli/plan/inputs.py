@@ -233,19 +233,24 @@ def job(preset: Preset, p: Plan, weights: dict[str, dict], *, device: torch.devi
     recipe = "prequantized" if prequantized else quantize
     default = preset.backbone.quantize or "none"
     quant_cached = frozenset()
-    if not prequantized and path("dit") is not None and all(path(f"lora:{c.name}") for c in preset.backbone.merge):
+    experts = preset.backbone.experts
+    dits = {e: path("dit" if e == "high_noise" else f"dit_{e}") for e in experts}
+    merges = {e: [(path(c.labels("lora")[e]), c.strength) for c in preset.backbone.merge if e in c.files()] for e in experts}
+    if not prequantized and all(dits.values()) and all(p for m in merges.values() for p, _ in m):
         from ..models.quant_cache import cached_path
         from ..models.recipes import get_recipe
 
-        merges = [(path(f"lora:{c.name}"), c.strength) for c in preset.backbone.merge]
-        quant_cached = frozenset(r for r in sizes if r != "none" and cached_path(path("dit"), get_recipe(r), merges).is_file())
+        # quantized once per expert: a recipe counts as cached when every expert's converted file is there
+        quant_cached = frozenset(r for r in sizes if r != "none" and all(
+            cached_path(dits[e], get_recipe(r), merges[e]).is_file() for e in experts))
     prompts = [p.prompt] + ([p.negative_prompt] if p.sampler.kind != "distill" and p.sampler.guidance != 1.0 else [])
-    effect = next((k for k in weights if k.startswith("effect:")), None)
+    effect = next((k for k in weights if k.startswith("effect:")), None)  # a pair: the high-noise file (one expert's)
     return Job(
         dit=sizes, frames=p.frames, width=p.width, height=p.height, steps=p.sampler.num_steps,
         text_encoder_bytes=text_encoder_bytes(path("text_encoder"), refs["text_encoder"].bytes, wbytes,
                                               wo_bytes=4 if dtype == torch.float16 else wbytes),
-        image_encoder_bytes=image_encoder_params(path("image_encoder")) * (4 if dtype == torch.float32 else 2),
+        image_encoder_bytes=image_encoder_params(path("image_encoder")) * (4 if dtype == torch.float32 else 2)
+        if preset.backbone.image_encoder is not None else 0,
         vae_bytes=vae_params(path("vae")) * torch.empty(0, dtype=vae_dtype(device)).element_size(),
         act_bytes=abytes, weight_bytes=wbytes, default_recipe=default, pinned_recipe=recipe,
         prompt_cached=prompt_cached(path("text_encoder"), prompts),
@@ -254,4 +259,5 @@ def job(preset: Preset, p: Plan, weights: dict[str, dict], *, device: torch.devi
         tiny_vae_bytes=tiny_vae_bytes() if preset.backbone.tiny_vae else 0,
         quant_cached=quant_cached, offload=offload, dit_private_bytes=dit_private_bytes(preset, header, sizes, dtype),
         interp_factor=p.interp_factor, interpolator=p.interpolator or "rife", delivered_frames=p.delivered_frames,
+        experts=len(experts),
     )
