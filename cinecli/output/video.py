@@ -208,10 +208,7 @@ def read_info(path: str | Path | io.BytesIO, name: str | None = None) -> dict:
     source, path = (path, name or "stdin") if isinstance(path, io.BytesIO) else (str(path), path)
     try:
         with av.open(source) as container:
-            fmt = container.format.name
-            if not container.streams.video or fmt == "image2" or fmt.endswith("_pipe"):
-                raise InputError(f"{path}: not a video ({'an image' if container.streams.video else 'no video stream'})")
-            stream = container.streams.video[0]
+            stream = _video_stream(container, path)
             packets = cut = 0
             for packet in container.demux(stream):
                 if packet.size:
@@ -237,6 +234,15 @@ def read_info(path: str | Path | io.BytesIO, name: str | None = None) -> dict:
     return info
 
 
+def _video_stream(container, label: object):
+    """The first video stream of an opened container; an image (FFmpeg opens those too) or a file without video is
+    an InputError."""
+    fmt = container.format.name
+    if not container.streams.video or fmt == "image2" or fmt.endswith("_pipe"):
+        raise InputError(f"{label}: not a video ({'an image' if container.streams.video else 'no video stream'})")
+    return container.streams.video[0]
+
+
 def _looks_like_mp4(path: str | Path) -> bool:
     """An ISO-BMFF file starts with an ``ftyp`` box: if ffmpeg still cannot read it, it was cut short."""
     with contextlib.suppress(OSError), open(path, "rb") as f:
@@ -253,10 +259,7 @@ def read_frames(source: str | Path | io.BytesIO, name: str | None = None) -> tup
     source, label = (source, name or "stdin") if isinstance(source, io.BytesIO) else (str(source), str(source))
     try:
         with av.open(source) as container:
-            fmt = container.format.name
-            if not container.streams.video or fmt == "image2" or fmt.endswith("_pipe"):
-                raise InputError(f"{label}: not a video ({'an image' if container.streams.video else 'no video stream'})")
-            stream = container.streams.video[0]
+            stream = _video_stream(container, label)
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
             frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
             raw = container.metadata.get(METADATA_KEY) or container.metadata.get("comment")
