@@ -274,10 +274,15 @@ def test_zip_from_the_hub_cache_is_extracted_once(env, state, tmp_path, monkeypa
         zf.writestr("train_log/IFNet_HDv3.py", "# code cine does not run")
         zf.writestr("__MACOSX/train_log/._flownet.pkl", b"\0" * 10)
     monkeypatch.setattr("cinecli.weights.hub.locate", lambda ref: Resolved(ref, archive, [archive]))
-    found = rife_weights.locate_rife()
-    assert found.source == "hub cache" and found.path.read_bytes() == pkl.read_bytes()
+    from cinecli.core.errors import WeightsError
     from cinecli.weights.lock import sha256
 
+    with pytest.raises(WeightsError, match="not the published RIFE v4.26 archive"):  # checked against the pin
+        rife_weights.locate_rife()
+    assert not list(tmp_path.glob("cache/rife/*/flownet.pkl"))  # nothing extracted from an unknown archive
+    monkeypatch.setattr(rife_weights, "ARCHIVE_SHA256", sha256(archive))  # the test's archive stands in for it
+    found = rife_weights.locate_rife()
+    assert found.source == "hub cache" and found.path.read_bytes() == pkl.read_bytes()
     assert found.sha256 == sha256(pkl)
     mtime = found.path.stat().st_mtime_ns
     assert rife_weights.locate_rife().path.stat().st_mtime_ns == mtime  # not extracted again

@@ -26,6 +26,9 @@ from ..weights import lock
 
 RIFE_REF = WeightRef(repo="hzwer/RIFE", file="RIFEv4.26_0921.zip", revision="01fdc7e97404120c243c3ea7b427046e5dc7643e",
                      bytes=22_869_906)
+# The archive's sha256 as its users pin it (found with the search tool in public fetch scripts, beside the same
+# revision and size): checked once, before the first extraction, since the pickle inside is what cine will load.
+ARCHIVE_SHA256 = "1fa9b9cda3d9b8c3e301359e2595960902f97bf926c08598b0e9957a3f3f760e"
 MEMBER = "flownet.pkl"
 PULL_HINT = "cine models pull rife"
 
@@ -49,6 +52,9 @@ def _extracted(archive: Path) -> Path:
     target = folder / MEMBER
     if target.is_file() and (folder / f"{MEMBER}.sha256").is_file():
         return target
+    if (digest := lock.sha256(archive)) != ARCHIVE_SHA256:
+        raise WeightsError(f"{archive.name} is not the published RIFE v4.26 archive (sha256 {digest[:16]}…, expected "
+                           f"{ARCHIVE_SHA256[:16]}…); delete it and run `{PULL_HINT}`, or pass --weights FILE")
     try:
         with zipfile.ZipFile(archive) as zf:
             # by name, never extractall: the archive also holds Mac metadata (__MACOSX/) and Python code
