@@ -332,6 +332,19 @@ def test_fast_frames_generates_half_and_delivers_all(backbone, env, photo, flown
     assert "frames 13 → 17" in text.stderr and "interpolated x2 (rife) to 17" in text.stderr
 
 
+def test_batch_takes_fast_frames_and_the_interpolator(backbone, env, photo, flownet, tmp_path):
+    """cine batch has run's --fast-frames and --interpolator: 9 generated, 17 delivered, by the interpolator asked."""
+    for interpolator, extra in (("rife", ["--models-dir", str(flownet.parent)]), ("minterpolate", [])):
+        outdir = tmp_path / interpolator
+        r = cine("batch", photo, "--preset", backbone, "-o", outdir, "--frames", "17", "--fast-frames",
+                 "--interpolator", interpolator, "--seed", "2", *extra)
+        assert r.exit_code == 0, r.output
+        frames, _ = decode(next(outdir.glob("*.mp4")))
+        assert frames.shape[0] == 17
+        meta = json.loads(cine("info", next(outdir.glob("*.mp4")), "--json").stdout)["cine"]
+        assert meta["interpolation"].startswith(interpolator) and meta["frames"] == 9
+
+
 def test_slow_motion_preset_defaults_to_rife_x2(env, photo, flownet):
     doc = json.loads(cine("slowmo", photo, "--dry-run", "--json", "--models-dir", flownet.parent).stdout)
     assert doc["slowdown"] == 2 and doc["interpolator"] == "rife" and doc["output_frames"] == 97

@@ -59,6 +59,8 @@ class BatchOptions:
     shard: tuple[int, int] = (0, 1)
     crf: int = 18
     slowdown: int | None = None  # None: each preset's
+    interpolator: str | None = None  # --interpolator rife|minterpolate; None: rife (minterpolate offline without it)
+    fast_frames: bool = False  # --fast-frames: generate (F−1)/2+1 frames, interpolate ×2 back to F
     last_frame_pattern: str = LAST_FRAME_PATTERN
     as_json: bool = False
     quiet: bool = False
@@ -216,7 +218,8 @@ def plan_items(opts: BatchOptions, catalog, skipped: list[str] | None = None) ->
                       "frames": opts.frames or preset.frames, "fps": opts.fps or preset.fps, "steps": opts.steps,
                       "fit": opts.fit, "quantize": opts.quantize, "crf": opts.crf, "name": name,
                       "input": [stat.st_size, stat.st_mtime_ns] if stat else None,
-                      "slowdown": opts.slowdown or preset.slowdown,
+                      "slowdown": opts.slowdown or preset.slowdown, "fast_frames": opts.fast_frames,
+                      "interpolator": opts.interpolator,
                       "last_frame": [last, Path(last).stat().st_size, Path(last).stat().st_mtime_ns] if last else None}
             h = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
             items.append(Item(input=path, rel=rel, effect=preset.name, output=str(output), seed=seed, prompt=prompt, params_hash=h,

@@ -71,11 +71,12 @@ class Worker:
                 pass  # e.g. missing weights: each item reports it
 
     def interpolator(self, device):
-        """--slowdown's interpolator, as `cine run` chooses it (RIFE, or minterpolate offline without its weights)."""
+        """The interpolator of --slowdown and --fast-frames, as `cine run` chooses it (--interpolator, else RIFE, or
+        minterpolate offline without its weights)."""
         from ..output.interpolate import choose
 
         if self._interpolator is None:
-            self._interpolator = choose(None, device=device).load()
+            self._interpolator = choose(self.opts.interpolator, device=device).load()
         return self._interpolator
 
     def process(self, item: Item) -> dict:
@@ -95,7 +96,7 @@ class Worker:
                 image = read_image(item.input)
             request = Request(image=item.input, preset=preset, output=item.output, seed=item.seed, frames=self.opts.frames,
                               fps=self.opts.fps, fit=self.opts.fit, prompt=item.prompt, steps=self.opts.steps,
-                              last_frame=item.last_frame, slowdown=self.opts.slowdown)
+                              last_frame=item.last_frame, slowdown=self.opts.slowdown, fast_frames=self.opts.fast_frames)
             the_plan = plan(request, image.size)
             gen = self.generator(preset, timings)
             interp = self.interpolator(gen.device) if the_plan.interp_factor > 1 else None

@@ -45,6 +45,8 @@ def batch(
     ray_actors: int = typer.Option(1, "--ray-actors", help="CPU actors when the Ray cluster has no GPUs (one per GPU otherwise)."),
     crf: int = typer.Option(18, "--crf"),
     slowdown: Optional[str] = typer.Option(None, "--slowdown", help="2 to 8x longer by frame interpolation (RIFE, or minterpolate offline without it), or off (default: each preset's)."),
+    interpolator: Optional[str] = typer.Option(None, "--interpolator", help="Frame interpolation for --slowdown/--fast-frames: rife (default) or minterpolate."),
+    fast_frames: bool = typer.Option(False, "--fast-frames", help="Generate (F-1)/2+1 frames and interpolate x2 back to F (same fps)."),
     last_frame_pattern: str = typer.Option(LAST_FRAME_PATTERN, "--last-frame-pattern",
                                            help="Burst pairs: the last-frame photo beside each photo, a glob with {stem} and {ext}."),
     as_json: bool = typer.Option(False, "--json", help="Stream one JSON line per item on stdout as items finish."),
@@ -75,7 +77,8 @@ def batch(
         outdir=outdir, recursive=recursive, name=name, seed=seed, frames=frames, fps=fps, steps=steps, fit=fit,
         device=device, dtype=dtype, quantize=quantize_recipe, backbone=backbone, preset_file=preset_file,
         overwrite=overwrite, shard=parse_shard(shard), crf=crf, as_json=as_json, quiet=quiet,
-        slowdown=parse_slowdown(slowdown), last_frame_pattern=last_frame_pattern,
+        slowdown=parse_slowdown(slowdown), interpolator=interpolator, fast_frames=fast_frames,
+        last_frame_pattern=last_frame_pattern,
         extra={"ray_actors": ray_actors},
     )
     remote = None

@@ -1,7 +1,7 @@
 """The one attention function every model calls, with backends chosen at runtime.
 
 All callers pass ``[B, heads, L, head_dim]`` tensors, contiguous: the layout PyTorch's SDPA kernels read without
-a copy (on the CPU, strided [B, L, H, D] views took 1.9x the time: bench/attention.py --layouts). flash-attn
+a copy (on the CPU, strided [B, L, H, D] views took 1.12-1.15x the time: bench/attention.py --layouts). flash-attn
 takes transposed views of them, sageattention its "HND" layout, so switching backends never changes model code.
 
 Backends:

@@ -275,7 +275,7 @@ class Block(nn.Module):
         step = chunking.tokens(chunking.token_elements, dim, n)
         heads = self.self_attn.num_heads
         # q, k, v contiguous in [B, H, L, D], the layout SDPA wants: on its strided [B, L, H, D] views the CPU
-        # kernel ran the same attention in 1.9x the time at 7,800 tokens (bench/attention.py --layouts).
+        # kernel took 1.12-1.15x the time at 7,800-20,280 tokens (bench/attention.py --layouts).
         if step >= n:  # one chunk: no preallocated buffers to copy into
             h = (self.norm1(x) * (1 + scale1) + shift1).to(dtype)
             q, k, v = (t.contiguous() for t in self.self_attn.qkv(h, cos, sin))  # [B, H, L, D]
