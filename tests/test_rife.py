@@ -192,6 +192,21 @@ def test_interpolate_end_to_end(env, clip, flownet, tmp_path, factor):
     assert str(tmp_path) not in json.dumps(meta)  # a file's name and hash, never its folder
 
 
+def test_interpolate_json_report(env, clip, flownet, tmp_path):
+    """--json: one document on stdout saying what was done; with --dry-run, what would be; never beside -o -."""
+    out = tmp_path / "slow.mp4"
+    r = cine("interpolate", clip, "--factor", "3", "--weights", flownet, "-o", out, "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    frames, _ = decode(out)
+    assert doc["output"] == str(out) and doc["output_frames"] == frames.shape[0] == (doc["frames"] - 1) * 3 + 1
+    assert doc["interpolator"] == "rife" and len(doc["interpolation_sha256"]) == 64
+    assert "interpolate rife x3" in doc["stages"] and doc["total_s"] > 0
+    dry = json.loads(cine("interpolate", clip, "--factor", "2", "--weights", flownet, "--dry-run", "--json").stdout)
+    assert dry["dry_run"] and dry["weights"]["present"] and dry["output_frames"] == (dry["frames"] - 1) * 2 + 1
+    assert cine("interpolate", clip, "--factor", "2", "-o", "-", "--json").exit_code == 2
+
+
 def test_interpolate_stdin_to_stdout(env, clip, flownet, tmp_path):
     out = tmp_path / "piped.mp4"
     with open(out, "wb") as f:

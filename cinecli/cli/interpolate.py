@@ -7,6 +7,7 @@ and the clip's frame count are checked before any weights are looked up or loade
 from __future__ import annotations
 
 import io
+import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -51,6 +52,7 @@ def interpolate(
     dry_run: bool = typer.Option(False, "--dry-run", help="Show the frame counts and the weights (present or missing, size); load nothing."),
     offline: bool = typer.Option(False, "--offline", help="Never touch the network (as HF_HUB_OFFLINE=1)."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="Only the output path on stdout."),
+    as_json: bool = typer.Option(False, "--json", help="What was done (frames, interpolator, weights, stage times) as JSON on stdout."),
     no_metadata: bool = typer.Option(False, "--no-metadata", help="Do not embed the settings in the MP4."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
@@ -64,6 +66,8 @@ def interpolate(
     from ..output.video import STDOUT, check_output_paths, check_writable, read_frames, write_mp4
 
     n = parse_factor(factor)
+    if as_json and output == "-":
+        raise UsageError("--json prints to stdout, which -o - already uses for the video")
     check_options({"crf": crf, "interpolator": interpolator, "device": device})
     if weights is not None and interpolator != "rife":
         raise UsageError(f"--weights is RIFE's; --interpolator {interpolator} uses none")
@@ -85,10 +89,15 @@ def interpolate(
         raise UsageError(f"{source}: the clip states no frame rate")
     t, h, w, _ = frames.shape
     console = stderr_console(quiet)
+    doc = {"input": source, "output": out, "frames": t, "width": w, "height": h, "fps": float(fps), "factor": n,
+           "output_frames": output_frames(t, n), "interpolator": interpolator}
     if dry_run:
         from ..models.rife_weights import locate_rife
 
         found = locate_rife(weights, record=False) if interpolator == "rife" else None
+        if as_json:
+            print(json.dumps({**doc, "dry_run": True, "weights": found.as_json() if found else None}, indent=2))
+            return
         print(f"[dry-run] {source} → {out}: {t} frames {w}x{h} @ {float(fps):g} fps → {output_frames(t, n)} frames "
               f"(x{n}, {interpolator})", file=sys.stderr)
         if found is not None:
@@ -113,5 +122,8 @@ def interpolate(
     if not quiet:
         stages = ", ".join(f"{k} {v:.2f} s" for k, v in timings.stages.items())
         console.print(f"cine: {stages}", markup=False, highlight=False)
-    if written != STDOUT:
+    if as_json:
+        print(json.dumps({**doc, "output": str(written), "interpolator": interp.kind, **interp.settings(),
+                          "stages": timings.stages, "total_s": sum(timings.stages.values())}, indent=2))
+    elif written != STDOUT:
         print(written)
