@@ -64,7 +64,7 @@ class Experts:
         if kind(self.device) == "cpu":
             release_pages(model)
             trim_heap()
-        elif getattr(model, "block_stream", None) is not None and hasattr(model.block_stream, "release_slots"):
+        elif getattr(model, "block_stream", None) is not None:  # streamed: free its two device slots
             model.block_stream.release_slots()
             release_cached(self.device)
         elif self.swaps_whole:
